@@ -1,0 +1,164 @@
+"""The `leukray` command: `synth`, `run`, `demo`, `classifiers`.
+
+Every config field is an option (`--sweep.timeout_s 30`), derived from the dataclasses in
+`leukray.config`; the common ones also have short names (`--data`, `--weights`, ...).
+A user mistake (wrong path, empty folder, single class, bad config value) ends in one
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from leukray import __version__
+from leukray.config import build_config, field_types, load_yaml, sections
+from leukray.errors import LeukrayError
+
+# short option -> config key
+ALIASES = {
+    "data": "data.path",
+    "test_data": "data.test_path",
+    "weights": "extract.weights",
+    "split": "split.mode",
+    "classifiers": "sweep.classifiers",
+}
+DEMO_DEFAULTS = {
+    "extract.weights": "auto",
+    "sweep.timeout_s": "120",
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="run folder (created; outputs are written here)")
+    parser.add_argument("--config", help="YAML file with config sections (overridden by options)")
+    parser.add_argument("--test-data", dest="test_data", help="separate dataset to test on, not resplit")
+    parser.add_argument("--weights", help="imagenet | imagenet:IMAGENET1K_V2 | random | auto | PATH to a state dict")
+    parser.add_argument("--split", choices=["subject", "image"], help="subject (default) or image (leaks subjects)")
+    parser.add_argument("--classifiers", help="all, or comma-separated names (see `leukray classifiers`)")
+    group = parser.add_argument_group("every config field (section.field)")
+    for section, cls in sections().items():
+        for name, typ in field_types(cls).items():
+            key = f"{section}.{name}"
+            if key in ALIASES.values():
+                continue
+            group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=typ.__name__.upper())
+
+
+def _overrides(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    values: dict[str, Any] = dict(base or {})
+    for dest, value in vars(args).items():
+        if value is None:
+            continue
+        if dest.startswith("cfg:"):
+            values[dest[4:]] = value
+        elif dest in ALIASES:
+            values[ALIASES[dest]] = value
+    values["out"] = args.out
+    return values
+
+
+def _config_from(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    yaml_values = load_yaml(args.config) if args.config else {}
+    return build_config(yaml_values, _overrides(args, base))
+
+
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS (a cluster, or inside `ray job submit`) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False if address is None else None, log_to_driver=True, logging_level="WARNING")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from leukray.synth import generate_dataset
+
+    frame = generate_dataset(args.out, cells=args.cells, subjects=args.subjects, seed=args.seed, folds=args.folds)
+    counts = frame.groupby("label").size().to_dict()
+    print(f"wrote {len(frame)} synthetic cells ({counts}) of {frame['subject'].nunique()} subjects to {args.out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> int:
+    from leukray.pipeline import run_pipeline
+    from leukray.report import print_leaderboard
+
+    cfg = _config_from(args, base)
+    init_ray()
+    summary = run_pipeline(cfg)
+    print_leaderboard(cfg.out, summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from leukray.synth import generate_dataset
+
+    data = os.path.join(args.out, "data")
+    marker = os.path.join(data, f".synth-{args.cells}-{args.subjects}-{args.seed}")
+    if not os.path.exists(marker):
+        print(f"[leukray] generating {args.cells} synthetic cells of {args.subjects} subjects in {data}", flush=True)
+        generate_dataset(data, cells=args.cells, subjects=args.subjects, seed=args.seed)
+        open(marker, "w").close()
+    args.data = data
+    return cmd_run(args, base=DEMO_DEFAULTS)
+
+
+def cmd_classifiers(args: argparse.Namespace) -> int:
+    from leukray.sweep import select_classifiers
+
+    for name in select_classifiers("all"):
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leukray", description="ALL screening of blood-cell microscopy on Ray.")
+    parser.add_argument("--version", action="version", version=f"leukray {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="write synthetic C-NMC-style cells (the built-in default data)")
+    synth.add_argument("--out", required=True, help="folder to write fold_<k>/{all,hem}/UID_*.bmp into")
+    synth.add_argument("--cells", type=int, default=600)
+    synth.add_argument("--subjects", type=int, default=12)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--folds", type=int, default=1)
+    synth.set_defaults(func=cmd_synth)
+
+    run = sub.add_parser("run", help="preprocess, extract ResNet50 features and sweep classifiers on Ray")
+    run.add_argument("--data", help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject])")
+    _add_config_options(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="synthesise cells into RUN/data, then `run` on them")
+    demo.add_argument("--cells", type=int, default=600)
+    demo.add_argument("--subjects", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0)
+    _add_config_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    classifiers = sub.add_parser("classifiers", help="list the classifiers of the sweep (Lazy Predict's list)")
+    classifiers.set_defaults(func=cmd_classifiers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LeukrayError as exc:
+        print(f"leukray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leukray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

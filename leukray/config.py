@@ -1,0 +1,290 @@
+"""Typed configuration: frozen dataclasses, YAML overrides defaults, CLI overrides YAML.
+
+Every field of every section is reachable from the command line as
+``--<section>.<field> VALUE`` (derived from the dataclasses, so the CLI cannot drift from
+the config), and the fully resolved configuration is written into every run folder as
+``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from leukray.errors import ConfigError
+
+WEIGHT_KEYWORDS = ("imagenet", "random", "auto")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from."""
+
+    path: str = ""
+    """Dataset root (local path or filesystem URI such as s3://bucket/prefix) or a CSV manifest."""
+    test_path: str = ""
+    """A separate dataset to evaluate on, not resplit (the C-NMC challenge protocol)."""
+    layout: str = "auto"
+    """auto | cnmc | folders | csv."""
+    positive_label: str = "all"
+    """The label scored as positive (ALL). Ignored when it is not among the labels."""
+
+    def __post_init__(self) -> None:
+        _choice("data.layout", self.layout, ("auto", "cnmc", "folders", "csv"))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Otsu threshold -> binary mask -> crop to the cell -> resize (the paper's step 1)."""
+
+    size: int = 224
+    """Output side in pixels (the paper: 224)."""
+    min_side: int = 32
+    """Images whose shorter side is below this are rejected as too small."""
+    min_foreground_px: int = 50
+    """A foreground (largest connected component) smaller than this counts as no foreground."""
+    margin: int = 4
+    """Pixels kept around the foreground bounding box."""
+    keep_aspect: bool = True
+    """Pad the crop to a square with black before resizing, instead of stretching it."""
+
+    def __post_init__(self) -> None:
+        _at_least("preprocess.size", self.size, 16)
+        _at_least("preprocess.min_side", self.min_side, 1)
+        _at_least("preprocess.min_foreground_px", self.min_foreground_px, 1)
+        _at_least("preprocess.margin", self.margin, 0)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-split augmentation (rotation, flips, scaling) and minority oversampling."""
+
+    oversample: float = 1.0
+    """Bring the minority class up to this fraction of the majority with augmented copies; 0 = off."""
+    copies: int = 0
+    """Extra augmented copies of every training image, on top of oversampling."""
+    max_rotation: float = 180.0
+    """Rotation angle drawn uniformly from [-max_rotation, max_rotation] degrees."""
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        _in_range("augment.oversample", self.oversample, 0.0, 10.0)
+        _at_least("augment.copies", self.copies, 0)
+        _in_range("augment.max_rotation", self.max_rotation, 0.0, 180.0)
+        _in_range("augment.scale_min", self.scale_min, 0.1, 10.0)
+        _in_range("augment.scale_max", self.scale_max, self.scale_min, 10.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.oversample > 0 or self.copies > 0
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How images are divided into train / validation / test."""
+
+    mode: str = "subject"
+    """subject (default: no subject on two sides) | image (the paper's split; leaks subjects)."""
+    test_fraction: float = 0.2
+    val_fraction: float = 0.15
+    """Validation picks the best classifier, so the test split reports it without selection bias."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("split.mode", self.mode, ("subject", "image"))
+        _in_range("split.test_fraction", self.test_fraction, 0.01, 0.9)
+        _in_range("split.val_fraction", self.val_fraction, 0.0, 0.9)
+        if self.test_fraction + self.val_fraction >= 0.95:
+            raise ConfigError(
+                f"split.test_fraction + split.val_fraction must leave data to train on, got "
+                f"{self.test_fraction} + {self.val_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The ResNet50 trunk (top removed) that turns a 224x224 crop into 2,048 features."""
+
+    weights: str = "imagenet"
+    """imagenet | imagenet:IMAGENET1K_V2 | random | auto (imagenet if cached, else random) | PATH."""
+    batch_size: int = 32
+    actors: int = 0
+    """Extractor actors; 0 = one per GPU, or up to one per CPU on a CPU-only cluster."""
+    use_gpu: str = "auto"
+    """auto (GPU actors when the cluster has GPUs) | true | false."""
+    preprocess_batch_size: int = 16
+    seed: int = 0
+    """Seeds the random trunk for --weights random, so its features are reproducible."""
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise ConfigError("extract.weights is empty: use imagenet, random, auto or a file path")
+        _at_least("extract.batch_size", self.batch_size, 1)
+        _at_least("extract.actors", self.actors, 0)
+        _choice("extract.use_gpu", self.use_gpu, ("auto", "true", "false"))
+        _at_least("extract.preprocess_batch_size", self.preprocess_batch_size, 1)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The Lazy Predict classifier sweep, one Ray Tune trial per classifier."""
+
+    classifiers: str = "all"
+    """all, or a comma-separated list of classifier names (see `leukray classifiers`)."""
+    timeout_s: float = 600.0
+    """Wall-time limit per classifier; past it the classifier is recorded as timed out."""
+    cpus_per_trial: float = 1.0
+    seed: int = 42
+    """random_state given to every classifier that takes one (Lazy Predict's default: 42)."""
+
+    def __post_init__(self) -> None:
+        if not self.classifiers.strip():
+            raise ConfigError("sweep.classifiers is empty: use 'all' or a comma-separated list")
+        _in_range("sweep.timeout_s", self.timeout_s, 0.1, 7 * 24 * 3600)
+        _in_range("sweep.cpus_per_trial", self.cpus_per_trial, 0.01, 1024)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `leukray run` needs."""
+
+    out: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- building a config from defaults, a YAML file and command-line overrides -------------
+
+
+def sections() -> dict[str, type]:
+    """Section name -> dataclass, in RunConfig order."""
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def field_types(section_cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def parse_value(key: str, raw: Any, typ: type) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {raw!r}")
+    if typ in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key} must be a number, got {raw!r}")
+        try:
+            value = typ(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {'an integer' if typ is int else 'a number'}, got {raw!r}") from None
+        if typ is int and isinstance(raw, float) and raw != int(raw):
+            raise ConfigError(f"{key} must be an integer, got {raw!r}")
+        return value
+    if typ is str:
+        if isinstance(raw, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {raw!r}")
+        return "" if raw is None else str(raw)
+    raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover - guards new fields
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(
+    yaml_values: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Defaults <- YAML mapping <- dotted overrides (``{"sweep.timeout_s": "30"}``).
+
+    Raises:
+        ConfigError: an unknown section or key, or a value of the wrong type or range.
+    """
+    secs = sections()
+    values: dict[str, dict[str, Any]] = {name: {} for name in secs}
+    top: dict[str, Any] = {}
+
+    def put(key: str, raw: Any) -> None:
+        if "." not in key:
+            if key == "out":
+                top["out"] = parse_value(key, raw, str)
+                return
+            if key in secs:
+                raise ConfigError(f"config section '{key}' must be a mapping, got {raw!r}")
+            raise ConfigError(f"unknown config key '{key}' (sections: out, {', '.join(secs)})")
+        section, name = key.split(".", 1)
+        if section not in secs:
+            raise ConfigError(f"unknown config section '{section}' in '{key}' (sections: {', '.join(secs)})")
+        types = field_types(secs[section])
+        if name not in types:
+            raise ConfigError(f"unknown config key '{key}' (known in {section}: {', '.join(types)})")
+        values[section][name] = parse_value(key, raw, types[name])
+
+    for section, body in (yaml_values or {}).items():
+        if isinstance(body, dict):
+            if section not in secs:
+                raise ConfigError(f"unknown config section '{section}' (sections: out, {', '.join(secs)})")
+            for name, raw in body.items():
+                put(f"{section}.{name}", raw)
+        else:
+            put(section, body)
+    for key, raw in (overrides or {}).items():
+        put(key, raw)
+
+    try:
+        built = {name: cls(**values[name]) for name, cls in secs.items()}
+    except TypeError as exc:  # pragma: no cover - put() already rejects unknown keys
+        raise ConfigError(str(exc)) from None
+    return RunConfig(**top, **built)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must be between {low} and {high}, got {value}")
