@@ -90,8 +90,7 @@ def cmd_run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> int
     from leukray.report import print_leaderboard
 
     cfg = _config_from(args, base)
-    init_ray()
-    summary = run_pipeline(cfg)
+    summary = run_pipeline(cfg, start_ray=init_ray)
     print_leaderboard(cfg.out, summary)
     return 0
 

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -83,10 +83,8 @@ def cluster_cpus() -> float:
 # -- planning: which images, which split, how many augmented copies ----------------------
 
 
-def build_manifest(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Discover, hash, deduplicate and split. Returns (manifest, errors, facts)."""
-    import ray
-
+def discover_all(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The images of --data (and --test-data), with a `dataset` column; no Ray needed."""
     images, skipped = discover(cfg.data.path, cfg.data.layout)
     images["dataset"] = "data"
     if cfg.data.test_path:
@@ -94,6 +92,13 @@ def build_manifest(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str
         test_images["dataset"] = "test-data"
         images = pd.concat([images, test_images], ignore_index=True)
         skipped = pd.concat([skipped, test_skipped], ignore_index=True)
+    return images, skipped
+
+
+def build_manifest(cfg: RunConfig, images: pd.DataFrame, skipped: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Hash (on Ray), deduplicate and split. Returns (manifest, errors, facts)."""
+    import ray
+
     log(f"found {len(images)} images in {cfg.data.path}" + (f" and {cfg.data.test_path}" if cfg.data.test_path else ""))
 
     hashed = (
@@ -344,18 +349,19 @@ def counts_by(frame: pd.DataFrame, *keys: str) -> dict[str, Any]:
     return out
 
 
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run everything and write the run folder; returns summary.json's content.
 
-    Needs Ray initialised (`ray.init()` locally, or a cluster address).
+    Args:
+        cfg: the resolved configuration.
+        start_ray: called once the inputs are checked (so a user mistake is reported
+            before Ray starts); without it Ray must already be initialised.
     """
     if not cfg.out:
         raise ConfigError("no output folder: pass --out RUN")
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     out = cfg.out
-    storage.makedirs(out)
-    storage.write_text(storage.join(out, "config.yaml"), cfg.to_yaml())
 
     # Fail fast on a bad classifier list or weights before the expensive stages.
     names = select_classifiers(cfg.sweep.classifiers)
@@ -366,7 +372,12 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     cfg_frozen = _replace_weights(cfg, weights_spec)
 
     tick = time.perf_counter()
-    manifest, errors, facts = build_manifest(cfg)
+    images, skipped = discover_all(cfg)
+    storage.makedirs(out)
+    storage.write_text(storage.join(out, "config.yaml"), cfg_frozen.to_yaml())
+    if start_ray is not None:
+        start_ray()
+    manifest, errors, facts = build_manifest(cfg, images, skipped)
     seconds["discover_hash_split"] = time.perf_counter() - tick
     fingerprint = _fingerprint(manifest)
     provenance = {

@@ -53,7 +53,7 @@ _BLASTNESS_BETA = {"all": (6.0, 2.5), "hem": (2.5, 6.0)}
 # Cell area (px, at 450x450) at blastness 0, and log-area gained per unit of
 # blastness. Chosen so that the class medians land near the real C-NMC medians
 # (ALL ~35.8k px, normal ~23.7k px).
-_AREA_AT_B0 = 18_300.0
+_AREA_AT_B0 = 18_000.0
 _LOG_AREA_PER_B = 0.87
 _LOG_AREA_NOISE = 0.10
 
@@ -106,7 +106,7 @@ class SubjectStyle:
             hue_shift=float(rng.normal(0.0, 0.05)),
             brightness=float(np.exp(rng.normal(0.0, 0.08))),
             scale=float(np.exp(rng.normal(0.0, 0.05))),
-            texture_contrast=float(np.exp(rng.normal(0.0, 0.15))),
+            texture_contrast=float(np.exp(rng.normal(0.0, 0.2))),
             rim_width=float(np.exp(rng.normal(0.0, 0.2))),
             blur=float(np.clip(rng.normal(1.1, 0.25), 0.6, 1.8)),
             blastness_shift=float(rng.normal(0.0, 0.06)),
@@ -122,7 +122,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     h, w = shape
     f = max(1, int(sigma / 2.0))
     hs, ws = h // f + 4, w // f + 4
-    n = rng.standard_normal((hs, ws)).astype(np.float32)
+    n = rng.standard_normal((hs, ws), dtype=np.float32)
     n = cv2.GaussianBlur(n, (0, 0), sigma / f, borderType=cv2.BORDER_REFLECT)
     if f > 1:
         n = cv2.resize(n, (ws * f, hs * f), interpolation=cv2.INTER_CUBIC)
@@ -144,7 +144,7 @@ def _outline(rng: np.random.Generator, b: float, radius: float, n_pts: int = 360
         amp = irr * rng.normal(0.0, 1.0) / k**0.8
         r *= 1.0 + amp * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
     # Fine edge roughness (segmentation wiggle).
-    rough = 0.003 * float(np.exp(rng.normal(0.0, 0.4)))
+    rough = min(0.0045, 0.003 * float(np.exp(rng.normal(0.0, 0.3))))
     for k in range(10, 40, 3):
         r *= 1.0 + rough * rng.normal(0.0, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
     # Nuclear cleft / indentation: typical of blasts, occasional otherwise.
@@ -172,7 +172,7 @@ def _fragment(rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, px: floa
     ux, uy = ex / norm, ey / norm
     if rng.random() < 0.55:  # thin curved tendril
         n = 12
-        length = rng.uniform(25.0, 80.0) * px
+        length = rng.uniform(25.0, 120.0) * px
         heading = math.atan2(uy, ux) + rng.normal(0.0, 0.6)
         turn = rng.normal(0.0, 0.25)
         pts = [(ex - 4.0 * px * ux, ey - 4.0 * px * uy)]
@@ -180,7 +180,7 @@ def _fragment(rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, px: floa
             heading += turn + rng.normal(0.0, 0.15)
             x, y = pts[-1]
             pts.append((x + length / n * math.cos(heading), y + length / n * math.sin(heading)))
-        thick = max(2, int(round(rng.uniform(3.0, 8.0) * px)))
+        thick = max(2, int(round(rng.uniform(4.0, 12.0) * px)))
         return "line", np.array(pts), thick
     rb = rng.uniform(14.0, 34.0) * px  # blob of cytoplasm / neighbour
     cx, cy = ex + 0.6 * rb * ux, ey + 0.6 * rb * uy
@@ -236,6 +236,8 @@ def render_cell(
 
     # --- Geometry (centred on the origin) ----------------------------------
     log_area = math.log(_AREA_AT_B0) + _LOG_AREA_PER_B * b + rng.normal(0.0, _LOG_AREA_NOISE + 0.06 * (1.0 - b))
+    if rng.random() < 0.2 * (1.0 - b):  # large (reactive) lymphocytes
+        log_area += rng.uniform(0.15, 0.45)
     area = float(np.clip(math.exp(log_area), 8_000.0, 75_000.0)) * (st.scale * px) ** 2
     r_theta = _outline(rng, b, 1.0)
     theta = np.linspace(0.0, 2.0 * np.pi, r_theta.size, endpoint=False) + rng.uniform(0, 2 * np.pi)
@@ -255,8 +257,10 @@ def render_cell(
 
     # Debris attached by the segmentation, and small blebs.
     extras: list[tuple[str, np.ndarray, int]] = []
-    if rng.random() < 0.06 + 0.2 * b:
+    if rng.random() < 0.06 + 0.14 * b:
         extras.append(_fragment(rng, xs, ys, px))
+        if rng.random() < 0.35:
+            extras.append(_fragment(rng, xs, ys, px))
     if rng.random() < 0.12:
         i = int(rng.integers(0, xs.size))
         rb = rng.uniform(4.0, 10.0) * px
@@ -298,7 +302,7 @@ def render_cell(
             c = fix(pts)[0]
             cv2.circle(cell4, (int(c[0]), int(c[1])), max(2, thick) * ss * 16, 255, -1, cv2.LINE_8, shift=4)
     cover = cv2.resize(cv2.bitwise_or(cell4, debris4), (w, h), interpolation=cv2.INTER_AREA)
-    cell_in = cv2.resize(cell4, (w, h), interpolation=cv2.INTER_AREA) > 127
+    cell_in = cv2.resize(cell4, (w, h), interpolation=cv2.INTER_NEAREST) > 0
     mask = (cover > 51).astype(np.uint8)
     n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n_lab > 2:  # keep only the largest piece (drop specks of debris)
@@ -307,15 +311,15 @@ def render_cell(
     inside = mask > 0
     cell_in &= inside
     debris = inside & ~cell_in
-    cover_f = cover.astype(np.float32) / 255.0
+    cover_f = cover.astype(np.float32) / np.float32(255.0)
 
-    # --- Colour (RGB floats) --------------------------------------------------
+    # --- Colour (RGB float32, one 2-D plane per channel) ------------------------
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
 
     # Chromatin, in gray levels: a large-scale gradient and mottle common to
     # both classes, coarse dense clumps (normal) and fine open chromatin
     # (blasts); right-skewed (pale parachromatin on a mostly dark nucleus).
-    contrast = st.texture_contrast * float(np.exp(rng.normal(0.0, 0.15)))
+    contrast = st.texture_contrast * float(np.exp(rng.normal(0.05 * b, 0.12 + 0.25 * b)))
     t = (
         3.4 * _smooth_noise(rng, (h, w), rng.uniform(22.0, 34.0) * px)
         + 2.0 * _smooth_noise(rng, (h, w), rng.uniform(8.0, 13.0) * px)
@@ -323,54 +327,61 @@ def render_cell(
         + (0.5 + 0.7 * b) * _smooth_noise(rng, (h, w), rng.uniform(2.0, 3.0) * px)
     )
     skew = 7.0
-    t = contrast * skew * (np.exp(t / skew) - 1.0)
-    img = _NUCLEUS_MID + (t[..., None] + rng.normal(0.0, 2.0)) * _CHROMATIN_AXIS
+    t = np.float32(contrast * skew) * (np.exp(t / np.float32(skew)) - np.float32(1.0))
+    t += np.float32(rng.normal(0.0, 2.0))
+    planes = [np.float32(_NUCLEUS_MID[c]) + t * _CHROMATIN_AXIS[c] for c in range(3)]
 
-    # Nucleoli: paler round spots, mostly (but not only) in blasts.
+    # Nucleoli: paler round spots, mostly (but not only) in blasts, placed well
+    # inside the nucleus (rejection sampling).
     n_nucleoli = min(3, int(rng.poisson(0.3 + 1.8 * b**2)))
-    deep = np.argwhere(dist * cell_in > 24.0 * px) if n_nucleoli else np.empty((0, 2))
-    for _ in range(n_nucleoli if len(deep) else 0):
-        yy, xx = deep[int(rng.integers(0, len(deep)))]
+    for _ in range(n_nucleoli):
         rad = rng.uniform(3.5, 8.0) * px
-        strength = float(np.clip(rng.normal(0.3 + 0.4 * b, 0.2), 0.1, 1.0))
+        strength = float(np.clip(rng.normal(0.3 + 0.45 * b, 0.2), 0.1, 1.0))
+        for _try in range(40):
+            yy, xx = int(rng.integers(0, h)), int(rng.integers(0, w))
+            if cell_in[yy, xx] and dist[yy, xx] > 24.0 * px:
+                break
+        else:
+            continue
         ly0, ly1 = max(0, int(yy - 3 * rad)), min(h, int(yy + 3 * rad) + 1)
         lx0, lx1 = max(0, int(xx - 3 * rad)), min(w, int(xx + 3 * rad) + 1)
-        gy, gx = np.mgrid[ly0:ly1, lx0:lx1]
-        wgt = strength * np.exp(-0.5 * (((gy - yy) ** 2 + (gx - xx) ** 2) / rad**2) ** 1.5)
-        wgt = wgt.astype(np.float32)[..., None]
-        img[ly0:ly1, lx0:lx1] = img[ly0:ly1, lx0:lx1] * (1 - wgt) + _NUCLEOLUS_COLOUR * wgt
+        gy, gx = np.ogrid[ly0:ly1, lx0:lx1]
+        r2 = ((gy - yy) ** 2 + (gx - xx) ** 2) / rad**2
+        wgt = (strength * np.exp(-0.5 * r2**1.5)).astype(np.float32)
+        for c in range(3):
+            win = planes[c][ly0:ly1, lx0:lx1]
+            win += (np.float32(_NUCLEOLUS_COLOUR[c]) - win) * wgt
 
-    # Bright rim (thin cytoplasm / halo) decaying inwards; normal lymphocytes
-    # sometimes carry a wider rim of cytoplasm.
+    # Bright rim (thin cytoplasm / halo) decaying inwards, uneven along the
+    # perimeter; normal lymphocytes sometimes carry a wider rim of cytoplasm.
     rim = 3.3 * (0.85 + 0.3 * (1.0 - b)) * st.rim_width * float(np.exp(rng.normal(0.0, 0.2))) * px
-    rim_w = np.exp(-np.maximum(dist - 1.0, 0.0) / rim)
+    rim_w = np.exp(-np.maximum(dist - np.float32(1.0), np.float32(0.0)) / np.float32(rim))
     if rng.random() < 0.15 * (1.0 - b):
         band = rng.uniform(6.0, 14.0) * px
-        z = np.clip((dist - band) / (1.2 * px), -30.0, 30.0)
-        rim_w = np.maximum(rim_w, 0.75 / (1.0 + np.exp(z)))
-    # The rim varies along the perimeter (uneven cytoplasm / halo).
-    rim_mod = np.clip(1.0 + 0.35 * _smooth_noise(rng, (h, w), rng.uniform(15.0, 30.0) * px), 0.3, 1.7)
-    rim_w = np.clip(rim_w * rim_mod * (0.95 + 0.25 * (1.0 - b)), 0.0, 1.0).astype(np.float32)[..., None]
-    img = img * (1.0 - rim_w) + _RIM_COLOUR * rim_w
-    if debris.any():
-        img[debris] = _DEBRIS_COLOUR * float(np.exp(rng.normal(0.0, 0.08)))
-    img[~inside] = _RIM_COLOUR  # so that the blur does not bleed black inwards
+        z = np.clip((dist - np.float32(band)) / np.float32(1.2 * px), -30.0, 30.0)
+        rim_w = np.maximum(rim_w, np.float32(0.75) / (np.float32(1.0) + np.exp(z)))
+    rim_mod = 1.0 + 0.35 * _smooth_noise(rng, (h, w), rng.uniform(15.0, 30.0) * px)
+    rim_w = np.clip(rim_w * np.clip(rim_mod, 0.3, 1.7) * np.float32(0.95 + 0.35 * (1.0 - b)), 0.0, 1.0)
+    rim_w[~inside] = 1.0  # rim colour outside, so that the blur does not bleed black inwards
+    debris_val = _DEBRIS_COLOUR * float(np.exp(rng.normal(0.0, 0.08)))
 
     # Stain: per-subject hue and brightness, small per-cell jitter.
     hue = st.hue_shift + rng.normal(0.0, 0.02)
-    gains = np.exp(np.array([hue, 0.4 * hue, -0.7 * hue]))
-    img = img * (gains * st.brightness * float(np.exp(rng.normal(0.0, 0.04))))
-    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), max(0.3, st.blur * px))
-    img += rng.normal(0.0, 0.8, img.shape).astype(np.float32)  # sensor noise
-
+    gains = np.exp(np.array([hue, 0.4 * hue, -0.7 * hue])) * st.brightness * float(np.exp(rng.normal(0.0, 0.04)))
+    noise = np.float32(0.8) * rng.standard_normal((h, w), dtype=np.float32)  # sensor noise
+    sigma = max(0.3, st.blur * px)
     # Outermost pixels are darker (partial volume with the black background).
     edge = np.where(dist <= 1.0, _EDGE_DIM[0] + _EDGE_DIM[1] * cover_f, 1.0).astype(np.float32)
-    img = np.maximum(img * edge[..., None], _FLOOR)
-    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    img[~inside] = 0
-
+    out_planes = []
+    for c in range(3):
+        p = planes[c] + (np.float32(_RIM_COLOUR[c]) - planes[c]) * rim_w
+        if debris.any():
+            p[debris] = debris_val[c]
+        p = cv2.GaussianBlur(p * np.float32(gains[c]), (0, 0), sigma)
+        p = np.maximum((p + noise) * edge, np.float32(_FLOOR[c]))
+        out_planes.append(np.clip(np.rint(p), 0, 255).astype(np.uint8) * mask)
     out = np.zeros((size, size, 3), np.uint8)
-    out[y0:y1, x0:x1] = img
+    out[y0:y1, x0:x1] = cv2.merge(out_planes)
     return out
 
 

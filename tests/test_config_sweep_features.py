@@ -1,0 +1,147 @@
+"""Configuration, the classifier sweep's scoring and limits, and the weights code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leukray.config import RunConfig, build_config
+from leukray.errors import ConfigError, WeightsError
+from leukray.features import FEATURE_DIM, FeatureExtractor, build_trunk, resolve_weights
+from leukray.sweep import (
+    SweepData,
+    lazypredict_classifiers,
+    roc_auc_from_scores,
+    run_one,
+    select_classifiers,
+)
+
+
+class TestConfig:
+    def test_yaml_then_overrides(self):
+        cfg = build_config({"sweep": {"timeout_s": 5}, "preprocess": {"size": 128}}, {"sweep.timeout_s": "9", "out": "r"})
+        assert cfg.sweep.timeout_s == 9.0 and cfg.preprocess.size == 128 and cfg.out == "r"
+        assert cfg.split.mode == "subject"  # the default
+
+    def test_round_trips_through_yaml(self):
+        import yaml
+
+        cfg = build_config({}, {"augment.flip": "false", "split.mode": "image"})
+        again = build_config(yaml.safe_load(cfg.to_yaml()))
+        assert again == cfg and isinstance(again, RunConfig)
+
+    @pytest.mark.parametrize(
+        "overrides, message",
+        [
+            ({"sweep.timeot_s": "1"}, "unknown config key 'sweep.timeot_s'"),
+            ({"nonsense.x": "1"}, "unknown config section 'nonsense'"),
+            ({"preprocess.size": "big"}, "preprocess.size must be an integer"),
+            ({"split.mode": "patient"}, "split.mode must be one of subject, image"),
+            ({"augment.flip": "maybe"}, "augment.flip must be true or false"),
+            ({"split.test_fraction": "0.6", "split.val_fraction": "0.4"}, "must leave data to train on"),
+        ],
+    )
+    def test_bad_values(self, overrides, message):
+        with pytest.raises(ConfigError, match=message):
+            build_config({}, overrides)
+
+
+def separable(n=120, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.where(rng.random(n) < 0.5, "all", "hem")
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    X[:, 0] += np.where(y == "all", 1.5, -1.5)
+    return X, y
+
+
+class TestSweep:
+    def test_lazypredict_list_is_used(self):
+        names = select_classifiers("all")
+        assert set(names) == set(lazypredict_classifiers())
+        assert {"XGBClassifier", "LGBMClassifier", "LogisticRegression"} <= set(names)
+
+    def test_unknown_classifier(self):
+        with pytest.raises(ConfigError, match="unknown classifier"):
+            select_classifiers("LogisticRegression,Magic")
+
+    def test_roc_auc_from_scores_is_not_balanced_accuracy(self):
+        y = np.array(["hem", "hem", "all", "all", "hem", "all"])
+        scores = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])  # P(all); threshold 0.5 misclassifies one
+        auc = roc_auc_from_scores(y, scores, np.array(["all", "hem"]))
+        # classes sorted -> the score is for classes[1] = "hem"; P(all) ranks hem low: AUC for hem
+        assert auc == pytest.approx(1 - 8 / 9)
+        assert np.isnan(roc_auc_from_scores(y, None, np.array(["all", "hem"])))
+
+    def test_ok_failed_and_timeout(self):
+        X, y = separable()
+        data = SweepData(X[:80], y[:80], X[80:100], y[80:100], X[100:], y[100:])
+        ok = run_one("LogisticRegression", data, seed=0, timeout_s=60)
+        assert ok["status"] == "ok" and ok["Balanced Accuracy"] > 0.8 and 0.9 < ok["ROC AUC"] <= 1.0
+        failed = run_one("StackingClassifier", data, seed=0, timeout_s=60)
+        assert failed["status"] == "failed" and "estimators" in failed["detail"]
+        # SVC on 4,000 noise rows of 300 features takes many seconds: far past 0.3 s
+        rng = np.random.default_rng(1)
+        noise = rng.normal(size=(4000, 300)).astype(np.float32)
+        labels = np.where(rng.random(4000) < 0.5, "all", "hem")
+        slow_data = SweepData(noise, labels, noise[:10], labels[:10], noise[:10], labels[:10])
+        slow = run_one("SVC", slow_data, seed=0, timeout_s=0.3)
+        assert slow["status"] == "timeout" and "timeout_s=0.3" in slow["detail"] and slow["Time Taken"] < 5
+        assert np.isnan(slow["Balanced Accuracy"])
+
+
+class TestWeights:
+    def test_random_is_labelled_random(self):
+        state, info = resolve_weights("random", seed=3)
+        assert state is None and info.kind == "random" and not info.is_pretrained
+        assert "RANDOM" in info.describe()
+
+    def test_imagenet_offline_names_the_file(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+        import torch
+
+        monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+        monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+        with pytest.raises(WeightsError, match=r"resnet50-0676ba61\.pth.*put the file"):
+            resolve_weights("imagenet")
+
+    def test_state_dict_file_roundtrip_and_strictness(self, tmp_path):
+        import torch
+
+        trunk = build_trunk(None, seed=5)
+        path = tmp_path / "trunk.pth"
+        torch.save(trunk.state_dict(), path)
+        state, info = resolve_weights(str(path))
+        assert info.kind == "file" and len(info.sha256) == 64
+        again = build_trunk(state, seed=99)
+        x = torch.rand(1, 3, 64, 64)
+        assert torch.allclose(trunk(x), again(x))
+        del state["layer4.2.bn3.weight"]
+        torch.save(state, tmp_path / "broken.pth")
+        broken, _ = resolve_weights(str(tmp_path / "broken.pth"))
+        with pytest.raises(WeightsError, match="do not fit a ResNet50"):
+            build_trunk(broken)
+
+    def test_hash_prefix_in_file_name_is_checked(self, tmp_path):
+        import torch
+
+        path = tmp_path / "resnet50-deadbeef.pth"
+        torch.save(build_trunk(None).state_dict(), path)
+        with pytest.raises(WeightsError, match="fails its hash check"):
+            resolve_weights(str(path))
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(WeightsError, match="no such file"):
+            resolve_weights(str(tmp_path / "nope.pth"))
+
+    def test_extractor_passes_errors_through_as_nan(self):
+        extractor = FeatureExtractor("random", seed=0, device="cpu")
+        rng = np.random.default_rng(0)
+        batch = {
+            "path": np.array(["a", "b", "c"], dtype=object),
+            "image": rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8),
+            "error": np.array(["", "no foreground", ""], dtype=object),
+        }
+        out = extractor(batch)
+        assert out["features"].shape == (3, FEATURE_DIM)
+        assert np.isnan(out["features"][1]).all() and np.isfinite(out["features"][[0, 2]]).all()
+        assert (out["features"][[0, 2]] >= 0).all()  # after ReLU and average pooling
