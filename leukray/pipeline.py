@@ -249,9 +249,17 @@ def load_features(path: str) -> tuple[pd.DataFrame, np.ndarray]:
     return table.drop_columns(["features"]).to_pandas(), matrix
 
 
-def sweep_data(meta: pd.DataFrame, matrix: np.ndarray) -> SweepData:
+def class_order(labels: np.ndarray, positive: str) -> list[str]:
+    """Label names in code order: the positive class (ALL) last, so it is code 1 when binary."""
+    names = sorted(set(map(str, labels)))
+    if positive in names:
+        names = [n for n in names if n != positive] + [positive]
+    return names
+
+
+def sweep_data(meta: pd.DataFrame, matrix: np.ndarray, positive: str = "all") -> SweepData:
     """Train on the training split including its augmented copies; validate and test on
-    original images only."""
+    original images only. Labels are encoded as integers (XGBoost needs 0..C-1)."""
     original = meta["aug_index"].to_numpy() == 0
     pick = {
         TRAIN: (meta["split"] == TRAIN).to_numpy(),
@@ -259,10 +267,14 @@ def sweep_data(meta: pd.DataFrame, matrix: np.ndarray) -> SweepData:
         TEST: (meta["split"] == TEST).to_numpy() & original,
     }
     labels = meta["label"].to_numpy().astype(str)
+    classes = class_order(labels, positive)
+    code = {name: i for i, name in enumerate(classes)}
+    codes = np.fromiter((code[v] for v in labels), dtype=np.int64, count=len(labels))
     return SweepData(
-        matrix[pick[TRAIN]], labels[pick[TRAIN]],
-        matrix[pick[VAL]], labels[pick[VAL]],
-        matrix[pick[TEST]], labels[pick[TEST]],
+        matrix[pick[TRAIN]], codes[pick[TRAIN]],
+        matrix[pick[VAL]], codes[pick[VAL]],
+        matrix[pick[TEST]], codes[pick[TEST]],
+        classes=classes,
     )
 
 
@@ -406,10 +418,10 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
     _write_errors(out, errors)
 
     _, matrix = load_features(storage.join(out, "features.parquet"))
-    data = sweep_data(meta, matrix)
+    data = sweep_data(meta, matrix, cfg.data.positive_label)
     for split_name, y in ((TRAIN, data.y_train), (TEST, data.y_test)):
         if len(np.unique(y)) < 2:
-            raise DataError(f"after preprocessing, the {split_name} split holds a single class ({sorted(set(y))}); see errors.csv")
+            raise DataError(f"after preprocessing, the {split_name} split holds a single class ({[data.classes[c] for c in set(y)]}); see errors.csv")
 
     tick = time.perf_counter()
     log(f"sweeping {len(names)} classifiers (one Ray Tune trial each; limit {cfg.sweep.timeout_s:g}s per classifier)")

@@ -22,6 +22,7 @@ import os
 import time
 import traceback
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -152,7 +153,8 @@ def score_split(model, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class SweepData:
-    """Feature matrices (N x D float32) and labels (N, str) for each split."""
+    """Feature matrices (N x D float32) and integer labels (N,) for each split;
+    `classes[k]` names code k (binary: the positive class, ALL, is code 1)."""
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -160,6 +162,7 @@ class SweepData:
     y_val: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
+    classes: list[str] = dataclasses.field(default_factory=list)
 
 
 def fit_and_score(name: str, data: SweepData, seed: int, n_jobs: int = 1) -> dict[str, Any]:
@@ -218,7 +221,7 @@ def run_one(name: str, data: SweepData, seed: int, timeout_s: float, n_jobs: int
     if status == "ok":
         row.update(payload)
         if math.isnan(row["ROC AUC"]):
-            row["detail"] = "no continuous scores: ROC AUC not computed"
+            row["detail"] = "ROC AUC not computed: no finite predict_proba or decision_function scores"
     else:
         row.update({m: math.nan for m in metric_names})
         row["detail"] = payload if status == "failed" else f"exceeded sweep.timeout_s={timeout_s:g}s"

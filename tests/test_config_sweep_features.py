@@ -48,9 +48,9 @@ class TestConfig:
 
 def separable(n=120, d=6, seed=0):
     rng = np.random.default_rng(seed)
-    y = np.where(rng.random(n) < 0.5, "all", "hem")
+    y = (rng.random(n) < 0.5).astype(np.int64)  # 1 = ALL
     X = rng.normal(size=(n, d)).astype(np.float32)
-    X[:, 0] += np.where(y == "all", 1.5, -1.5)
+    X[:, 0] += np.where(y == 1, 1.5, -1.5)
     return X, y
 
 
@@ -77,6 +77,8 @@ class TestSweep:
         data = SweepData(X[:80], y[:80], X[80:100], y[80:100], X[100:], y[100:])
         ok = run_one("LogisticRegression", data, seed=0, timeout_s=60)
         assert ok["status"] == "ok" and ok["Balanced Accuracy"] > 0.8 and 0.9 < ok["ROC AUC"] <= 1.0
+        xgb = run_one("XGBClassifier", data, seed=0, timeout_s=60)  # needs integer labels
+        assert xgb["status"] == "ok", xgb["detail"]
         failed = run_one("StackingClassifier", data, seed=0, timeout_s=60)
         assert failed["status"] == "failed" and "estimators" in failed["detail"]
         # SVC on 4,000 noise rows of 300 features takes many seconds: far past 0.3 s
