@@ -68,6 +68,7 @@ _NUCLEOLUS_COLOUR = np.array([94.0, 46.0, 93.0], np.float32)
 # Channel-wise floor inside the cell: guarantees gray > 8 on every cell pixel.
 _FLOOR = np.array([22.0, 9.0, 26.0], np.float32)
 
+
 @dataclasses.dataclass(frozen=True)
 class SubjectStyle:
     """Per-subject (per-slide) appearance variation.
