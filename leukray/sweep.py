@@ -262,6 +262,8 @@ def run_sweep_tune(
     """
     from ray import tune
 
+    # Tune's rich console output would interleave with our one line per finished trial.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     n_jobs = max(1, int(cpus_per_trial))
 
     def trial(config: dict[str, Any], data_ref=None) -> None:
