@@ -152,6 +152,48 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """The custom ResNet50 (the paper's Table II head) trained with Ray Train."""
+
+    enabled: bool = True
+    epochs: int = 50
+    """The paper: 50."""
+    batch_size: int = 32
+    """The paper: 32."""
+    lr: float = 1e-3
+    """Adam's learning rate for the head (Keras' default, as in the paper)."""
+    dropout: float = 0.5
+    workers: int = 1
+    """Data-parallel Ray Train workers."""
+    use_gpu: str = "auto"
+    """auto (when the cluster has GPUs) | true | false."""
+    unfreeze_stages: int = 0
+    """Fine-tuning (Algorithm 1, step 6): train the last N ResNet50 stages (0-2) too."""
+    finetune_lr: float = 1e-5
+    """Learning rate of the unfrozen trunk stages (lower than the head's)."""
+    embedding: int = 256
+    """Penultimate layer whose activations feed the second sweep (Table IV): 256 or 512."""
+    max_failures: int = 3
+    """Worker failures Ray Train recovers from (resuming from the last checkpoint)."""
+    storage_path: str = ""
+    """Where checkpoints go (a shared path or URI on a cluster); default RUN/train."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.batch_size", self.batch_size, 2)
+        _in_range("train.lr", self.lr, 1e-8, 1.0)
+        _in_range("train.dropout", self.dropout, 0.0, 0.95)
+        _at_least("train.workers", self.workers, 1)
+        _choice("train.use_gpu", self.use_gpu, ("auto", "true", "false"))
+        _in_range("train.unfreeze_stages", self.unfreeze_stages, 0, 2)
+        _in_range("train.finetune_lr", self.finetune_lr, 1e-9, 1.0)
+        if self.embedding not in (256, 512):
+            raise ConfigError(f"train.embedding must be 256 or 512, got {self.embedding}")
+        _at_least("train.max_failures", self.max_failures, 0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything `leukray run` needs."""
 
@@ -162,6 +204,7 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -197,9 +197,13 @@ class FeatureExtractor:
     On a GPU it runs channels_last with bf16 autocast; on a CPU in float32 with as many
     threads as the actor was given (Ray sets OMP_NUM_THREADS from the actor's num_cpus).
     Rows whose `error` is set are passed through with NaN features.
+
+    With `maps_stage` >= 0 it also emits `maps` (float16): the output of the trunk's frozen
+    prefix for the custom model (the 7x7x2048 map for 0; an earlier stage when the last
+    `maps_stage` stages are fine-tuned), computed in the same pass as the features.
     """
 
-    def __init__(self, weights: str, seed: int = 0, device: str = "auto"):
+    def __init__(self, weights: str, seed: int = 0, device: str = "auto", maps_stage: int = -1):
         import torch
 
         state, self.weights_info = resolve_weights(weights, seed)
@@ -210,32 +214,44 @@ class FeatureExtractor:
         if self.device.type == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         self.on_gpu = self.device.type == "cuda"
-        self.model = build_trunk(state, seed).to(self.device)
-        if self.on_gpu:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        from leukray.model import trunk_prefix, trunk_suffix
 
-    def extract(self, images: np.ndarray) -> np.ndarray:
-        """N x H x W x 3 uint8 -> N x 2048 float32."""
+        trunk = build_trunk(state, seed)
+        self.maps_stage = maps_stage
+        stage = max(maps_stage, 0)
+        self.prefix = trunk_prefix(trunk, stage).to(self.device)
+        self.rest = torch.nn.Sequential(trunk_suffix(trunk, stage), trunk.avgpool, torch.nn.Flatten()).to(self.device)
+        if self.on_gpu:
+            self.prefix = self.prefix.to(memory_format=torch.channels_last)
+            self.rest = self.rest.to(memory_format=torch.channels_last)
+
+    def extract(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """N x H x W x 3 uint8 -> (N x 2048 float32 features, N x C x h x w float16 maps or None)."""
         import torch
 
-        if len(images) == 0:
-            return np.zeros((0, FEATURE_DIM), dtype=np.float32)
-        with torch.inference_mode():
-            x = images_to_tensor(images, self.device, channels_last=self.on_gpu)
-            if self.on_gpu:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = self.model(x)
-            else:
-                out = self.model(x)
-        return out.float().cpu().numpy()
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.on_gpu):
+            maps = self.prefix(images_to_tensor(images, self.device, channels_last=self.on_gpu))
+            features = self.rest(maps)
+        kept = maps.to(torch.float16).cpu().numpy() if self.maps_stage >= 0 else None
+        return features.float().cpu().numpy(), kept
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         features = np.full((len(images), FEATURE_DIM), np.nan, dtype=np.float32)
+        maps = None
         if ok.any():
-            features[ok] = self.extract(images[ok])
+            features[ok], ok_maps = self.extract(images[ok])
+            if ok_maps is not None:
+                maps = np.zeros((len(images), *ok_maps.shape[1:]), dtype=np.float16)
+                maps[ok] = ok_maps
         batch["features"] = features
+        if self.maps_stage >= 0:
+            if maps is None:
+                from leukray.model import map_shape
+
+                maps = np.zeros((len(images), *map_shape(images.shape[1], self.maps_stage)), dtype=np.float16)
+            batch["maps"] = maps
         batch["node_id"] = np.asarray([_node_id()] * len(images), dtype=object)
         return batch
 

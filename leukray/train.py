@@ -1,0 +1,267 @@
+"""Train the custom ResNet50's head (the paper's Table II, step 5) with Ray Train.
+
+`TorchTrainer` runs data-parallel workers (GPU when the cluster has them) over the trunk maps
+that the Ray Data extractor computed once. Adam, binary cross-entropy, 50 epochs and batch 32
+by default (the paper), reshuffled every epoch. Every epoch reports train/validation loss,
+accuracy and balanced accuracy with a checkpoint through `ray.train.report`, so a run whose
+worker dies (FailureConfig) or that is rerun with the same `--out` resumes from the last
+checkpoint. The checkpoint with the best validation balanced accuracy is kept as the model;
+the test split is never looked at here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from leukray.config import TrainConfig
+
+STATE_FILE = "state.pt"
+KILL_ENV = "LEUKRAY_TEST_KILL_WORKER_AT_EPOCH"  # tests: SIGKILL a worker once, after this epoch's checkpoint
+
+
+@dataclass
+class EpochCounts:
+    """Per-worker sums that all-reduce into epoch metrics."""
+
+    loss_sum: float = 0.0
+    n: int = 0
+    correct: int = 0
+    confusion: np.ndarray | None = None  # (C, C) true x predicted
+
+    def add(self, loss: float, y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> None:
+        if self.confusion is None:
+            self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.loss_sum += loss * len(y_true)
+        self.n += len(y_true)
+        self.correct += int((y_true == y_pred).sum())
+        np.add.at(self.confusion, (y_true, y_pred), 1)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        confusion = self.confusion if self.confusion is not None else np.zeros((2, 2), np.int64)
+        support = confusion.sum(axis=1)
+        recalls = np.diag(confusion)[support > 0] / support[support > 0]
+        return {
+            f"{prefix}_loss": self.loss_sum / max(self.n, 1),
+            f"{prefix}_accuracy": self.correct / max(self.n, 1),
+            f"{prefix}_balanced_accuracy": float(recalls.mean()) if len(recalls) else float("nan"),
+        }
+
+
+def _all_reduce(counts: EpochCounts, num_classes: int) -> EpochCounts:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts
+    confusion = counts.confusion if counts.confusion is not None else np.zeros((num_classes, num_classes), np.int64)
+    flat = torch.tensor([counts.loss_sum, counts.n, counts.correct, *confusion.ravel().tolist()], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        flat = flat.cuda()
+    dist.all_reduce(flat)
+    flat = flat.cpu().numpy()
+    return EpochCounts(float(flat[0]), int(flat[1]), int(flat[2]), flat[3:].astype(np.int64).reshape(num_classes, num_classes))
+
+
+def build_model(config: dict[str, Any]):
+    """The trainable part: unfrozen trunk stages (loaded from the configured weights) + head."""
+    from leukray.features import build_trunk, resolve_weights
+    from leukray.model import CustomResNet50, PaperHead, trunk_suffix
+
+    unfreeze = config["unfreeze_stages"]
+    suffix = trunk_suffix(build_trunk(resolve_weights(config["weights"], config["weights_seed"])[0], config["weights_seed"]), unfreeze) if unfreeze else None
+    import torch
+
+    head = PaperHead(config["in_features"], config["num_classes"], config["dropout"])
+    return CustomResNet50(suffix if suffix is not None else torch.nn.Sequential(), head)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: trains on the "train" shard, validates on the "val" shard."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(config["seed"] + rank)
+    model = build_model(config)
+    groups = [{"params": model.head.parameters(), "lr": config["lr"]}]
+    if config["unfreeze_stages"]:
+        groups.append({"params": model.suffix.parameters(), "lr": config["finetune_lr"]})
+    optimizer = torch.optim.Adam(groups)
+    start_epoch, history = 0, []
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    device = ray.train.torch.get_device()
+    num_classes = config["num_classes"]
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_size = config["batch_size"]
+
+    for epoch in range(start_epoch, config["epochs"]):
+        model.train()
+        counts = EpochCounts()
+        for batch in train_shard.iter_torch_batches(
+            batch_size=batch_size,
+            local_shuffle_buffer_size=max(8 * batch_size, 256),
+            local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank,
+            device=device,
+            dtypes={"maps": torch.float32, "label_code": torch.int64},
+        ):
+            maps, target = batch["maps"], batch["label_code"]
+            if len(target) < 2:
+                continue  # BatchNorm cannot train on a single sample
+            logits = model(maps)
+            loss = core.head.loss(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            pred = core.head.probabilities(logits.detach()).argmax(dim=1)
+            counts.add(float(loss.detach()), target.cpu().numpy(), pred.cpu().numpy(), num_classes)
+        metrics = _all_reduce(counts, num_classes).metrics("train")
+
+        model.eval()
+        counts = EpochCounts()
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(
+                batch_size=max(batch_size, 64), device=device, dtypes={"maps": torch.float32, "label_code": torch.int64}
+            ):
+                logits = model(batch["maps"])
+                loss = core.head.loss(logits, batch["label_code"])
+                pred = core.head.probabilities(logits).argmax(dim=1)
+                counts.add(float(loss), batch["label_code"].cpu().numpy(), pred.cpu().numpy(), num_classes)
+        metrics.update(_all_reduce(counts, num_classes).metrics("val"))
+        metrics["epoch"] = epoch + 1
+        history.append(metrics)
+
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                torch.save(
+                    {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
+                    os.path.join(directory, STATE_FILE),
+                )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
+        if rank == 0:
+            print(
+                f"[train] epoch {epoch + 1}/{config['epochs']}  loss {metrics['train_loss']:.4f}/{metrics['val_loss']:.4f}  "
+                f"acc {metrics['train_accuracy']:.3f}/{metrics['val_accuracy']:.3f}  "
+                f"bal.acc {metrics['train_balanced_accuracy']:.3f}/{metrics['val_balanced_accuracy']:.3f} (train/val)",
+                flush=True,
+            )
+        _maybe_kill_for_test(epoch + 1, config)
+
+
+def _maybe_kill_for_test(epoch: int, config: dict[str, Any]) -> None:
+    """Tests set KILL_ENV to make a worker die by SIGKILL once, right after a checkpoint."""
+    marker = config.get("kill_marker", "")
+    if os.environ.get(KILL_ENV) == str(epoch) and marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_balanced_accuracy: float
+    state_dict: dict[str, Any]  # the best epoch's CustomResNet50 state
+    config: dict[str, Any]
+
+
+def run_name(cfg: TrainConfig, fingerprint: str, weights: str, in_features: int, num_classes: int) -> str:
+    """A run name tied to the data and training settings: a rerun with the same `--out`
+    and settings resumes; changed settings train afresh."""
+    key = json.dumps([dataclasses.asdict(cfg), fingerprint, weights, in_features, num_classes], sort_keys=True)
+    return "custom_resnet50-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def train_head(
+    train_ds,
+    val_ds,
+    cfg: TrainConfig,
+    *,
+    in_features: int,
+    num_classes: int,
+    weights: str,
+    weights_seed: int,
+    storage_path: str,
+    name: str,
+    use_gpu: bool,
+    kill_marker: str = "",
+) -> TrainResult:
+    """Run the TorchTrainer and load the best checkpoint.
+
+    Args:
+        train_ds, val_ds: Ray datasets with columns `maps` (C x H x W float16) and `label_code`.
+    """
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+
+    loop_config = {
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "finetune_lr": cfg.finetune_lr,
+        "dropout": cfg.dropout,
+        "unfreeze_stages": cfg.unfreeze_stages,
+        "seed": cfg.seed,
+        "in_features": in_features,
+        "num_classes": num_classes,
+        "weights": weights,
+        "weights_seed": weights_seed,
+        "kill_marker": kill_marker,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute="val_balanced_accuracy",
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best_ckpt, best_metrics = max(
+        result.best_checkpoints, key=lambda cm: (cm[1].get("val_balanced_accuracy", -1), -cm[1].get("epoch", 0))
+    )
+    with best_ckpt.as_directory() as directory:
+        best_state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    with result.checkpoint.as_directory() as directory:
+        latest = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    return TrainResult(
+        history=latest["history"],
+        best_epoch=int(best_metrics["epoch"]),
+        best_val_balanced_accuracy=float(best_metrics["val_balanced_accuracy"]),
+        state_dict=best_state["model"],
+        config=loop_config,
+    )
