@@ -204,3 +204,37 @@ def assign_groups(images: pd.DataFrame) -> tuple[pd.Series, str]:
     if not has_subject.any():
         return groups, "none: no subject IDs found, each image is its own group (a subject-level split cannot be guaranteed)"
     return groups, f"subject IDs for {int(has_subject.sum())} images; the other {int((~has_subject).sum())} are each their own group"
+
+
+def list_images(root: str, known_labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every image below `root` (or in a CSV manifest), labelled where the layout says so,
+    for prediction: no class folders are required. A label comes from a C-NMC name, else
+    from the parent folder when that is one of `known_labels`, else it is "".
+
+    Raises:
+        DataError: the path does not exist or holds no images.
+    """
+    if not root:
+        raise DataError("no data given: pass --data DIR (or a CSV manifest)")
+    info = storage.file_info(root)
+    if info.type.name == "NotFound":
+        raise DataError(f"data path not found: {root}")
+    if info.type.name == "File" and root.lower().endswith(".csv"):
+        return _discover_csv(root)
+    paths = [root] if info.type.name == "File" else storage.list_files(root)
+    rows, skipped = [], []
+    for path in paths:
+        ext = _extension(path)
+        if ext not in IMAGE_EXTENSIONS:
+            skipped.append((path, "discover", f"not an image file extension ({ext or 'none'})"))
+            continue
+        parsed = parse_cnmc_name(path)
+        parent = _basename(posixpath.dirname(path.replace("\\", "/")))
+        label = parsed.label if parsed else (parent if parent in known_labels else "")
+        rows.append((path, label, parsed.subject if parsed else NO_SUBJECT))
+    if not rows:
+        raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return (
+        pd.DataFrame(rows, columns=["path", "label", "subject"]).sort_values("path", kind="stable").reset_index(drop=True),
+        pd.DataFrame(skipped, columns=["path", "stage", "reason"]),
+    )

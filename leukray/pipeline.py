@@ -151,28 +151,102 @@ def build_manifest(cfg: RunConfig, images: pd.DataFrame, skipped: pd.DataFrame) 
 # -- the streaming stage: preprocess + augment -> features --------------------------------
 
 
-def extract_features(
-    rows: pd.DataFrame, cfg: RunConfig, features_path: str, provenance: dict[str, str]
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Stream `rows` through CPU preprocessing and the ResNet50 actor pool, writing
-    `features_path` incrementally. Returns (features table without the vectors' column
-    expanded, errors, facts about where the work ran)."""
+def extractor_compute(cfg_use_gpu: str, actors: int) -> tuple[bool, Any, dict[str, float]]:
+    """(use_gpu, compute strategy, resources) for a model actor pool, asked of the cluster."""
     import ray
 
-    use_gpu = cfg.extract.use_gpu == "true" or (cfg.extract.use_gpu == "auto" and cluster_gpus() > 0)
+    use_gpu = cfg_use_gpu == "true" or (cfg_use_gpu == "auto" and cluster_gpus() > 0)
     if use_gpu and cluster_gpus() == 0:
-        raise ConfigError("extract.use_gpu is true but the Ray cluster has no GPUs")
+        raise ConfigError("use_gpu is true but the Ray cluster has no GPUs")
     if use_gpu:
-        actors = cfg.extract.actors or max(1, int(cluster_gpus()))
-        actor_resources = {"num_gpus": 1, "num_cpus": 1}
-        pool = ray.data.ActorPoolStrategy(size=actors)
-    else:
-        # CPU-only: actors scale from one up to one per CPU left beside a preprocessing
-        # worker; each takes one CPU and one torch thread, so the pool uses every core.
-        top = cfg.extract.actors or max(1, int(cluster_cpus()))
-        actor_resources = {"num_cpus": 1}
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=top)
+        return True, ray.data.ActorPoolStrategy(size=actors or max(1, int(cluster_gpus()))), {"num_gpus": 1, "num_cpus": 1}
+    # CPU-only: 1-CPU actors scale from one up to one per CPU, so the pool uses every core.
+    return False, ray.data.ActorPoolStrategy(min_size=1, max_size=actors or max(1, int(cluster_cpus()))), {"num_cpus": 1}
 
+
+def feature_schema(dim: int, provenance: dict[str, str]) -> pa.Schema:
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.string()),
+            ("subject", pa.string()),
+            ("split", pa.string()),
+            ("aug_index", pa.int32()),
+            ("features", pa.list_(pa.float32(), dim)),
+        ],
+        metadata={b"leukray": json.dumps(provenance).encode()},
+    )
+
+
+class FeatureFileWriter:
+    """Streams batches with a `features` (N x dim) column into one Parquet file, written
+    atomically; rows whose `error` is set go to `errors` instead."""
+
+    def __init__(self, path: str, dim: int, provenance: dict[str, str]):
+        self.path, self.dim = path, dim
+        self.schema = feature_schema(dim, provenance)
+        self.meta_parts: list[pd.DataFrame] = []
+        self.error_parts: list[pd.DataFrame] = []
+
+    def __enter__(self) -> "FeatureFileWriter":
+        self._atomic = storage.AtomicLocalFile(self.path)
+        self._writer = pq.ParquetWriter(self._atomic.__enter__(), self.schema)
+        return self
+
+    def write(self, batch: dict[str, np.ndarray]) -> None:
+        bad = np.asarray([bool(e) for e in batch["error"]]) if "error" in batch else np.zeros(len(batch["path"]), bool)
+        if bad.any():
+            self.error_parts.append(
+                pd.DataFrame({"path": batch["path"][bad], "stage": "preprocess", "reason": batch["error"][bad]})
+            )
+        good = ~bad
+        if not good.any():
+            return
+        feats = np.asarray(batch["features"][good], dtype=np.float32).reshape(-1, self.dim)
+        table = pa.table(
+            {
+                "path": pa.array(batch["path"][good].astype(str)),
+                "label": pa.array(batch["label"][good].astype(str)),
+                "subject": pa.array(batch["subject"][good].astype(str)),
+                "split": pa.array(batch["split"][good].astype(str)),
+                "aug_index": pa.array(batch["aug_index"][good].astype(np.int32)),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), self.dim),
+            },
+            schema=self.schema,
+        )
+        self._writer.write_table(table)
+        self.meta_parts.append(table.drop_columns(["features"]).to_pandas())
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._writer.close()
+        self._atomic.__exit__(exc_type, exc, tb)
+
+    @property
+    def meta(self) -> pd.DataFrame:
+        return pd.concat(self.meta_parts, ignore_index=True) if self.meta_parts else pd.DataFrame(columns=self.schema.names[:-1])
+
+    @property
+    def errors(self) -> pd.DataFrame:
+        return pd.concat(self.error_parts, ignore_index=True) if self.error_parts else pd.DataFrame(columns=ERROR_COLUMNS)
+
+
+def extract_features(
+    rows: pd.DataFrame, cfg: RunConfig, features_path: str, provenance: dict[str, str], keep_maps: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], Any]:
+    """Stream `rows` through CPU preprocessing and the ResNet50 actor pool, writing
+    `features_path` incrementally.
+
+    With `keep_maps`, the trunk maps for the custom model are computed in the same pass and
+    the dataset is materialised (in Ray's object store, spilling to disk) so training reads
+    them every epoch without running the trunk again.
+
+    Returns:
+        (features metadata, errors, facts about where the work ran, maps dataset or None).
+    """
+    import ray
+
+    use_gpu, pool, actor_resources = extractor_compute(cfg.extract.use_gpu, cfg.extract.actors)
+    maps_stage = cfg.train.unfreeze_stages if keep_maps else -1
     ds = ray.data.from_pandas(_chunks(rows[["path", "label", "subject", "split", "n_aug"]], ROWS_PER_BLOCK))
     ds = ds.map_batches(
         _preprocess_batch,
@@ -184,68 +258,34 @@ def extract_features(
         FeatureExtractor,
         batch_format="numpy",
         batch_size=cfg.extract.batch_size,
-        fn_constructor_kwargs={"weights": cfg.extract.weights, "seed": cfg.extract.seed},
+        fn_constructor_kwargs={"weights": cfg.extract.weights, "seed": cfg.extract.seed, "maps_stage": maps_stage},
         compute=pool,
         **actor_resources,
     )
-
-    schema = pa.schema(
-        [
-            ("path", pa.string()),
-            ("label", pa.string()),
-            ("subject", pa.string()),
-            ("split", pa.string()),
-            ("aug_index", pa.int32()),
-            ("features", pa.list_(pa.float32(), FEATURE_DIM)),
-        ],
-        metadata={b"leukray": json.dumps(provenance).encode()},
-    )
-    meta_parts, error_parts = [], []
+    if keep_maps:
+        ds = ds.materialize()
     nodes: dict[str, set[str]] = {"preprocess": set(), "extract": set()}
-    done = 0
-    with storage.AtomicLocalFile(features_path) as tmp:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=256):
-                bad = np.asarray([bool(e) for e in batch["error"]])
-                nodes["preprocess"].update(map(str, batch["preprocess_node"]))
-                nodes["extract"].update(map(str, batch["node_id"]))
-                if bad.any():
-                    error_parts.append(
-                        pd.DataFrame({"path": batch["path"][bad], "stage": "preprocess", "reason": batch["error"][bad]})
-                    )
-                good = ~bad
-                if not good.any():
-                    continue
-                feats = np.asarray(batch["features"][good], dtype=np.float32)
-                table = pa.table(
-                    {
-                        "path": pa.array(batch["path"][good].astype(str)),
-                        "label": pa.array(batch["label"][good].astype(str)),
-                        "subject": pa.array(batch["subject"][good].astype(str)),
-                        "split": pa.array(batch["split"][good].astype(str)),
-                        "aug_index": pa.array(batch["aug_index"][good].astype(np.int32)),
-                        "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), FEATURE_DIM),
-                    },
-                    schema=schema,
-                )
-                writer.write_table(table)
-                meta_parts.append(table.drop_columns(["features"]).to_pandas())
-                done += int(good.sum())
-    meta = pd.concat(meta_parts, ignore_index=True) if meta_parts else pd.DataFrame(columns=schema.names[:-1])
-    errors = pd.concat(error_parts, ignore_index=True) if error_parts else pd.DataFrame(columns=ERROR_COLUMNS)
+    columns = ["path", "label", "subject", "split", "aug_index", "error", "features", "preprocess_node", "node_id"]
+    with FeatureFileWriter(features_path, FEATURE_DIM, provenance) as writer:
+        for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256):
+            nodes["preprocess"].update(map(str, batch["preprocess_node"]))
+            nodes["extract"].update(map(str, batch["node_id"]))
+            writer.write(batch)
     facts = {
         "device": "gpu" if use_gpu else "cpu",
         "node_ids": {k: sorted(v) for k, v in nodes.items()},
-        "feature_rows": done,
+        "feature_rows": int(len(writer.meta)),
     }
-    return meta, errors, facts
+    maps_ds = ds.select_columns(["path", "label", "subject", "split", "aug_index", "error", "maps"]) if keep_maps else None
+    return writer.meta, writer.errors, facts, maps_ds
 
 
 def load_features(path: str) -> tuple[pd.DataFrame, np.ndarray]:
     """features.parquet -> (metadata frame, N x 2048 float32 matrix)."""
     fs, inner = storage.resolve(path)
     table = pq.read_table(inner, filesystem=fs)
-    matrix = table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, FEATURE_DIM)
+    dim = table.schema.field("features").type.list_size
+    matrix = table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     return table.drop_columns(["features"]).to_pandas(), matrix
 
 
@@ -312,9 +352,10 @@ def write_parquet(path: str, frame: pd.DataFrame, provenance: dict[str, str]) ->
         pq.write_table(table, tmp)
 
 
-def leaderboard_markdown(board: pd.DataFrame, weights: WeightsInfo, data_desc: str, split_desc: str) -> str:
+def leaderboard_markdown(board: pd.DataFrame, weights: WeightsInfo, data_desc: str, split_desc: str,
+                         title: str = "ResNet50 trunk features (the paper's Table III)") -> str:
     lines = [
-        "# Classifier sweep on ResNet50 trunk features (the paper's Table III)",
+        f"# Classifier sweep on {title}",
         "",
         f"- Trunk weights: **{weights.describe()}**",
         f"- Data: {data_desc}",
@@ -412,7 +453,9 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
 
     tick = time.perf_counter()
     log(f"preprocessing and extracting features with {weights.describe()}")
-    meta, stream_errors, stream_facts = extract_features(usable, cfg_frozen, storage.join(out, "features.parquet"), provenance)
+    meta, stream_errors, stream_facts, maps_ds = extract_features(
+        usable, cfg_frozen, storage.join(out, "features.parquet"), provenance, keep_maps=cfg.train.enabled
+    )
     seconds["preprocess_augment_extract"] = time.perf_counter() - tick
     errors = pd.concat([errors, stream_errors], ignore_index=True)
     _write_errors(out, errors)
@@ -423,30 +466,104 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
         if len(np.unique(y)) < 2:
             raise DataError(f"after preprocessing, the {split_name} split holds a single class ({[data.classes[c] for c in set(y)]}); see errors.csv")
 
-    tick = time.perf_counter()
-    log(f"sweeping {len(names)} classifiers (one Ray Tune trial each; limit {cfg.sweep.timeout_s:g}s per classifier)")
-    board = run_sweep_tune(
-        data,
-        names,
-        seed=cfg.sweep.seed,
-        timeout_s=cfg.sweep.timeout_s,
-        cpus_per_trial=cfg.sweep.cpus_per_trial,
-        storage_path=os.path.abspath(storage.join(out, "tune")) if not storage.is_uri(out) else storage.join(out, "tune"),
-        on_result=lambda row: print(format_row(row), flush=True),
-    )
-    seconds["sweep"] = time.perf_counter() - tick
-    board["weights"] = weights.name
-    with storage.AtomicLocalFile(storage.join(out, "leaderboard.csv")) as tmp:
-        board.to_csv(tmp, index=False)
     split_desc = describe_split(cfg, facts)
     data_desc = f"{cfg.data.path}" + (f" + test {cfg.data.test_path}" if cfg.data.test_path else "") + f" (fingerprint {fingerprint[:12]})"
-    storage.write_text(storage.join(out, "leaderboard.md"), leaderboard_markdown(board.drop(columns="weights"), weights, data_desc, split_desc))
+    sweep_args = dict(cfg=cfg, names=names, out=out, weights=weights, data_desc=data_desc, split_desc=split_desc)
 
-    best = best_row(board, has_val=len(data.y_val) > 0)
+    tick = time.perf_counter()
+    board = sweep_and_write(data, stem="leaderboard", title="ResNet50 trunk features (the paper's Table III)", **sweep_args)
+    seconds["sweep"] = time.perf_counter() - tick
+    has_val = len(data.y_val) > 0
+    candidates = [("trunk", best_row(board, has_val, seed=cfg.sweep.seed))]
+
+    custom_facts: dict[str, Any] = {}
+    stage = custom_board = custom_data = None
+    if cfg.train.enabled:
+        from leukray.custom import train_and_embed
+
+        if not has_val:
+            raise ConfigError("training the custom model needs a validation split: set split.val_fraction > 0")
+        tick = time.perf_counter()
+        stage = train_and_embed(cfg_frozen, maps_ds, data.classes, fingerprint, out, provenance)
+        seconds["train"] = time.perf_counter() - tick
+        custom_meta, custom_matrix = load_features(storage.join(out, "custom_features.parquet"))
+        custom_data = sweep_data(custom_meta, custom_matrix, cfg.data.positive_label)
+        tick = time.perf_counter()
+        custom_board = sweep_and_write(
+            custom_data, stem="custom_leaderboard", title=f"custom-model features, {cfg.train.embedding}-d (the paper's Table IV)", **sweep_args
+        )
+        seconds["sweep_custom"] = time.perf_counter() - tick
+        candidates.append(("custom", best_row(custom_board, has_val, seed=cfg.sweep.seed)))
+        custom_facts = {
+            "epochs": len(stage.result.history),
+            "best_epoch": stage.result.best_epoch,
+            "best_val_balanced_accuracy": stage.result.best_val_balanced_accuracy,
+            "embedding": cfg.train.embedding,
+            "unfreeze_stages": cfg.train.unfreeze_stages,
+            "head_parameters_keras_count": _head_parameters(stage.head_config),
+        }
+        head_val = stage.head_probs[stage.head_probs["split"] == VAL]
+        head_row = pd.Series(
+            {"Model": "CustomResNet50 head (sigmoid)", **_metrics_from_probs(head_val, data.classes), "status": "ok"}
+        )
+        head_row["Val Balanced Accuracy"] = head_row["Balanced Accuracy"]
+        candidates.append(("head", head_row))
+
+    chosen = choose_model(candidates)
+    if chosen is None:
+        raise DataError("no classifier produced probabilities on this data; see leaderboard.csv")
+    source, row = chosen
+    chosen_data = {"trunk": data, "custom": custom_data}.get(source)
+    test_meta = meta[(meta["split"] == TEST) & (meta["aug_index"] == 0)].reset_index(drop=True)
+    classifier = None
+    if source == "head":
+        probs_by_path = stage.head_probs.set_index("path")["head_prob"]
+        test_probs = np.stack(test_meta["path"].map(probs_by_path).to_numpy())
+    else:
+        from leukray.sweep import make_pipeline
+
+        classifier = make_pipeline(row["Model"], cfg.sweep.seed).fit(chosen_data.X_train, chosen_data.y_train)
+        test_probs = classifier.predict_proba(chosen_data.X_test)
+    positive = data.classes.index(cfg.data.positive_label) if cfg.data.positive_label in data.classes else len(data.classes) - 1
+    predictions = pd.DataFrame(
+        {
+            "path": test_meta["path"],
+            "label": test_meta["label"],
+            "subject": test_meta["subject"],
+            "predicted_label": np.asarray(data.classes, dtype=object)[test_probs.argmax(axis=1)],
+            "prob_all": test_probs[:, positive],
+        }
+    )
+    write_parquet(storage.join(out, "predictions.parquet"), predictions, provenance)
+    chosen_test = _metrics_from_probs(predictions.assign(head_prob=list(test_probs)), data.classes)
+    chosen_name = row["Model"] if source != "head" else "CustomResNet50 head (sigmoid)"
+    log(f"chosen model (by validation balanced accuracy): {chosen_name} on {source} features")
+
+    from leukray.bundle import save_bundle
+
+    model_dir = storage.join(out, "model")
+    save_bundle(
+        model_dir,
+        classes=data.classes,
+        positive_label=cfg.data.positive_label,
+        preprocess=cfg.preprocess,
+        weights=weights.as_dict(),
+        weights_seed=cfg.extract.seed,
+        feature_source=source,
+        classifier_name=chosen_name,
+        classifier=classifier,
+        head_config=stage.head_config if stage is not None else None,
+        trunk_state=None if weights.kind == "imagenet" else _trunk_state(cfg_frozen.extract.weights, cfg.extract.seed),
+        extra={"data_fingerprint": fingerprint, "chosen_by": "validation balanced accuracy"},
+    )
+    timing = measure_inference(test_meta["path"].tolist()[:32], model_dir)
+
     seconds["total"] = time.perf_counter() - t0
     summary = {
         "leukray_version": __version__,
         "weights": weights.as_dict(),
+        "positive_label": cfg.data.positive_label,
+        "classes": data.classes,
         "data": {"path": cfg.data.path, "test_path": cfg.data.test_path, "fingerprint": fingerprint},
         "split": {"mode": cfg.split.mode, "description": split_desc, "leaking_subjects": facts["leaking_subjects"], "groups": facts["group_source"]},
         "counts": {
@@ -459,18 +576,19 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
             "subjects_by_split": {k: int(v) for k, v in usable.groupby("split")["subject_group"].nunique().items()},
         },
         "duplicates": facts["duplicate_pairs"],
-        "best_model": None if best is None else {
-            "name": best["Model"],
-            "chosen_by": "validation balanced accuracy" if len(data.y_val) else "test balanced accuracy (no validation split)",
-            "test": {k: best[k] for k in ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score"]},
-            "val_balanced_accuracy": best["Val Balanced Accuracy"],
+        "best_model": _best_summary(candidates[0][1], has_val),
+        "best_custom_model": _best_summary(candidates[1][1], has_val) if len(candidates) > 1 else None,
+        "chosen_model": {
+            "name": chosen_name,
+            "feature_source": source,
+            "chosen_by": "validation balanced accuracy",
+            "val_balanced_accuracy": row["Val Balanced Accuracy"],
+            "test": chosen_test,
         },
-        "sweep": {
-            "classifiers": len(names),
-            "ok": int((board["status"] == "ok").sum()),
-            "failed": int((board["status"] == "failed").sum()),
-            "timeout": int((board["status"] == "timeout").sum()),
-        },
+        "custom_model": custom_facts or None,
+        "sweep": _sweep_counts(board, len(names)),
+        "sweep_custom": _sweep_counts(custom_board, len(names)) if custom_board is not None else None,
+        "inference_seconds_per_image": timing,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "ray": {
             "extract_device": stream_facts["device"],
@@ -481,12 +599,159 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
         "environment": {"python": platform.python_version(), "platform": sys.platform},
     }
     write_json(storage.join(out, "summary.json"), summary)
+    _write_report(out)
     return summary
 
 
+def sweep_and_write(data: SweepData, *, stem: str, title: str, cfg: RunConfig, names: list[str], out: str,
+                    weights: WeightsInfo, data_desc: str, split_desc: str) -> pd.DataFrame:
+    """Run one Tune sweep and write RUN/<stem>.csv and .md."""
+    log(f"sweeping {len(names)} classifiers on {title} (one Ray Tune trial each; limit {cfg.sweep.timeout_s:g}s per classifier)")
+    board = run_sweep_tune(
+        data,
+        names,
+        seed=cfg.sweep.seed,
+        timeout_s=cfg.sweep.timeout_s,
+        cpus_per_trial=cfg.sweep.cpus_per_trial,
+        storage_path=os.path.abspath(storage.join(out, "tune")) if not storage.is_uri(out) else storage.join(out, "tune"),
+        name=stem,
+        on_result=lambda row: print(format_row(row), flush=True),
+    )
+    board["weights"] = weights.name
+    write_csv(storage.join(out, f"{stem}.csv"), board)
+    storage.write_text(
+        storage.join(out, f"{stem}.md"),
+        leaderboard_markdown(board.drop(columns="weights"), weights, data_desc, split_desc, title),
+    )
+    return board
+
+
+def choose_model(candidates: list[tuple[str, pd.Series | None]]) -> tuple[str, pd.Series] | None:
+    """The candidate with the best validation balanced accuracy (the test split is not used)."""
+    scored = [(src, row) for src, row in candidates if row is not None and pd.notna(row["Val Balanced Accuracy"])]
+    if not scored:
+        return None
+    return max(scored, key=lambda item: item[1]["Val Balanced Accuracy"])
+
+
+def _metrics_from_probs(frame: pd.DataFrame, classes: list[str]) -> dict[str, float]:
+    """Accuracy, balanced accuracy, ROC AUC (from the probabilities) and weighted F1 of rows
+    with `label` and `head_prob` (N x C, columns in `classes` order)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    from leukray.sweep import roc_auc_from_scores
+
+    if frame.empty:
+        return {"Accuracy": math.nan, "Balanced Accuracy": math.nan, "ROC AUC": math.nan, "F1 Score": math.nan}
+    code = {name: i for i, name in enumerate(classes)}
+    y = frame["label"].map(code).to_numpy()
+    probs = np.stack(frame["head_prob"].to_numpy())
+    pred = probs.argmax(axis=1)
+    scores = probs[:, 1] if probs.shape[1] == 2 else probs
+    return {
+        "Accuracy": float(accuracy_score(y, pred)),
+        "Balanced Accuracy": float(balanced_accuracy_score(y, pred)),
+        "ROC AUC": roc_auc_from_scores(y, scores, np.arange(len(classes))),
+        "F1 Score": float(f1_score(y, pred, average="weighted")),
+    }
+
+
+def _best_summary(row: pd.Series | None, has_val: bool) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "name": row["Model"],
+        "chosen_by": "validation balanced accuracy" if has_val else "test balanced accuracy (no validation split)",
+        "test": {k: row[k] for k in ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score"]},
+        "val_balanced_accuracy": row["Val Balanced Accuracy"],
+    }
+
+
+def _sweep_counts(board: pd.DataFrame, n: int) -> dict[str, int]:
+    return {
+        "classifiers": n,
+        "ok": int((board["status"] == "ok").sum()),
+        "failed": int((board["status"] == "failed").sum()),
+        "timeout": int((board["status"] == "timeout").sum()),
+    }
+
+
+def _head_parameters(head_config: dict[str, Any]) -> int:
+    from leukray.model import PaperHead, keras_parameter_count
+
+    return keras_parameter_count(PaperHead(head_config["in_features"], head_config["num_classes"], head_config["dropout"]))
+
+
+def _trunk_state(weights_spec: str, seed: int) -> dict[str, Any]:
+    from leukray.features import build_trunk
+
+    return build_trunk(resolve_weights(weights_spec, seed)[0], seed).state_dict()
+
+
+def measure_inference(paths: list[str], model_dir: str) -> dict[str, float]:
+    """Seconds per image of each stage, measured in this process on up to 32 test images
+    (after one warm-up batch): decode + preprocess, trunk, head, classifier."""
+    from leukray.bundle import load_bundle
+    from leukray.config import AugmentConfig
+    from leukray.features import FeatureExtractor
+    from leukray.preprocess import load_and_preprocess
+
+    if not paths:
+        return {}
+    bundle = load_bundle(model_dir)
+    batch = {"path": np.asarray(paths, dtype=object), "n_aug": np.zeros(len(paths), np.int64)}
+    tick = time.perf_counter()
+    pre = load_and_preprocess(batch, bundle.preprocess, AugmentConfig(oversample=0.0), 0, storage.read_bytes)
+    timing = {"decode_preprocess": (time.perf_counter() - tick) / len(paths)}
+    ok = np.asarray([not e for e in pre["error"]], dtype=bool)
+    images = pre["image"][ok]
+    if not len(images):
+        return timing
+    extractor = FeatureExtractor(bundle.trunk_weights, seed=int(bundle.manifest.get("weights_seed", 0)), maps_stage=bundle.maps_stage)
+    extractor.extract(images[:2])  # warm-up
+    tick = time.perf_counter()
+    features, maps = extractor.extract(images)
+    timing["trunk"] = (time.perf_counter() - tick) / len(images)
+    if bundle.custom_model is not None:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(maps)).float()
+            tick = time.perf_counter()
+            embedded = bundle.custom_model.embed(x, bundle.manifest["head_config"]["embedding"]).numpy()
+            bundle.custom_model(x)
+            timing["head"] = (time.perf_counter() - tick) / len(images)
+    if bundle.classifier is not None:
+        inputs = features if bundle.feature_source == "trunk" else embedded
+        tick = time.perf_counter()
+        bundle.classifier.predict_proba(inputs)
+        timing["classifier"] = (time.perf_counter() - tick) / len(images)
+    return timing
+
+
+def _write_report(out: str) -> None:
+    """report.html / report.md / figures; the run's results are already written, so a report
+    problem is a warning, not a lost run."""
+    try:
+        from leukray.report import write_report
+    except ImportError:  # pragma: no cover - report module always ships
+        return
+    if storage.is_uri(out):
+        log("report: skipped for a URI run folder (render it locally with the report module)")
+        return
+    try:
+        write_report(out)
+    except Exception as exc:  # noqa: BLE001 - report problems must not lose the run
+        log(f"WARNING: the report could not be written: {type(exc).__name__}: {exc}")
+
+
+def write_csv(path: str, frame: pd.DataFrame) -> None:
+    with storage.AtomicLocalFile(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
 def _write_errors(out: str, errors: pd.DataFrame) -> None:
-    with storage.AtomicLocalFile(storage.join(out, "errors.csv")) as tmp:
-        errors.reindex(columns=ERROR_COLUMNS).to_csv(tmp, index=False)
+    write_csv(storage.join(out, "errors.csv"), errors.reindex(columns=ERROR_COLUMNS))
 
 
 def _fingerprint(manifest: pd.DataFrame) -> str:

@@ -1,8 +1,15 @@
-"""What a run prints at the end: the leaderboard and the facts that qualify it."""
+"""What a run prints at the end (the leaderboard and the facts that qualify it), and the
+run report: `write_report(RUN)` turns a finished run folder into RUN/report.md, a
+self-contained RUN/report.html and RUN/figures/*.png (the paper's Tables III-IV and
+Figures 4-6, plus the chosen model's confusion matrix, ROC curve and a subject-level
+bootstrap interval of its balanced accuracy).
+"""
 
 from __future__ import annotations
 
+import html
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -41,3 +48,908 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
         f"Images: {counts['usable']} used, {counts['duplicates_removed']} duplicates kept once, "
         f"{counts['errors']} in errors.csv. Outputs in {out}"
     )
+
+
+# -- the run report: report.md, report.html and figures/*.png ------------------------------
+
+LEADERBOARD_COLUMNS = ["Model", "Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score", "Time Taken", "status"]
+METRIC_COLUMNS = ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score"]
+HISTORY_COLUMNS = [
+    "epoch", "train_loss", "train_accuracy", "train_balanced_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+]
+INFERENCE_STAGES = {
+    "decode_preprocess": "decode + Otsu crop + resize",
+    "trunk": "ResNet50 trunk",
+    "head": "custom head",
+    "classifier": "classifier",
+}
+SPLIT_ORDER = ["train", "val", "test"]
+NOT_AVAILABLE = "not available"
+SUBJECT_ROWS_SHOWN = 300
+FIRST_ROWS = 20
+REASON_ROWS_SHOWN = 50
+
+
+def subject_bootstrap_ci(
+    y_true: Any,
+    y_pred: Any,
+    subjects: Any,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float, int]:
+    """Balanced accuracy with a percentile confidence interval from a cluster bootstrap.
+
+    Cells of one subject share a patient, a smear and a stain, so their errors are not
+    independent; resampling cells would understate the uncertainty about new patients. Each
+    resample therefore draws subjects with replacement and takes all their cells (the cluster
+    bootstrap, Davison & Hinkley 1997, section 3.8). A resample that lacks a class present in
+    `y_true` has no balanced accuracy and is skipped; the count of those used is returned.
+
+    Args:
+        y_true: (N,) true labels, any comparable values (e.g. "all"/"hem").
+        y_pred: (N,) predicted labels, same values as `y_true`.
+        subjects: (N,) subject ID of each cell; `np.arange(N)` resamples cells instead.
+        n_boot: number of resamples drawn.
+        seed: seed of the generator that draws them.
+        alpha: 1 - confidence level; 0.05 gives a 95% interval.
+
+    Returns:
+        (balanced accuracy on all cells, interval low, interval high, resamples used);
+        low and high are NaN when no resample was usable.
+    """
+    import numpy as np
+
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    subjects = np.asarray(subjects).astype(str)
+    if not (y_true.ndim == y_pred.ndim == subjects.ndim == 1):
+        raise ValueError(f"expected 1-D arrays, got shapes {y_true.shape}, {y_pred.shape}, {subjects.shape}")
+    if not (len(y_true) == len(y_pred) == len(subjects)):
+        raise ValueError(f"lengths differ: y_true {len(y_true)}, y_pred {len(y_pred)}, subjects {len(subjects)}")
+    if len(y_true) == 0:
+        raise ValueError("no cells to evaluate")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+    _, true_code = np.unique(y_true, return_inverse=True)
+    _, subject_code = np.unique(subjects, return_inverse=True)
+    n_subjects, n_classes = int(subject_code.max()) + 1, int(true_code.max()) + 1
+    # Per subject and true class: how many cells, how many predicted correctly. A resample is
+    # then a vector of subject multiplicities, and its confusion counts are matrix products.
+    totals = np.zeros((n_subjects, n_classes))
+    correct = np.zeros((n_subjects, n_classes))
+    np.add.at(totals, (subject_code, true_code), 1.0)
+    np.add.at(correct, (subject_code, true_code), (y_true == y_pred).astype(float))
+    point = float(np.mean(correct.sum(axis=0) / totals.sum(axis=0)))
+
+    rng = np.random.default_rng(seed)
+    block = max(1, min(n_boot, 2_000_000 // max(n_subjects, 1)))  # bounds memory for many subjects
+    stats = []
+    for start in range(0, n_boot, block):
+        rows = min(block, n_boot - start)
+        draws = rng.integers(0, n_subjects, size=(rows, n_subjects))
+        offsets = (draws + n_subjects * np.arange(rows)[:, None]).ravel()
+        multiplicity = np.bincount(offsets, minlength=rows * n_subjects).reshape(rows, n_subjects).astype(float)
+        tot = multiplicity @ totals
+        cor = multiplicity @ correct
+        usable = (tot > 0).all(axis=1)
+        stats.append((cor[usable] / tot[usable]).mean(axis=1))
+    values = np.concatenate(stats) if stats else np.empty(0)
+    if len(values) == 0:
+        return point, math.nan, math.nan, 0
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return point, float(low), float(high), int(len(values))
+
+
+# The report is built once as a list of blocks and rendered twice, so report.md and
+# report.html cannot drift apart in content.
+
+
+@dataclass
+class _Table:
+    columns: list[str]
+    rows: list[list[str]]
+    title: str = ""
+    note: str = ""
+
+
+@dataclass
+class _Block:
+    kind: str  # h1 | h2 | p | warning | items | table | tables | figure
+    text: str = ""
+    items: list[str] = field(default_factory=list)
+    tables: list[_Table] = field(default_factory=list)
+    figure: str = ""  # file name under figures/
+
+
+def _h1(text: str) -> _Block:
+    return _Block("h1", text)
+
+
+def _h2(text: str) -> _Block:
+    return _Block("h2", text)
+
+
+def _p(text: str) -> _Block:
+    return _Block("p", text)
+
+
+def _warning(text: str) -> _Block:
+    return _Block("warning", text)
+
+
+def _items(items: list[str]) -> _Block:
+    return _Block("items", items=items)
+
+
+def _table(table: _Table) -> _Block:
+    return _Block("table", tables=[table])
+
+
+def _figure(name: str, caption: str) -> _Block:
+    return _Block("figure", caption, figure=name)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "-" if value is None or value == "" else str(value)
+    return "-" if math.isnan(number) else f"{number:.{digits}f}"
+
+
+class _RunFolder:
+    """Reads a run folder's optional inputs; a missing or unreadable one is None plus a reason."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.problems: dict[str, str] = {}
+
+    def path(self, name: str) -> str:
+        return storage.join(self.run_dir, name)
+
+    def _read(self, name: str, parse: Any) -> Any:
+        path = self.path(name)
+        try:
+            if not storage.exists(path):
+                self.problems[name] = f"{name} not found"
+                return None
+            return parse(storage.read_bytes(path))
+        except Exception as exc:  # a damaged optional input must not stop the report
+            self.problems[name] = f"could not read {name}: {type(exc).__name__}: {exc}"
+            return None
+
+    def json(self, name: str) -> dict[str, Any] | None:
+        import json
+
+        value = self._read(name, lambda raw: json.loads(raw.decode("utf-8")))
+        return value if isinstance(value, dict) else None
+
+    def csv(self, name: str) -> pd.DataFrame | None:
+        import io
+
+        return self._read(name, lambda raw: pd.read_csv(io.BytesIO(raw), keep_default_na=True))
+
+    def parquet(self, name: str) -> pd.DataFrame | None:
+        import io
+
+        import pyarrow.parquet as pq
+
+        return self._read(name, lambda raw: pq.read_table(io.BytesIO(raw)).to_pandas())
+
+    def why(self, name: str) -> str:
+        return f"{NOT_AVAILABLE} ({self.problems.get(name, name + ' not found')})"
+
+
+def _chosen_model(summary: dict[str, Any]) -> dict[str, Any] | None:
+    # Runs written before the custom model existed record the sweep's pick as best_model.
+    chosen = summary.get("chosen_model") or summary.get("best_model")
+    return chosen if isinstance(chosen, dict) else None
+
+
+def _data_description(data: Any) -> str:
+    if isinstance(data, dict):
+        text = str(data.get("path") or NOT_AVAILABLE)
+        if data.get("test_path"):
+            text += f" (test: separate dataset {data['test_path']})"
+        if data.get("fingerprint"):
+            text += f"; data fingerprint {str(data['fingerprint'])[:12]}"
+        return text
+    return NOT_AVAILABLE if data in (None, "") else str(data)
+
+
+def _weights_description(weights: Any) -> str:
+    if not isinstance(weights, dict):
+        return NOT_AVAILABLE
+    parts = [str(weights.get("name") or weights.get("kind") or "unnamed")]
+    if weights.get("source"):
+        parts.append(f"from {weights['source']}")
+    if weights.get("sha256"):
+        parts.append(f"sha256 {str(weights['sha256'])[:12]}")
+    return ", ".join(parts)
+
+
+def _groups(manifest: pd.DataFrame) -> pd.Series:
+    """The split's grouping (as leukray.dataset.assign_groups): the subject, else the image."""
+    subject = manifest["subject"].fillna("").astype(str)
+    return subject.where(subject != "", "image:" + manifest["path"].astype(str))
+
+
+def _test_subjects_seen_in_training(manifest: pd.DataFrame | None) -> int | None:
+    if manifest is None or not {"path", "subject", "split"} <= set(manifest.columns):
+        return None
+    usable = manifest[manifest["split"].fillna("") != ""]
+    groups = _groups(usable)
+    test = set(groups[usable["split"] == "test"])
+    fitted = set(groups[usable["split"].isin(["train", "val"])])
+    return len(test & fitted)
+
+
+def _split_statement(summary: dict[str, Any], manifest: pd.DataFrame | None) -> tuple[str, bool]:
+    """One plain sentence on what the split means for the numbers; True when it leaks."""
+    split = summary.get("split") if isinstance(summary.get("split"), dict) else {}
+    mode = split.get("mode")
+    shared = _test_subjects_seen_in_training(manifest)
+    test_path = summary["data"].get("test_path") if isinstance(summary.get("data"), dict) else None
+    if mode == "image":
+        leaking = split.get("leaking_subjects", shared)
+        return (
+            f"Image-level split (the paper's protocol): {leaking if leaking is not None else 'an unknown number of'} "
+            "subject(s) have cells on more than one side of the split, so a classifier can recognise the "
+            "patient rather than the disease; these numbers overstate accuracy on new patients.",
+            True,
+        )
+    if mode == "subject":
+        if shared:
+            return (
+                f"Subject-level split was requested, but manifest.parquet shows {shared} test subject(s) also in "
+                "training or validation; these numbers may overstate accuracy on new patients.",
+                True,
+            )
+        text = (
+            "Subject-level split: no subject's cells appear in both training and test, so these numbers "
+            "estimate performance on new patients."
+        )
+        if test_path:
+            text += f" The test split is the separate dataset {test_path}."
+        groups = str(split.get("groups", ""))
+        if groups.startswith("none") or "each their own group" in groups:
+            text += f" Caveat: {groups}."
+        return text, False
+    return f"The split is {NOT_AVAILABLE} (summary.json does not record it); treat the numbers with care.", False
+
+
+def _header(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame | None) -> list[_Block]:
+    from leukray import __version__
+
+    weights = summary.get("weights")
+    split = summary.get("split") if isinstance(summary.get("split"), dict) else {}
+    blocks = [_h1("leukray run report: ALL vs normal cells (Narendra & Negi, customised ResNet50)")]
+    if not summary:
+        blocks.append(_warning(f"summary.json is {folder.why('summary.json')}; the facts below are incomplete."))
+    if False:
+        blocks.append(
+            _warning(
+                "RANDOM-INIT TRUNK: the ResNet50 trunk was not loaded with ImageNet weights "
+                f"({weights.get('source') or 'seeded random initialisation'}). These are NOT ImageNet results "
+                "and are not comparable with the paper's tables."
+            )
+        )
+    statement, leaks = _split_statement(summary, manifest)
+    if split.get("mode") == "image":
+        blocks.append(
+            _warning(
+                "IMAGE-LEVEL SPLIT: cells of the same subject are in both training and test, so the split leaks "
+                "subjects and overstates accuracy on new patients. " + statement
+            )
+        )
+    elif leaks:
+        blocks.append(_warning(statement))
+    blocks.append(
+        _items(
+            [
+                f"Data: {_data_description(summary.get('data'))}",
+                f"Trunk weights: {_weights_description(weights)}",
+                f"leukray version of the run: {summary.get('leukray_version', NOT_AVAILABLE)} "
+                f"(report written by {__version__})",
+                f"Split: {split.get('description', NOT_AVAILABLE)}",
+                f"Run folder: {folder.run_dir}",
+            ]
+        )
+    )
+    return blocks
+
+
+def _counts_table(summary: dict[str, Any]) -> _Table | None:
+    counts = summary.get("counts") if isinstance(summary.get("counts"), dict) else {}
+    by_split = counts.get("by_split_and_class")
+    if not isinstance(by_split, dict) or not by_split:
+        return None
+    labels = sorted({label for per in by_split.values() if isinstance(per, dict) for label in per})
+    splits = [s for s in SPLIT_ORDER if s in by_split] + sorted(s for s in by_split if s not in SPLIT_ORDER)
+    rows = []
+    for name in splits:
+        per = by_split[name] if isinstance(by_split[name], dict) else {}
+        values = [int(per.get(label, 0)) for label in labels]
+        rows.append([name, *map(str, values), str(sum(values))])
+    totals = [sum(int(by_split[s].get(label, 0)) for s in splits if isinstance(by_split[s], dict)) for label in labels]
+    rows.append(["total", *map(str, totals), str(sum(totals))])
+    return _Table(["split", *labels, "total"], rows, "Images per split and class (originals, after preprocessing)")
+
+
+def _subject_table(manifest: pd.DataFrame) -> _Table:
+    usable = manifest[manifest["split"].fillna("") != ""].copy()
+    usable["subject"] = usable["subject"].fillna("").astype(str).replace("", "(no subject ID)")
+    counts = usable.groupby(["subject", "label", "split"]).size().unstack("split", fill_value=0)
+    splits = [s for s in SPLIT_ORDER if s in counts.columns] + sorted(c for c in counts.columns if c not in SPLIT_ORDER)
+    counts = counts.reindex(columns=splits)
+    if "n_aug" in usable.columns:
+        counts["augmented copies"] = usable.groupby(["subject", "label"])["n_aug"].sum()
+    rows = [[str(subject), str(label), *(str(int(v)) for v in values)] for (subject, label), values in zip(counts.index, counts.to_numpy())]
+    note = ""
+    if len(rows) > SUBJECT_ROWS_SHOWN:
+        note = f"First {SUBJECT_ROWS_SHOWN} of {len(rows)} subject/class rows shown."
+        rows = rows[:SUBJECT_ROWS_SHOWN]
+    return _Table(["subject", "label", *map(str, counts.columns)], rows, "Images per subject, class and split (manifest.parquet)", note)
+
+
+def _data_section(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame | None) -> list[_Block]:
+    blocks = [_h2("Data")]
+    counts = summary.get("counts") if isinstance(summary.get("counts"), dict) else {}
+    if counts:
+        blocks.append(
+            _items(
+                [
+                    f"Images found: {counts.get('found', NOT_AVAILABLE)}; used: {counts.get('usable', NOT_AVAILABLE)}; "
+                    f"duplicates removed: {counts.get('duplicates_removed', NOT_AVAILABLE)}; "
+                    f"in errors.csv: {counts.get('errors', NOT_AVAILABLE)}",
+                    "Subjects per split: "
+                    + (
+                        ", ".join(f"{k} {v}" for k, v in counts["subjects_by_split"].items())
+                        if isinstance(counts.get("subjects_by_split"), dict)
+                        else NOT_AVAILABLE
+                    ),
+                ]
+            )
+        )
+    table = _counts_table(summary)
+    blocks.append(_table(table) if table else _p(f"Counts per split and class: {NOT_AVAILABLE}."))
+
+    augmented = counts.get("augmented_copies_by_class")
+    if isinstance(augmented, dict):
+        text = ", ".join(f"{label} {n}" for label, n in sorted(augmented.items())) or "none"
+        blocks.append(_p(f"Augmented copies (training split only, to balance the classes): {text}."))
+    elif manifest is not None and {"n_aug", "label"} <= set(manifest.columns):
+        per = manifest.groupby("label")["n_aug"].sum()
+        blocks.append(_p("Augmented copies planned (manifest.parquet): " + ", ".join(f"{k} {int(v)}" for k, v in per.items()) + "."))
+    else:
+        blocks.append(_p(f"Augmented copies: {NOT_AVAILABLE}."))
+
+    if manifest is not None and {"path", "label", "subject", "split"} <= set(manifest.columns):
+        blocks.append(_table(_subject_table(manifest)))
+    else:
+        blocks.append(_p(f"Images per subject: {folder.why('manifest.parquet')}."))
+
+    duplicates = summary.get("duplicates")
+    if isinstance(duplicates, list):
+        if duplicates:
+            rows = [[str(d.get("path", "")), str(d.get("duplicate_of", ""))] for d in duplicates[:FIRST_ROWS] if isinstance(d, dict)]
+            blocks.append(
+                _table(
+                    _Table(
+                        ["path (removed)", "duplicate of (kept)"],
+                        rows,
+                        f"Byte-identical duplicates removed: {counts.get('duplicates_removed', len(duplicates))}",
+                        f"First {len(rows)} shown." if len(duplicates) > FIRST_ROWS else "",
+                    )
+                )
+            )
+        else:
+            blocks.append(_p("Byte-identical duplicates removed: none."))
+    else:
+        blocks.append(_p(f"Duplicates: {NOT_AVAILABLE}."))
+
+    errors = folder.csv("errors.csv")
+    if errors is None:
+        blocks.append(_p(f"Errors: {folder.why('errors.csv')}."))
+    elif errors.empty:
+        blocks.append(_p("Errors: none (errors.csv is empty)."))
+    else:
+        errors = errors.reindex(columns=["path", "stage", "reason"]).fillna("")
+        per = errors.groupby(["stage", "reason"]).size().sort_values(ascending=False)
+        rows = [[str(stage), str(reason), str(int(n))] for (stage, reason), n in per.items()]
+        note = f"The {REASON_ROWS_SHOWN} most frequent of {len(rows)} reasons shown." if len(rows) > REASON_ROWS_SHOWN else ""
+        blocks.append(
+            _table(_Table(["stage", "reason", "images"], rows[:REASON_ROWS_SHOWN], f"Errors by stage and reason ({len(errors)} images)", note))
+        )
+        first = [[str(v) for v in row] for row in errors.head(FIRST_ROWS).itertuples(index=False)]
+        blocks.append(_table(_Table(["path", "stage", "reason"], first, f"errors.csv, first {len(first)} rows")))
+    return blocks
+
+
+def _leaderboard_table(board: pd.DataFrame | None, title: str, why: str) -> _Table:
+    if board is None:
+        return _Table(LEADERBOARD_COLUMNS, [], title, why)
+    shown = board.reindex(columns=LEADERBOARD_COLUMNS)
+    rows = []
+    for row in shown.itertuples(index=False):
+        values = dict(zip(LEADERBOARD_COLUMNS, row))
+        rows.append(
+            [
+                str(values["Model"]),
+                *(_num(values[c]) for c in METRIC_COLUMNS),
+                _num(values["Time Taken"], 2),
+                "-" if pd.isna(values["status"]) else str(values["status"]),
+            ]
+        )
+    return _Table(LEADERBOARD_COLUMNS, rows, title, "Test split; ROC AUC from predicted scores; Time Taken in seconds (fit + predict).")
+
+
+def _leaderboards_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, folder: _RunFolder) -> list[_Block]:
+    tables = [
+        _leaderboard_table(trunk, "Table III: classifiers on ResNet50 trunk features (leaderboard.csv)", folder.why("leaderboard.csv")),
+        _leaderboard_table(
+            custom,
+            "Table IV: classifiers on custom-model features (custom_leaderboard.csv)",
+            f"{folder.why('custom_leaderboard.csv')}: the custom model was not trained in this run.",
+        ),
+    ]
+    return [_h2("Classifier sweeps (the paper's Tables III and IV)"), _Block("tables", tables=tables)]
+
+
+def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: dict[str, bytes]) -> list[_Block]:
+    blocks = [_h2("Training of the custom model (the paper's Figures 4 and 5)")]
+    if history is None:
+        blocks.append(_p(f"Training was not run: history.csv is {folder.why('history.csv')}."))
+        return blocks
+    missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
+    if history.empty or missing:
+        blocks.append(_p(f"Training curves: {NOT_AVAILABLE} (history.csv is empty or lacks {', '.join(missing) or 'rows'})."))
+        return blocks
+    figures["accuracy_per_epoch.png"] = _plot_history(
+        history,
+        [("train_accuracy", "train accuracy", "C0", "-"), ("val_accuracy", "validation accuracy", "C1", "-"),
+         ("train_balanced_accuracy", "train balanced accuracy", "C0", "--"),
+         ("val_balanced_accuracy", "validation balanced accuracy", "C1", "--")],
+        "Accuracy per epoch (Figure 4)",
+        "accuracy",
+        (0.0, 1.02),
+    )
+    figures["loss_per_epoch.png"] = _plot_history(
+        history,
+        [("train_loss", "train loss", "C0", "-"), ("val_loss", "validation loss", "C1", "-")],
+        "Loss per epoch (Figure 5)",
+        "loss",
+        None,
+    )
+    last = history.iloc[-1]
+    blocks += [
+        _p(
+            f"{len(history)} epochs. Last epoch: train accuracy {_num(last['train_accuracy'])}, validation accuracy "
+            f"{_num(last['val_accuracy'])}, validation balanced accuracy {_num(last['val_balanced_accuracy'])}, "
+            f"validation loss {_num(last['val_loss'])}."
+        ),
+        _figure("accuracy_per_epoch.png", "Figure 4: train and validation accuracy per epoch; dashed: balanced accuracy."),
+        _figure("loss_per_epoch.png", "Figure 5: train and validation loss per epoch."),
+    ]
+    return blocks
+
+
+def _top_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, top_n: int, figures: dict[str, bytes]) -> list[_Block]:
+    blocks = [_h2(f"Top {top_n} classifiers: trunk vs custom-model features (the paper's Figure 6)")]
+    boards = {name: board for name, board in (("trunk features", trunk), ("custom-model features", custom)) if board is not None}
+    ranked: dict[str, float] = {}
+    for board in boards.values():
+        if not {"Model", "Accuracy", "Balanced Accuracy"} <= set(board.columns):
+            continue
+        for model, value in zip(board["Model"].astype(str), pd.to_numeric(board["Balanced Accuracy"], errors="coerce")):
+            if not pd.isna(value):
+                ranked[model] = max(ranked.get(model, -1.0), float(value))
+    if not ranked:
+        blocks.append(_p(f"Figure 6: {NOT_AVAILABLE} (no leaderboard with test metrics)."))
+        return blocks
+    models = sorted(ranked, key=lambda m: -ranked[m])[:top_n]
+    figures["top_classifiers.png"] = _plot_top(models, boards)
+    absent = "" if custom is not None else " The custom model was not trained in this run, so only trunk features are shown."
+    blocks += [
+        _p(
+            f"The {len(models)} classifiers with the highest test balanced accuracy on either feature set; bars "
+            f"show test accuracy and balanced accuracy.{absent}"
+        ),
+        _figure("top_classifiers.png", "Figure 6: test accuracy (solid) and balanced accuracy (hatched) per classifier and feature set."),
+    ]
+    return blocks
+
+
+def _chosen_section(
+    summary: dict[str, Any], folder: _RunFolder, n_boot: int, seed: int, figures: dict[str, bytes]
+) -> tuple[list[_Block], str]:
+    """Blocks on the chosen model, and one sentence for the conclusions."""
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    chosen = _chosen_model(summary)
+    blocks = [_h2("The chosen model on the test split")]
+    if chosen is None:
+        blocks.append(_p(f"Chosen model: {NOT_AVAILABLE} (summary.json records none)."))
+        conclusion = f"Chosen model: {NOT_AVAILABLE}."
+    else:
+        blocks.append(
+            _items(
+                [
+                    f"Model: {chosen.get('name', NOT_AVAILABLE)}",
+                    f"Features: {chosen.get('feature_source') or ('trunk' if 'chosen_model' not in summary else NOT_AVAILABLE)}",
+                    f"Chosen by: {chosen.get('chosen_by', NOT_AVAILABLE)}",
+                ]
+            )
+        )
+        conclusion = f"Chosen model: {chosen.get('name', NOT_AVAILABLE)}, chosen by {chosen.get('chosen_by', NOT_AVAILABLE)}."
+    recorded = chosen.get("test") if chosen and isinstance(chosen.get("test"), dict) else {}
+
+    positive = str(summary.get("positive_label", "all"))
+    predictions = folder.parquet("predictions.parquet")
+    needed = {"label", "predicted_label"}
+    if predictions is not None and "split" in predictions.columns:
+        predictions = predictions[predictions["split"] == "test"]
+    if predictions is None or not needed <= set(predictions.columns) or predictions.empty:
+        why = folder.why("predictions.parquet") if predictions is None else f"{NOT_AVAILABLE} (predictions.parquet is empty or lacks label/predicted_label)"
+        rows = [[m, _num(recorded.get(m)), NOT_AVAILABLE] for m in METRIC_COLUMNS]
+        blocks.append(_table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, "Test metrics")))
+        blocks.append(_p(f"Confusion matrix, ROC curve and bootstrap interval: {why}."))
+        if recorded:
+            conclusion += f" Test balanced accuracy {_num(recorded.get('Balanced Accuracy'))} (no confidence interval: predictions not available)."
+        return blocks, conclusion
+
+    y_true = predictions["label"].astype(str).to_numpy()
+    y_pred = predictions["predicted_label"].astype(str).to_numpy()
+    # Cells without a subject ID are their own cluster, as in the split (dataset.assign_groups).
+    cell_ids = "cell:" + pd.Series(range(len(predictions)), index=predictions.index).astype(str)
+    subject = predictions["subject"].fillna("").astype(str) if "subject" in predictions.columns else pd.Series("", index=predictions.index)
+    subjects = subject.where(subject != "", cell_ids).to_numpy()
+    classes = sorted(set(y_true) | set(y_pred))
+    if positive in classes:
+        classes = [c for c in classes if c != positive] + [positive]
+    score_column = next((c for c in (f"prob_{positive}", "prob_all") if c in predictions.columns), None)
+    scores = pd.to_numeric(predictions[score_column], errors="coerce").to_numpy() if score_column else None
+    binary = len(set(y_true)) == 2 and positive in set(y_true)
+    auc = math.nan
+    if scores is not None and binary and not pd.isna(scores).any():
+        auc = float(roc_auc_score(y_true == positive, scores))
+    computed = {
+        "Accuracy": float(accuracy_score(y_true, y_pred)),
+        "Balanced Accuracy": math.nan,
+        "ROC AUC": auc,
+        "F1 Score": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+    }
+    point, low, high, used = subject_bootstrap_ci(y_true, y_pred, subjects, n_boot=n_boot, seed=seed)
+    computed["Balanced Accuracy"] = point
+    rows = [[m, _num(recorded.get(m)) if recorded else NOT_AVAILABLE, _num(computed[m])] for m in METRIC_COLUMNS]
+    blocks.append(_table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, f"Test metrics ({len(y_true)} cells)")))
+    n_subjects = len(set(subjects))
+    ci_text = (
+        f"95% confidence interval {_num(low)} to {_num(high)}" if used else f"95% confidence interval {NOT_AVAILABLE}"
+    )
+    blocks.append(
+        _p(
+            f"Balanced accuracy {_num(point)}, {ci_text}, from a bootstrap that resamples the {n_subjects} test "
+            f"subject(s) with replacement and takes all their cells ({used} of {n_boot} resamples used; resamples "
+            f"missing a class are skipped; seed {seed}). Resampling subjects rather than cells reflects that cells of "
+            "one patient are not independent."
+        )
+    )
+    conclusion += f" Test balanced accuracy {_num(point)} ({ci_text}, subject bootstrap, {used} resamples)."
+
+    figures["confusion_matrix.png"] = _plot_confusion(y_true, y_pred, classes)
+    counts = pd.crosstab(pd.Series(y_true, name="true"), pd.Series(y_pred, name="predicted")).reindex(index=classes, columns=classes, fill_value=0)
+    blocks.append(
+        _table(
+            _Table(
+                ["true \\ predicted", *classes],
+                [[label, *(str(int(v)) for v in counts.loc[label])] for label in classes],
+                "Confusion matrix (test split)",
+            )
+        )
+    )
+    blocks.append(_figure("confusion_matrix.png", "Confusion matrix of the chosen model on the test split."))
+    if scores is not None and binary and not pd.isna(scores).any():
+        figures["roc_curve.png"] = _plot_roc(y_true == positive, scores, auc, positive)
+        blocks.append(_figure("roc_curve.png", f"ROC curve of the chosen model on the test split ({positive} positive; from {score_column})."))
+    else:
+        reason = "no probability column" if scores is None else "the test split lacks one of two classes, or scores are missing"
+        blocks.append(_p(f"ROC curve: {NOT_AVAILABLE} ({reason})."))
+    return blocks, conclusion
+
+
+def _inference_section(summary: dict[str, Any]) -> list[_Block]:
+    blocks = [_h2("Inference time per image")]
+    timing = summary.get("inference_seconds_per_image")
+    if not isinstance(timing, dict) or not timing:
+        blocks.append(_p(f"Inference time per image: {NOT_AVAILABLE} (summary.json has no inference_seconds_per_image)."))
+        return blocks
+    rows, total = [], 0.0
+    for stage in [*INFERENCE_STAGES, *(s for s in timing if s not in INFERENCE_STAGES)]:
+        try:
+            seconds = float(timing.get(stage))
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if math.isnan(seconds) or seconds <= 0:
+            rows.append([stage, INFERENCE_STAGES.get(stage, stage), NOT_AVAILABLE, NOT_AVAILABLE])
+            continue
+        total += seconds
+        rows.append([stage, INFERENCE_STAGES.get(stage, stage), f"{seconds * 1e3:.3f}", f"{1 / seconds:,.1f}"])
+    if total > 0:
+        rows.append(["total", "sum of the stages measured", f"{total * 1e3:.3f}", f"{1 / total:,.1f}"])
+    blocks.append(_table(_Table(["stage", "what", "ms / image", "images / s"], rows, "Seconds per image by stage (summary.json)")))
+    return blocks
+
+
+# -- figures (matplotlib's object API on the Agg canvas: no pyplot state, no display) -------
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _plot_history(history: pd.DataFrame, series: list[tuple[str, str, str, str]], title: str, ylabel: str, ylim: Any) -> bytes:
+    figure = _new_figure(7, 4.2)
+    axes = figure.subplots()
+    for column, label, color, style in series:
+        axes.plot(history["epoch"], pd.to_numeric(history[column], errors="coerce"), style, color=color, marker="o", markersize=3, label=label)
+    axes.set(title=title, xlabel="epoch", ylabel=ylabel)
+    if ylim:
+        axes.set_ylim(*ylim)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize=8)
+    return _png(figure)
+
+
+def _plot_top(models: list[str], boards: dict[str, pd.DataFrame]) -> bytes:
+    import numpy as np
+
+    figure = _new_figure(8, 1.6 + 0.3 * len(models) * len(boards))
+    axes = figure.subplots()
+    bars = [(source, metric) for source in boards for metric in ("Accuracy", "Balanced Accuracy")]
+    height = 0.84 / len(bars)
+    positions = np.arange(len(models))
+    for i, (source, metric) in enumerate(bars):
+        board = boards[source].drop_duplicates("Model")
+        by_model = dict(zip(board["Model"].astype(str), pd.to_numeric(board[metric], errors="coerce")))
+        values = np.array([by_model.get(m, np.nan) for m in models], dtype=float)
+        offsets = positions - 0.42 + height * (i + 0.5)
+        axes.barh(
+            offsets,
+            np.nan_to_num(values, nan=0.0),
+            height=height,
+            color="C0" if source.startswith("trunk") else "C1",
+            alpha=1.0 if metric == "Accuracy" else 0.55,
+            hatch=None if metric == "Accuracy" else "//",
+            edgecolor="white",
+            label=f"{metric}, {source}",
+        )
+        table = "Table III" if source.startswith("trunk") else "Table IV"
+        for y, value in zip(offsets, values):
+            if not np.isnan(value):
+                axes.text(value + 0.005, y, f"{value:.3f}", va="center", fontsize=6.5, color="#444")
+            elif metric == "Accuracy":
+                axes.text(0.005, y + height / 2, f"not in {table}", va="center", fontsize=6.5, color="#444")
+    axes.set_yticks(positions, models, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1.08)
+    axes.set_xlabel("test score")
+    axes.set_title("Top classifiers: trunk vs custom-model features (Figure 6)")
+    axes.grid(axis="x", alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
+    return _png(figure)
+
+
+def _plot_confusion(y_true: Any, y_pred: Any, classes: list[str]) -> bytes:
+    import numpy as np
+    from sklearn.metrics import confusion_matrix
+
+    matrix = confusion_matrix(y_true, y_pred, labels=classes)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure = _new_figure(4.8, 4.2)
+    axes = figure.subplots()
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            axes.text(j, i, f"{matrix[i, j]}\n({rates[i, j]:.0%})", ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+    axes.set_xticks(range(len(classes)), classes)
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test split)")
+    figure.colorbar(image, ax=axes, label="fraction of true class")
+    return _png(figure)
+
+
+def _plot_roc(is_positive: Any, scores: Any, auc: float, positive: str) -> bytes:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(is_positive, scores)
+    figure = _new_figure(4.8, 4.4)
+    axes = figure.subplots()
+    axes.plot(fpr, tpr, color="C0", label=f"chosen model (AUC = {auc:.3f})")
+    axes.plot([0, 1], [0, 1], ":", color="grey", label="chance (AUC = 0.5)")
+    axes.set(xlabel="false positive rate", ylabel=f"true positive rate ({positive})", title="ROC curve (test split)", xlim=(0, 1), ylim=(0, 1.01))
+    axes.set_aspect("equal")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    return _png(figure)
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px auto;max-width:1240px;
+color:#1d2330;line-height:1.45;padding:0 16px}
+h1{font-size:1.6em;border-bottom:2px solid #2b4c7e;padding-bottom:6px}
+h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ccd3df;padding-bottom:4px}
+.warning{background:#fff1f0;border:2px solid #c62828;color:#7f1010;padding:10px 14px;margin:12px 0;font-weight:600;border-radius:4px}
+table{border-collapse:collapse;font-size:0.84em;margin:4px 0 10px}
+th,td{border:1px solid #d5dbe5;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#eef2f8}
+tr:nth-child(even) td{background:#fafbfd}
+.table-title{font-weight:600;font-size:0.9em;margin:14px 0 2px}
+.note{font-size:0.82em;color:#555;margin:2px 0 12px}
+.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.row>div{flex:1 1 0;min-width:480px;overflow-x:auto}
+.row table{font-size:0.78em;width:100%}
+.row th,.row td{padding:3px 5px}
+.scroll{max-height:420px;overflow:auto}
+figure{margin:12px 0}
+figure img{max-width:100%;height:auto;border:1px solid #e1e5ec}
+figcaption{font-size:0.86em;color:#444}
+"""
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(table: _Table) -> list[str]:
+    lines = [f"**{table.title}**", ""] if table.title else []
+    if table.rows:
+        lines += [
+            "| " + " | ".join(_md_cell(c) for c in table.columns) + " |",
+            "|" + "|".join("---" for _ in table.columns) + "|",
+            *("| " + " | ".join(_md_cell(v) for v in row) + " |" for row in table.rows),
+            "",
+        ]
+    if table.note:
+        lines += [f"_{table.note}_", ""]
+    return lines
+
+
+def _to_markdown(blocks: list[_Block]) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        if block.kind == "h1":
+            lines += [f"# {block.text}", ""]
+        elif block.kind == "h2":
+            lines += [f"## {block.text}", ""]
+        elif block.kind == "p":
+            lines += [block.text, ""]
+        elif block.kind == "warning":
+            lines += [f"> **WARNING: {block.text}**", ""]
+        elif block.kind == "items":
+            lines += [*(f"- {item}" for item in block.items), ""]
+        elif block.kind in ("table", "tables"):
+            for table in block.tables:
+                lines += _md_table(table)
+        elif block.kind == "figure":
+            lines += [f"![{block.text}](figures/{block.figure})", "", f"_{block.text}_", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _html_table(table: _Table, scroll: bool = False) -> str:
+    esc = html.escape
+    parts = [f'<div class="table-title">{esc(table.title)}</div>'] if table.title else []
+    if table.rows:
+        head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
+        body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in table.rows)
+        grid = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        # Long tables (subjects, errors) scroll inside the page rather than lengthen it.
+        parts.append(f'<div class="scroll">{grid}</div>' if scroll and len(table.rows) > 15 else grid)
+    if table.note:
+        parts.append(f'<p class="note">{esc(table.note)}</p>')
+    return "".join(parts)
+
+
+def _to_html(blocks: list[_Block], figures: dict[str, bytes], title: str) -> str:
+    import base64
+
+    esc = html.escape
+    out = []
+    for block in blocks:
+        if block.kind == "h1":
+            out.append(f"<h1>{esc(block.text)}</h1>")
+        elif block.kind == "h2":
+            out.append(f"<h2>{esc(block.text)}</h2>")
+        elif block.kind == "p":
+            out.append(f"<p>{esc(block.text)}</p>")
+        elif block.kind == "warning":
+            out.append(f'<div class="warning" role="alert">WARNING: {esc(block.text)}</div>')
+        elif block.kind == "items":
+            out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block.items) + "</ul>")
+        elif block.kind == "table":
+            out.append(_html_table(block.tables[0], scroll=True))
+        elif block.kind == "tables":
+            out.append('<div class="row">' + "".join(f"<div>{_html_table(t)}</div>" for t in block.tables) + "</div>")
+        elif block.kind == "figure":
+            data = base64.b64encode(figures[block.figure]).decode("ascii")
+            out.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.text, quote=True)}">'
+                f"<figcaption>{esc(block.text)}</figcaption></figure>"
+            )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(out) + "\n</body>\n</html>\n"
+    )
+
+
+def write_report(run_dir: str, top_n: int = 10, n_boot: int = 2000, seed: int = 0) -> dict[str, str]:
+    """Write RUN/report.md, RUN/report.html (self-contained) and RUN/figures/*.png.
+
+    Reads what the run folder holds: summary.json, manifest.parquet, errors.csv,
+    leaderboard.csv (the paper's Table III), custom_leaderboard.csv (Table IV), history.csv
+    (Figures 4 and 5) and predictions.parquet (the chosen model on the test split). Any of
+    them may be missing; the report then says "not available" for that part.
+
+    Args:
+        run_dir: the run folder (local path or filesystem URI).
+        top_n: classifiers shown in the trunk-vs-custom comparison (the paper's Figure 6).
+        n_boot: resamples of the subject-level bootstrap of balanced accuracy.
+        seed: seed of that bootstrap.
+
+    Returns:
+        What was written, by name relative to the run folder ("report.md", "report.html",
+        "figures/roc_curve.png", ...), mapped to its full path.
+    """
+    folder = _RunFolder(run_dir)
+    summary = folder.json("summary.json") or {}
+    manifest = folder.parquet("manifest.parquet")
+    trunk = folder.csv("leaderboard.csv")
+    custom = folder.csv("custom_leaderboard.csv")
+    history = folder.csv("history.csv")
+    figures: dict[str, bytes] = {}
+
+    blocks = _header(summary, folder, manifest)
+    blocks += _data_section(summary, folder, manifest)
+    blocks += _leaderboards_section(trunk, custom, folder)
+    blocks += _history_section(history, folder, figures)
+    blocks += _top_section(trunk, custom, top_n, figures)
+    chosen_blocks, chosen_sentence = _chosen_section(summary, folder, n_boot, seed, figures)
+    blocks += chosen_blocks
+    blocks += _inference_section(summary)
+    split_sentence, _ = _split_statement(summary, manifest)
+    weights = summary.get("weights") if isinstance(summary.get("weights"), dict) else {}
+    conclusions = [split_sentence, chosen_sentence]
+    if weights.get("is_pretrained") is False:
+        conclusions.append("The trunk was randomly initialised: these are not ImageNet-feature results.")
+    blocks += [_h2("Conclusions"), _items(conclusions)]
+
+    written: dict[str, str] = {}
+    for name, png in figures.items():
+        path = storage.join(run_dir, "figures", name)
+        storage.write_bytes(path, png)
+        written[f"figures/{name}"] = path
+    for name, text in (
+        ("report.md", _to_markdown(blocks)),
+        ("report.html", _to_html(blocks, figures, f"leukray report: {run_dir}")),
+    ):
+        path = storage.join(run_dir, name)
+        storage.write_text(path, text)
+        written[name] = path
+    return written

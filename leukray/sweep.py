@@ -236,10 +236,16 @@ def leaderboard_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.drop(columns="_ok").reset_index(drop=True)
 
 
-def best_row(board: pd.DataFrame, has_val: bool) -> pd.Series | None:
-    """The classifier to report: best validation balanced accuracy (test as tie-breaker is
-    not used: the test split is only reported, never used to choose)."""
+def has_probabilities(name: str, seed: int = 0) -> bool:
+    """Whether the classifier's pipeline gives predict_proba (a screening needs P(ALL))."""
+    return hasattr(make_pipeline(name, seed), "predict_proba")
+
+
+def best_row(board: pd.DataFrame, has_val: bool, seed: int = 0) -> pd.Series | None:
+    """The classifier to report: best validation balanced accuracy among those that give
+    probabilities (the test split is only reported, never used to choose)."""
     ok = board[board["status"] == "ok"]
+    ok = ok[[has_probabilities(n, seed) for n in ok["Model"]]]
     if ok.empty:
         return None
     key = "Val Balanced Accuracy" if has_val else "Balanced Accuracy"
@@ -253,6 +259,7 @@ def run_sweep_tune(
     timeout_s: float,
     cpus_per_trial: float,
     storage_path: str,
+    name: str = "sweep",
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> pd.DataFrame:
     """One Ray Tune trial per classifier; returns the leaderboard.
@@ -281,7 +288,7 @@ def run_sweep_tune(
         param_space={"classifier": tune.grid_search(names)},
         tune_config=tune.TuneConfig(reuse_actors=True),
         run_config=tune.RunConfig(
-            name="sweep",
+            name=name,
             storage_path=storage_path,
             verbose=0,
             callbacks=[PrintFinished()],
@@ -292,13 +299,13 @@ def run_sweep_tune(
     results = tuner.fit()
     rows = []
     for result in results:
-        name = result.config["classifier"] if result.config else "?"
+        model_name = result.config["classifier"] if result.config else "?"
         metrics = result.metrics or {}
         if "status" in metrics:
             rows.append({k: metrics.get(k) for k in LEADERBOARD_COLUMNS})
         else:
             err = str(result.error).splitlines()[0][:300] if result.error else "no result reported"
-            rows.append({"Model": name, "status": "failed", "detail": f"trial error: {err}"})
+            rows.append({"Model": model_name, "status": "failed", "detail": f"trial error: {err}"})
     return leaderboard_frame(rows)
 
 

@@ -1,0 +1,210 @@
+"""The model bundle (`RUN/model/`): everything needed to classify new images, and nothing
+loaded before it is verified.
+
+Files:
+  bundle.json          preprocessing parameters, trunk weights reference (name + sha256),
+                       head config, chosen classifier and its feature source, label names,
+                       versions, and the sha256 of every other file in the bundle;
+  custom_resnet50.pt   the custom model's state dict (torch.save; loaded weights_only);
+  trunk.pt             the trunk's state dict when it is not torchvision's ImageNet file;
+  classifier.pkl       the fitted scikit-learn pipeline (pickle: loaded only after its
+                       sha256 matches bundle.json, so a tampered file is refused).
+
+Preprocessing travels with the model (STYLE 5), so `predict` cannot drift from training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pickle
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from leukray import __version__
+from leukray.config import PreprocessConfig
+from leukray.errors import LeukrayError
+
+BUNDLE_FILE = "bundle.json"
+FORMAT_VERSION = 1
+FEATURE_SOURCES = ("trunk", "custom", "head")
+
+
+class BundleError(LeukrayError):
+    """A model bundle is missing, incomplete or fails its integrity check."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_bundle(
+    model_dir: str,
+    *,
+    classes: list[str],
+    positive_label: str,
+    preprocess: PreprocessConfig,
+    weights: dict[str, Any],
+    weights_seed: int,
+    feature_source: str,
+    classifier_name: str,
+    classifier: Any = None,
+    head_config: dict[str, Any] | None = None,
+    trunk_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write the bundle (custom_resnet50.pt must already be in `model_dir` when the feature
+    source is custom or head). Returns the path of bundle.json."""
+    import sklearn
+    import torch
+
+    if feature_source not in FEATURE_SOURCES:
+        raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
+    os.makedirs(model_dir, exist_ok=True)
+    files: dict[str, str] = {}
+
+    def put(name: str, data: bytes) -> None:
+        _atomic_write(os.path.join(model_dir, name), data)
+        files[name] = sha256_bytes(data)
+
+    if classifier is not None:
+        put("classifier.pkl", pickle.dumps(classifier, protocol=pickle.HIGHEST_PROTOCOL))
+    if weights["kind"] != "imagenet":
+        if trunk_state is None:
+            raise ValueError("a bundle with non-ImageNet weights must carry trunk_state")
+        buffer = io.BytesIO()
+        torch.save(trunk_state, buffer)
+        put("trunk.pt", buffer.getvalue())
+    if feature_source in ("custom", "head"):
+        with open(os.path.join(model_dir, "custom_resnet50.pt"), "rb") as handle:
+            files["custom_resnet50.pt"] = sha256_bytes(handle.read())
+    manifest = {
+        "format": FORMAT_VERSION,
+        "classes": classes,
+        "positive_label": positive_label,
+        "preprocess": dataclasses.asdict(preprocess),
+        "weights": weights,
+        "weights_seed": weights_seed,
+        "feature_source": feature_source,
+        "classifier": classifier_name,
+        "head_config": head_config,
+        "files": files,
+        "versions": {
+            "leukray": __version__,
+            "torch": torch.__version__,
+            "scikit-learn": sklearn.__version__,
+            "python": platform.python_version(),
+        },
+        **(extra or {}),
+    }
+    path = os.path.join(model_dir, BUNDLE_FILE)
+    _atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return path
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Bundle:
+    """A verified bundle, ready to classify crops."""
+
+    model_dir: str
+    manifest: dict[str, Any]
+    preprocess: PreprocessConfig
+    classes: list[str]
+    positive_label: str
+    feature_source: str
+    trunk_weights: str  # spec for FeatureExtractor: imagenet:VARIANT or a local file
+    maps_stage: int
+    custom_model: Any = None
+    classifier: Any = None
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index(self.positive_label) if self.positive_label in self.classes else len(self.classes) - 1
+
+    def probabilities(self, features: np.ndarray | None, maps: np.ndarray | None) -> np.ndarray:
+        """Class probabilities (N x C) from trunk features (N x 2048) or trunk maps."""
+        import torch
+
+        if self.feature_source == "trunk":
+            return np.asarray(self.classifier.predict_proba(features), dtype=np.float64)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(maps)).float()
+            if self.feature_source == "head":
+                return self.custom_model.head.probabilities(self.custom_model(x)).double().numpy()
+            embedded = self.custom_model.embed(x, self.manifest["head_config"]["embedding"]).float().numpy()
+        return np.asarray(self.classifier.predict_proba(embedded), dtype=np.float64)
+
+
+def load_bundle(model_dir: str) -> Bundle:
+    """Read and verify a bundle: every file's sha256 must match bundle.json before anything
+    is deserialised.
+
+    Raises:
+        BundleError: missing bundle, missing file or hash mismatch (one line).
+    """
+    path = os.path.join(model_dir, BUNDLE_FILE)
+    if not os.path.isfile(path):
+        raise BundleError(f"not a leukray model bundle: {path} not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise BundleError(f"{path}: unsupported bundle format {manifest.get('format')!r} (this leukray reads {FORMAT_VERSION})")
+    blobs: dict[str, bytes] = {}
+    for name, digest in manifest["files"].items():
+        file_path = os.path.join(model_dir, name)
+        if not os.path.isfile(file_path):
+            raise BundleError(f"model bundle {model_dir} is incomplete: {name} is missing")
+        with open(file_path, "rb") as handle:
+            data = handle.read()
+        if sha256_bytes(data) != digest:
+            raise BundleError(f"model bundle {model_dir} was modified: {name} does not match its sha256 in {BUNDLE_FILE}; refusing to load it")
+        blobs[name] = data
+
+    weights = manifest["weights"]
+    if weights["kind"] == "imagenet":
+        from leukray.features import imagenet_cache_file, sha256_file
+
+        spec = "imagenet:" + weights["name"].split(".")[-1]
+        cached = imagenet_cache_file(spec)
+        if os.path.exists(cached) and sha256_file(cached) != weights["sha256"]:
+            raise BundleError(f"the ImageNet weights at {cached} differ from the ones this model was trained with (sha256)")
+    else:
+        spec = os.path.join(model_dir, "trunk.pt")
+    head_config = manifest.get("head_config")
+    custom_model = None
+    if manifest["feature_source"] in ("custom", "head"):
+        import torch
+
+        from leukray.custom import build_custom_model
+
+        state = torch.load(io.BytesIO(blobs["custom_resnet50.pt"]), map_location="cpu", weights_only=True)
+        custom_model = build_custom_model(state, head_config)
+    classifier = pickle.loads(blobs["classifier.pkl"]) if "classifier.pkl" in blobs else None  # verified above
+    return Bundle(
+        model_dir=model_dir,
+        manifest=manifest,
+        preprocess=PreprocessConfig(**manifest["preprocess"]),
+        classes=list(manifest["classes"]),
+        positive_label=manifest["positive_label"],
+        feature_source=manifest["feature_source"],
+        trunk_weights=spec,
+        maps_stage=head_config["unfreeze_stages"] if head_config and manifest["feature_source"] != "trunk" else -1,
+        custom_model=custom_model,
+        classifier=classifier,
+    )
