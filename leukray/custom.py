@@ -15,7 +15,7 @@ import pandas as pd
 from leukray import storage
 from leukray.config import RunConfig
 from leukray.splits import TRAIN, VAL
-from leukray.train import TrainResult, run_name, train_head
+from leukray.train import KILL_MARKER_ENV, TrainResult, run_name, train_head
 
 HISTORY_COLUMNS = [
     "epoch",
@@ -130,7 +130,7 @@ def train_and_embed(
         storage_path=storage_path,
         name=name,
         use_gpu=use_gpu,
-        kill_marker=os.environ.get("LEUKRAY_TEST_KILL_MARKER", ""),
+        kill_marker=os.environ.get(KILL_MARKER_ENV, ""),
     )
     history = pd.DataFrame(result.history).reindex(columns=HISTORY_COLUMNS)
     write_csv(storage.join(out, "history.csv"), history)

@@ -68,6 +68,7 @@ NOT_AVAILABLE = "not available"
 SUBJECT_ROWS_SHOWN = 300
 FIRST_ROWS = 20
 REASON_ROWS_SHOWN = 50
+SMALL_TEST_SUBJECTS = 10  # below this, a bootstrap over subjects says little
 
 
 def subject_bootstrap_ci(
@@ -328,7 +329,7 @@ def _header(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame 
     blocks = [_h1("leukray run report: ALL vs normal cells (Narendra & Negi, customised ResNet50)")]
     if not summary:
         blocks.append(_warning(f"summary.json is {folder.why('summary.json')}; the facts below are incomplete."))
-    if False:
+    if isinstance(weights, dict) and weights.get("is_pretrained") is False:
         blocks.append(
             _warning(
                 "RANDOM-INIT TRUNK: the ResNet50 trunk was not loaded with ImageNet weights "
@@ -635,6 +636,7 @@ def _chosen_section(
             f"subject(s) with replacement and takes all their cells ({used} of {n_boot} resamples used; resamples "
             f"missing a class are skipped; seed {seed}). Resampling subjects rather than cells reflects that cells of "
             "one patient are not independent."
+            + (f" With only {n_subjects} test subjects the interval itself is very uncertain." if n_subjects < SMALL_TEST_SUBJECTS else "")
         )
     )
     conclusion += f" Test balanced accuracy {_num(point)} ({ci_text}, subject bootstrap, {used} resamples)."
@@ -704,11 +706,14 @@ def _png(figure: Any) -> bytes:
 
 
 def _plot_history(history: pd.DataFrame, series: list[tuple[str, str, str, str]], title: str, ylabel: str, ylim: Any) -> bytes:
+    from matplotlib.ticker import MaxNLocator
+
     figure = _new_figure(7, 4.2)
     axes = figure.subplots()
     for column, label, color, style in series:
         axes.plot(history["epoch"], pd.to_numeric(history[column], errors="coerce"), style, color=color, marker="o", markersize=3, label=label)
     axes.set(title=title, xlabel="epoch", ylabel=ylabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylim:
         axes.set_ylim(*ylim)
     axes.grid(alpha=0.3)

@@ -26,6 +26,7 @@ from leukray.config import TrainConfig
 
 STATE_FILE = "state.pt"
 KILL_ENV = "LEUKRAY_TEST_KILL_WORKER_AT_EPOCH"  # tests: SIGKILL a worker once, after this epoch's checkpoint
+KILL_MARKER_ENV = "LEUKRAY_TEST_KILL_MARKER"  # ... and the file that records that it happened
 
 
 @dataclass
@@ -174,7 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _maybe_kill_for_test(epoch: int, config: dict[str, Any]) -> None:
     """Tests set KILL_ENV to make a worker die by SIGKILL once, right after a checkpoint."""
     marker = config.get("kill_marker", "")
-    if os.environ.get(KILL_ENV) == str(epoch) and marker and not os.path.exists(marker):
+    if config.get("kill_at_epoch") == epoch and marker and not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -231,6 +232,8 @@ def train_head(
         "weights": weights,
         "weights_seed": weights_seed,
         "kill_marker": kill_marker,
+        # read on the driver: workers may have been started before the variable was set
+        "kill_at_epoch": int(os.environ.get(KILL_ENV, "0") or 0),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

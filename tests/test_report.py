@@ -197,7 +197,7 @@ def test_report_facts_data_chosen_model_and_timing(tmp_path):
     predictions = pd.read_parquet(run / "predictions.parquet")
     point, low, high, used = subject_bootstrap_ci(predictions.label, predictions.predicted_label, predictions.subject, n_boot=200, seed=3)
     assert f"Balanced accuracy {point:.4f}, 95% confidence interval {low:.4f} to {high:.4f}" in markdown
-    assert f"the 6 test subject(s)" in markdown and f"({used} of 200 resamples used" in markdown
+    assert "the 6 test subject(s)" in markdown and f"({used} of 200 resamples used" in markdown
     assert "Subject-level split: no subject's cells appear in both training and test" in markdown.split("## Conclusions")[1]
     assert "WARNING" not in markdown
 
@@ -266,10 +266,22 @@ def test_report_on_a_nearly_empty_folder_says_not_available(tmp_path):
 
 def test_text_is_escaped_in_html(tmp_path):
     run = make_run(tmp_path / "run", model_name="<script>alert('x')</script>")
+    markup = "<i>m</i>"  # placed in every kind of block: list items, paragraphs, tables, warnings
+    summary = json.loads((run / "summary.json").read_text())
+    summary["split"]["description"] += markup
+    summary["counts"]["augmented_copies_by_class"] = {f"hem{markup}": 40}
+    summary["weights"].update(is_pretrained=False, source=f"seed{markup}")
+    (run / "summary.json").write_text(json.dumps(summary))
+    board = pd.read_csv(run / "leaderboard.csv")
+    board.loc[0, "Model"] = f"Model{markup}"
+    board.to_csv(run / "leaderboard.csv", index=False)
+    with open(run / "errors.csv", "a") as handle:
+        handle.write(f"/data/x.bmp,read,bad{markup}\n")
     write_report(str(run), n_boot=50)
     page = (run / "report.html").read_text()
-    assert "<script" not in page.lower()
+    assert "<script" not in page.lower() and "<i>" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert page.count("&lt;i&gt;m&lt;/i&gt;") >= 6
 
 
 def test_print_leaderboard_still_prints_the_trunk_leaderboard(tmp_path, capsys):
