@@ -74,7 +74,8 @@ def init_ray() -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False if address is None else None, log_to_driver=True, logging_level="WARNING")
+    # The dashboard stays on locally: Ray Train's controller queries the state API it serves.
+    ray.init(address=address, log_to_driver=True, logging_level="WARNING")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -24,29 +24,44 @@ def _fmt(value: Any) -> str:
 
 
 def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None) -> None:
+    """Print Table III (and Table IV when the custom model was trained), then the facts
+    that qualify them: weights, split, chosen model, counts."""
     import io
 
-    board = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "leaderboard.csv"))))
-    shown = board.drop(columns=["detail", "weights"], errors="ignore")
-    if top:
-        shown = shown.head(top)
+    tables = [("leaderboard.csv", "Table III — classifiers on ResNet50 trunk features")]
+    if summary.get("custom_model"):
+        tables.append(("custom_leaderboard.csv", f"Table IV — classifiers on custom-model features ({summary['custom_model']['embedding']}-d)"))
+    for name, title in tables:
+        board = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, name))))
+        shown = board.drop(columns=["detail", "weights"], errors="ignore")
+        if top:
+            shown = shown.head(top)
+        print()
+        print(f"{title} (test split; trunk weights: {summary['weights']['name']}):")
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     print()
-    print(f"Leaderboard (test split; trunk weights: {summary['weights']['name']}):")
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     if not summary["weights"]["is_pretrained"]:
         print("NOTE: random-init trunk — these are not ImageNet-feature results.")
     print(f"Split: {summary['split']['description']}")
-    best = summary.get("best_model")
-    if best:
-        test = best["test"]
+    custom = summary.get("custom_model")
+    if custom:
         print(
-            f"Best by {best['chosen_by']}: {best['name']} — test accuracy {_fmt(test['Accuracy'])}, "
+            f"Custom ResNet50: {custom['epochs']} epochs, best validation balanced accuracy "
+            f"{_fmt(custom['best_val_balanced_accuracy'])} at epoch {custom['best_epoch']} (history.csv)"
+        )
+    chosen = summary.get("chosen_model") or summary.get("best_model")
+    if chosen:
+        test = chosen["test"]
+        source = f" on {chosen['feature_source']} features" if chosen.get("feature_source") else ""
+        print(
+            f"Chosen by {chosen['chosen_by']}: {chosen['name']}{source} — test accuracy {_fmt(test['Accuracy'])}, "
             f"balanced accuracy {_fmt(test['Balanced Accuracy'])}, ROC AUC {_fmt(test['ROC AUC'])}"
         )
     counts = summary["counts"]
+    extra = ", report.html, model/" if summary.get("chosen_model") else ""
     print(
         f"Images: {counts['usable']} used, {counts['duplicates_removed']} duplicates kept once, "
-        f"{counts['errors']} in errors.csv. Outputs in {out}"
+        f"{counts['errors']} in errors.csv. Outputs in {out} (leaderboard.md{extra})"
     )
 
 

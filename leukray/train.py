@@ -215,6 +215,7 @@ def train_head(
     Args:
         train_ds, val_ds: Ray datasets with columns `maps` (C x H x W float16) and `label_code`.
     """
+    import ray.data
     import ray.train
     import torch
     from ray.train.torch import TorchTrainer
@@ -251,7 +252,14 @@ def train_head(
         ),
         datasets={"train": train_ds, "val": val_ds},
     )
-    result = trainer.fit()
+    # Ray Data's per-epoch progress bars inside the trainer would drown the epoch lines.
+    context = ray.data.DataContext.get_current()
+    saved = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        result = trainer.fit()
+    finally:
+        context.enable_progress_bars = saved
     if result.error is not None:
         raise result.error
     best_ckpt, best_metrics = max(
