@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.leukray-deps-$(shell (cat pyproject.toml; uname -m) | sha
 OUT ?= runs/demo
 JOB ?= pipeline
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test bench clean cluster-up cluster-down submit
 
 setup: $(DEPS_STAMP)
 	@$(PY) -c "import leukray, os, sys; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(leukray.__file__))) != os.getcwd())" 2>/dev/null \
@@ -27,6 +27,22 @@ test: setup
 
 bench: setup
 	$(PY) -m leukray.bench
+
+# -- a Ray cluster (cluster.yaml, AWS) ------------------------------------------------------
+# `make submit JOB=pipeline ARGS="--config jobs/configs/cnmc-s3.yaml"` submits jobs/$(JOB).py to
+# $(RAY_ADDRESS), or to the launcher cluster's job API port-forwarded by `ray dashboard cluster.yaml`.
+RAY_ADDRESS ?= http://127.0.0.1:8265
+ARGS ?=
+
+cluster-up: setup
+	$(VENV)/bin/ray up -y cluster.yaml
+
+cluster-down: setup
+	$(VENV)/bin/ray down -y cluster.yaml
+
+submit: setup
+	$(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . --runtime-env jobs/runtime_env.yaml \
+	  -- python jobs/$(JOB).py $(ARGS)
 
 clean:
 	rm -rf runs bench.json .pytest_cache

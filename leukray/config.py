@@ -119,6 +119,9 @@ class ExtractConfig:
     """Extractor actors; 0 = one per GPU, or up to one per CPU on a CPU-only cluster."""
     use_gpu: str = "auto"
     """auto (GPU actors when the cluster has GPUs) | true | false."""
+    accelerator_resource: str = ""
+    """A custom Ray resource that marks accelerator nodes; when the cluster has it, each
+    extractor actor asks for one unit of it (and lands on such a node)."""
     preprocess_batch_size: int = 16
     seed: int = 0
     """Seeds the random trunk for --weights random, so its features are reproducible."""

@@ -150,7 +150,7 @@ def train_and_embed(
         "embedding": cfg.train.embedding,
     }
 
-    _, pool, resources = extractor_compute(cfg.extract.use_gpu, cfg.extract.actors)
+    _, pool, resources = extractor_compute(cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource)
     embedded = maps_ds.map_batches(
         CustomEmbedder,
         batch_format="numpy",

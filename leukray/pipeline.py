@@ -151,10 +151,14 @@ def build_manifest(cfg: RunConfig, images: pd.DataFrame, skipped: pd.DataFrame) 
 # -- the streaming stage: preprocess + augment -> features --------------------------------
 
 
-def extractor_compute(cfg_use_gpu: str, actors: int) -> tuple[bool, Any, dict[str, float]]:
+def extractor_compute(cfg_use_gpu: str, actors: int, accelerator_resource: str = "") -> tuple[bool, Any, dict[str, Any]]:
     """(use_gpu, compute strategy, resources) for a model actor pool, asked of the cluster."""
     import ray
 
+    if accelerator_resource and ray.cluster_resources().get(accelerator_resource, 0) > 0:
+        count = int(ray.cluster_resources()[accelerator_resource])
+        pool = ray.data.ActorPoolStrategy(size=actors or max(1, count))
+        return False, pool, {"num_cpus": 1, "resources": {accelerator_resource: 1}}
     use_gpu = cfg_use_gpu == "true" or (cfg_use_gpu == "auto" and cluster_gpus() > 0)
     if use_gpu and cluster_gpus() == 0:
         raise ConfigError("use_gpu is true but the Ray cluster has no GPUs")
@@ -245,7 +249,7 @@ def extract_features(
     """
     import ray
 
-    use_gpu, pool, actor_resources = extractor_compute(cfg.extract.use_gpu, cfg.extract.actors)
+    use_gpu, pool, actor_resources = extractor_compute(cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource)
     maps_stage = cfg.train.unfreeze_stages if keep_maps else -1
     ds = ray.data.from_pandas(_chunks(rows[["path", "label", "subject", "split", "n_aug"]], ROWS_PER_BLOCK))
     ds = ds.map_batches(

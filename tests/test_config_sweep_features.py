@@ -147,3 +147,15 @@ class TestWeights:
         assert out["features"].shape == (3, FEATURE_DIM)
         assert np.isnan(out["features"][1]).all() and np.isfinite(out["features"][[0, 2]]).all()
         assert (out["features"][[0, 2]] >= 0).all()  # after ReLU and average pooling
+
+
+def test_example_job_configs_are_valid():
+    from pathlib import Path
+
+    from leukray.config import load_yaml
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = build_config(load_yaml(path), {"out": "s3://bucket/run"})
+        assert cfg.data.path.startswith("s3://"), path

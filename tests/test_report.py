@@ -284,14 +284,16 @@ def test_text_is_escaped_in_html(tmp_path):
     assert page.count("&lt;i&gt;m&lt;/i&gt;") >= 6
 
 
-def test_print_leaderboard_still_prints_the_trunk_leaderboard(tmp_path, capsys):
+def test_print_leaderboard_prints_the_trunk_leaderboard_and_the_chosen_model(tmp_path, capsys):
     run = make_run(tmp_path / "run", pretrained=False)
     summary = json.loads((run / "summary.json").read_text())
-    summary["best_model"] = {"name": "SVC", "chosen_by": "validation balanced accuracy", "test": summary["chosen_model"]["test"]}
+    summary.pop("custom_model", None)  # a run without the custom model: Table III only
+    summary["chosen_model"] = {"name": "SVC", "feature_source": "trunk", "chosen_by": "validation balanced accuracy", "test": summary["chosen_model"]["test"]}
     print_leaderboard(str(run), summary, top=3)
     printed = capsys.readouterr().out
-    assert "Leaderboard (test split; trunk weights: random-init):" in printed
-    assert "NOTE: random-init trunk" in printed and "Best by validation balanced accuracy: SVC" in printed
+    assert "Table III — classifiers on ResNet50 trunk features (test split; trunk weights: random-init):" in printed
+    assert "Table IV" not in printed
+    assert "NOTE: random-init trunk" in printed and "Chosen by validation balanced accuracy: SVC on trunk features" in printed
     assert len([line for line in printed.splitlines() if line.strip().startswith(tuple(TRUNK_MODELS))]) == 3
 
 

@@ -1,0 +1,133 @@
+"""A real multi-node Ray cluster on this machine: a head started with `ray start --head`
+(token authentication on) and two worker nodes, one advertising a custom resource that stands
+in for a GPU. The pipeline job is submitted with `ray job submit`, as platform teams do."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ACCEL = "leukray_accel"
+
+pytestmark = pytest.mark.cluster
+
+
+def test_cluster_yaml_passes_rays_schema_validation():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # Ray's own cluster-config schema, after its defaults
+    assert config["head_node_type"] == "head"
+    assert {"cpu_worker", "gpu_worker"} <= set(config["available_node_types"])
+    starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token") == 2 and "secretsmanager" in starts
+    assert "--dashboard-host=127.0.0.1" in starts  # dashboard/job API never on a public interface
+    ports = [p["FromPort"] for p in config["provider"]["security_group"]["IpPermissions"]]
+    assert ports == [22]
+    broken = dict(config, available_node_types={"head": {"resources": {}, "node_config": {}, "typo": 1}})
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_cli(*args: str, env: dict[str, str], timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"ray {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token from other local clusters
+    token = secrets.token_hex(32)
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        "RAY_DEDUP_LOGS": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dashboard_port = free_port(), free_port()
+    ray_cli("stop", "--force", env=env, check=False)
+    ray_cli(
+        "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=1",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        "--disable-usage-stats", env=env,
+    )  # fmt: skip
+    address = f"127.0.0.1:{gcs_port}"
+    ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", env=env)
+    ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--resources={json.dumps({ACCEL: 1})}", env=env)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the job API comes up a little after `ray start` returns
+            if ray_cli("job", "list", f"--address={url}", env=env, check=False, timeout=60).returncode == 0:
+                break
+            time.sleep(2)
+        yield {"env": env, "url": url, "address": address}
+    finally:
+        ray_cli("stop", "--force", env=env, check=False)
+
+
+def nodes(cluster) -> list[dict]:
+    code = "import json, ray; ray.init(address='auto', logging_level='ERROR'); print(json.dumps([{'id': n['NodeID'], 'res': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"]}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_pipeline_job_runs_across_nodes(cluster, tiny_cells, tmp_path):
+    alive = nodes(cluster)
+    assert len(alive) == 3
+    accel_nodes = {n["id"] for n in alive if n["res"].get(ACCEL)}
+    out = tmp_path / "run"
+    result = ray_cli(
+        "job", "submit", f"--address={cluster['url']}", f"--working-dir={REPO}",
+        "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"),
+        "--", "python", "jobs/pipeline.py", "--data", str(tiny_cells), "--out", str(out),
+        "--weights", "random", "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression,RidgeClassifier",
+        "--train.epochs", "1", "--extract.accelerator_resource", ACCEL,
+        env=cluster["env"], timeout=900,
+    )  # fmt: skip
+    assert "succeeded" in result.stdout, result.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    used = summary["ray"]["node_ids"]
+    assert set(used["extract"]) == accel_nodes  # the stand-in accelerator got the extractor actors
+    assert len(set(used["preprocess"]) | set(used["extract"])) >= 2  # work ran on more than one node
+    assert all(len(node) == 56 and int(node, 16) >= 0 for node in used["preprocess"] + used["extract"])
+    assert (out / "report.html").is_file() and (out / "model" / "bundle.json").is_file()
+
+
+def test_submission_without_the_token_is_refused(cluster, tmp_path):
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_TOKEN"}
+    env["HOME"] = str(tmp_path)  # no token file either
+    result = ray_cli(
+        "job", "submit", f"--address={cluster['url']}", "--", "python", "-c", "print('should not run')",
+        env=env, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    text = (result.stdout + result.stderr).lower()
+    assert "should not run" not in text and ("auth" in text or "401" in text or "token" in text)
