@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="write synthetic C-NMC-style cells (the built-in default data)")
     synth.add_argument("--out", required=True, help="folder to write fold_<k>/{all,hem}/UID_*.bmp into")
     synth.add_argument("--cells", type=int, default=600)
-    synth.add_argument("--subjects", type=int, default=12)
+    synth.add_argument("--subjects", type=int, default=24)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--folds", type=int, default=1)
     synth.set_defaults(func=cmd_synth)
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthesise cells into RUN/data, then `run` on them")
     demo.add_argument("--cells", type=int, default=600)
-    demo.add_argument("--subjects", type=int, default=12)
+    demo.add_argument("--subjects", type=int, default=24)
     demo.add_argument("--seed", type=int, default=0)
     _add_config_options(demo)
     demo.set_defaults(func=cmd_demo)
