@@ -22,12 +22,13 @@ import json
 import os
 import pickle
 import platform
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from leukray import __version__
+from leukray import __version__, storage
 from leukray.config import PreprocessConfig
 from leukray.errors import LeukrayError
 
@@ -66,11 +67,10 @@ def save_bundle(
 
     if feature_source not in FEATURE_SOURCES:
         raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
-    os.makedirs(model_dir, exist_ok=True)
     files: dict[str, str] = {}
 
     def put(name: str, data: bytes) -> None:
-        _atomic_write(os.path.join(model_dir, name), data)
+        storage.write_bytes(storage.join(model_dir, name), data)
         files[name] = sha256_bytes(data)
 
     if classifier is not None:
@@ -82,8 +82,7 @@ def save_bundle(
         torch.save(trunk_state, buffer)
         put("trunk.pt", buffer.getvalue())
     if feature_source in ("custom", "head"):
-        with open(os.path.join(model_dir, "custom_resnet50.pt"), "rb") as handle:
-            files["custom_resnet50.pt"] = sha256_bytes(handle.read())
+        files["custom_resnet50.pt"] = sha256_bytes(storage.read_bytes(storage.join(model_dir, "custom_resnet50.pt")))
     manifest = {
         "format": FORMAT_VERSION,
         "classes": classes,
@@ -103,16 +102,9 @@ def save_bundle(
         },
         **(extra or {}),
     }
-    path = os.path.join(model_dir, BUNDLE_FILE)
-    _atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    path = storage.join(model_dir, BUNDLE_FILE)
+    storage.write_text(path, json.dumps(manifest, indent=2) + "\n")  # written last: a bundle without it is not a bundle
     return path
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -155,23 +147,21 @@ def load_bundle(model_dir: str) -> Bundle:
     Raises:
         BundleError: missing bundle, missing file or hash mismatch (one line).
     """
-    path = os.path.join(model_dir, BUNDLE_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(model_dir, BUNDLE_FILE)
+    if not storage.exists(path):
         raise BundleError(f"not a leukray model bundle: {path} not found")
     try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
+        manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
     if manifest.get("format") != FORMAT_VERSION:
         raise BundleError(f"{path}: unsupported bundle format {manifest.get('format')!r} (this leukray reads {FORMAT_VERSION})")
     blobs: dict[str, bytes] = {}
     for name, digest in manifest["files"].items():
-        file_path = os.path.join(model_dir, name)
-        if not os.path.isfile(file_path):
+        file_path = storage.join(model_dir, name)
+        if not storage.exists(file_path):
             raise BundleError(f"model bundle {model_dir} is incomplete: {name} is missing")
-        with open(file_path, "rb") as handle:
-            data = handle.read()
+        data = storage.read_bytes(file_path)
         if sha256_bytes(data) != digest:
             raise BundleError(f"model bundle {model_dir} was modified: {name} does not match its sha256 in {BUNDLE_FILE}; refusing to load it")
         blobs[name] = data
@@ -184,6 +174,11 @@ def load_bundle(model_dir: str) -> Bundle:
         cached = imagenet_cache_file(spec)
         if os.path.exists(cached) and sha256_file(cached) != weights["sha256"]:
             raise BundleError(f"the ImageNet weights at {cached} differ from the ones this model was trained with (sha256)")
+    elif storage.is_uri(model_dir):
+        # FeatureExtractor loads weights from a local file: keep a verified local copy.
+        spec = os.path.join(tempfile.gettempdir(), f"leukray-trunk-{manifest['files']['trunk.pt'][:16]}.pt")
+        if not os.path.exists(spec):
+            storage.write_bytes(spec, blobs["trunk.pt"])
     else:
         spec = os.path.join(model_dir, "trunk.pt")
     head_config = manifest.get("head_config")

@@ -69,7 +69,6 @@ def cluster(tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_port(), free_port()
-    ray_cli("stop", "--force", env=env, check=False)
     ray_cli(
         "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=1",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
@@ -90,7 +89,44 @@ def cluster(tmp_path_factory):
             time.sleep(3)
         yield {"env": env, "url": url, "address": address}
     finally:
-        ray_cli("stop", "--force", env=env, check=False)
+        stop_cluster(gcs_port)
+
+
+def stop_cluster(gcs_port: int) -> None:
+    """Kill this cluster's processes and their children only (`ray stop` would kill every
+    Ray on the machine). Children are found before anything is killed: agents whose
+    process title hides the address are orphaned once their raylet is gone."""
+    import re
+    import signal
+
+    mark = re.compile(rf"(gcs_server_port={gcs_port}|[0-9.]+:{gcs_port})(\s|$)")
+    for _ in range(3):
+        parents: dict[int, int] = {}
+        matched: set[int] = set()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if mark.search(cmdline):
+                matched.add(int(proc.name))
+        doomed = set(matched)
+        while True:
+            children = {pid for pid, ppid in parents.items() if ppid in doomed} - doomed
+            if not children:
+                break
+            doomed |= children
+        if not doomed:
+            return
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(1)
 
 
 def nodes(cluster) -> list[dict]:

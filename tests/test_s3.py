@@ -49,7 +49,7 @@ def test_run_from_and_to_s3(s3, ray_local, tiny_cells):
     code = main(
         [
             "run", "--data", "s3://cells/cnmc", "--out", "s3://cells/runs/r1", "--weights", "random",
-            "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression",
+            "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression", "--train.epochs", "1",
         ]
     )  # fmt: skip
     assert code == 0
@@ -57,6 +57,9 @@ def test_run_from_and_to_s3(s3, ray_local, tiny_cells):
     for name in ["config.yaml", "manifest.parquet", "features.parquet", "leaderboard.csv", "errors.csv", "summary.json"]:
         assert f"runs/r1/{name}" in keys
     assert not any(".tmp-" in k for k in keys)  # atomic writes leave no temporary objects
+    # Ray Train checkpoints and the model bundle's weights went to the bucket too
+    assert any(k.startswith("runs/r1/train/") and k.endswith("/state.pt") for k in keys)
+    assert "runs/r1/model/custom_resnet50.pt" in keys
     summary = json.loads(s3.get_object(Bucket="cells", Key="runs/r1/summary.json")["Body"].read())
     assert summary["counts"]["usable"] == len(list(tiny_cells.rglob("*.bmp")))
     manifest = pd.read_parquet(io.BytesIO(s3.get_object(Bucket="cells", Key="runs/r1/manifest.parquet")["Body"].read()))
