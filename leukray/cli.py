@@ -73,7 +73,9 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    address = os.environ.get("RAY_ADDRESS") or None
+    # RAY_ADDRESS (set by `ray job submit`, or by the user) attaches to that cluster; without
+    # it a new local Ray starts, rather than joining whatever `ray start` left on the machine.
+    address = os.environ.get("RAY_ADDRESS") or "local"
     # The dashboard stays on locally: Ray Train's controller queries the state API it serves.
     ray.init(address=address, log_to_driver=True, logging_level="WARNING")
 
