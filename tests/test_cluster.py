@@ -120,13 +120,21 @@ def stop_cluster(gcs_port: int) -> None:
                 break
             doomed |= children
         if not doomed:
-            return
+            break
         for pid in doomed:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         time.sleep(1)
+    # `ray start` recorded this cluster as the machine's current one; `ray stop` would remove
+    # the record, so a later `ray.init()` does not try to join a cluster that is gone.
+    record = Path("/tmp/ray/ray_current_cluster")
+    try:
+        if f":{gcs_port}" in record.read_text():
+            record.unlink()
+    except OSError:
+        pass
 
 
 def nodes(cluster) -> list[dict]:
