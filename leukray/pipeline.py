@@ -558,7 +558,11 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
         classifier=classifier,
         head_config=stage.head_config if stage is not None else None,
         trunk_state=None if weights.kind == "imagenet" else _trunk_state(cfg_frozen.extract.weights, cfg.extract.seed),
-        extra={"data_fingerprint": fingerprint, "chosen_by": "validation balanced accuracy"},
+        extra={
+            "data_fingerprint": fingerprint,
+            "chosen_by": "validation balanced accuracy",
+            "extract_batch_size": cfg.extract.batch_size,  # predict batches the trunk the same way
+        },
     )
     timing = measure_inference(test_meta["path"].tolist()[:32], model_dir)
 

@@ -65,7 +65,10 @@ def predict(model_dir: str, data: str, out: str, start_ray: Callable[[], None] |
         fn_kwargs={"cfg": bundle.preprocess, "augment": AugmentConfig(oversample=0.0), "seed": 0},
     )
     ds = ds.map_batches(
-        BundlePredictor, batch_format="numpy", batch_size=32, fn_constructor_kwargs={"model_dir": model_dir}, compute=pool, **resources
+        BundlePredictor,
+        batch_format="numpy",
+        batch_size=int(bundle.manifest.get("extract_batch_size", 32)),
+        fn_constructor_kwargs={"model_dir": model_dir}, compute=pool, **resources
     )
     parts = [
         pd.DataFrame({c: batch[c] for c in ["path", "label", "predicted_label", "prob_all", "error"]})
