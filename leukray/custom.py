@@ -108,7 +108,11 @@ def train_and_embed(
     codes = {name: i for i, name in enumerate(classes)}
     c, h, w = map_shape(cfg.preprocess.size, cfg.train.unfreeze_stages)
     in_features = head_in_features(cfg.preprocess.size)
-    train_ds = maps_ds.map_batches(_with_codes, batch_format="numpy", fn_kwargs={"codes": codes, "split": TRAIN, "originals_only": False})
+    # Blocks come in path order (all ALL cells, then all normal ones): reshuffle the block
+    # order every epoch, and rows within the trainer's local shuffle buffer.
+    train_ds = maps_ds.map_batches(
+        _with_codes, batch_format="numpy", fn_kwargs={"codes": codes, "split": TRAIN, "originals_only": False}
+    ).randomize_block_order()
     val_ds = maps_ds.map_batches(_with_codes, batch_format="numpy", fn_kwargs={"codes": codes, "split": VAL, "originals_only": True})
     use_gpu = extractor_compute(cfg.train.use_gpu, 0)[0]
     storage_path = cfg.train.storage_path or storage.join(out, "train")
