@@ -252,11 +252,12 @@ class FeatureExtractor:
 
                 maps = np.zeros((len(images), *map_shape(images.shape[1], self.maps_stage)), dtype=np.float16)
             batch["maps"] = maps
-        batch["node_id"] = np.asarray([_node_id()] * len(images), dtype=object)
+        batch["node_id"] = np.asarray([ray_node_id()] * len(images), dtype=object)
         return batch
 
 
-def _node_id() -> str:
+def ray_node_id() -> str:
+    """The Ray node this code runs on (hex), or "" outside Ray; recorded per stage in summary.json."""
     try:
         import ray
 

@@ -27,7 +27,7 @@ from leukray.augment import plan_copies
 from leukray.config import RunConfig
 from leukray.dataset import assign_groups, discover, hash_files, mark_duplicates
 from leukray.errors import ConfigError, DataError
-from leukray.features import FEATURE_DIM, FeatureExtractor, WeightsInfo, resolve_weights
+from leukray.features import FEATURE_DIM, FeatureExtractor, WeightsInfo, ray_node_id, resolve_weights
 from leukray.preprocess import load_and_preprocess
 from leukray.splits import TEST, TRAIN, VAL, leaking_groups, split_by_group, split_by_image
 from leukray.sweep import (
@@ -50,21 +50,15 @@ def _chunks(frame: pd.DataFrame, rows: int) -> list[pd.DataFrame]:
     return [frame.iloc[i : i + rows].reset_index(drop=True) for i in range(0, len(frame), rows)] or [frame]
 
 
-def _node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
 def _hash_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = hash_files(batch, storage.read_bytes)
-    out["node_id"] = np.asarray([_node_id()] * len(out["path"]), dtype=object)
+    out["node_id"] = np.asarray([ray_node_id()] * len(out["path"]), dtype=object)
     return out
 
 
 def _preprocess_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
     out = load_and_preprocess(batch, read_bytes=storage.read_bytes, **kwargs)
-    out["preprocess_node"] = np.asarray([_node_id()] * len(out["path"]), dtype=object)
+    out["preprocess_node"] = np.asarray([ray_node_id()] * len(out["path"]), dtype=object)
     return out
 
 
