@@ -1,4 +1,9 @@
-"""The `leukray` command: `synth`, `run`, `demo`, `classifiers`.
+"""The `leukray` command: `synth`, `run`, `demo`, `extract`, `train`, `tune`, `predict`,
+`screen`, `classifiers`.
+
+`run` is `extract` -> `train` -> `tune` in one job (the trunk maps stay in Ray's object store
+between extraction and training); the three can also run as separate jobs on the same run
+folder, e.g. extraction on a GPU pool and the sweep on CPU nodes.
 
 Every config field is an option (`--sweep.timeout_s 30`), derived from the dataclasses in
 `leukray.config`; the common ones also have short names (`--data`, `--weights`, ...).
@@ -99,6 +104,50 @@ def cmd_run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> int
     return 0
 
 
+def _stage_config(args: argparse.Namespace, stage: str, extra: dict[str, Any] | None = None):
+    from leukray.pipeline import stage_config
+
+    yaml_values = load_yaml(args.config) if args.config else {}
+    return stage_config(args.out, stage, yaml_values, {**_overrides(args), **(extra or {})})
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from leukray.pipeline import extract_stage
+
+    cfg = _config_from(args)
+    extracted = extract_stage(cfg, start_ray=init_ray)
+    counts = extracted.record["counts"]
+    print(
+        f"extracted {counts['feature_rows']} feature rows ({counts['errors']} errors) with {extracted.record['weights']['name']} "
+        f"into {cfg.out}; next: `leukray train --out {cfg.out}` and/or `leukray tune --out {cfg.out}`"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from leukray.pipeline import train_stage
+
+    cfg = _stage_config(args, "train", {"train.enabled": "true"})
+    record = train_stage(cfg, start_ray=init_ray)
+    facts = record["custom_model"]
+    print(
+        f"trained the custom ResNet50 for {facts['epochs']} epochs: best epoch {facts['best_epoch']}, validation balanced "
+        f"accuracy {facts['best_val_balanced_accuracy']:.4f}; embeddings in {cfg.out}/custom_features.parquet; "
+        f"next: `leukray tune --out {cfg.out}`"
+    )
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from leukray.pipeline import finish_stage
+    from leukray.report import print_leaderboard
+
+    cfg = _stage_config(args, "tune")
+    summary = finish_stage(cfg, start_ray=init_ray)
+    print_leaderboard(cfg.out, summary)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from leukray.synth import generate_dataset
 
@@ -151,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_config_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    extract = sub.add_parser("extract", help="the first stage of `run`: discover, split, preprocess, extract ResNet50 features")
+    extract.add_argument("--data", help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject])")
+    _add_config_options(extract)
+    extract.set_defaults(func=cmd_extract)
+
+    train = sub.add_parser("train", help="train the custom ResNet50 (Table II head) on a run folder that `extract` wrote")
+    _add_config_options(train)
+    train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser(
+        "tune", help="classifier sweeps (Tables III/IV), model choice, bundle and report on a run folder that `extract` wrote"
+    )
+    _add_config_options(tune)
+    tune.set_defaults(func=cmd_tune)
 
     pred = sub.add_parser("predict", help="apply a model bundle (RUN/model) to new images")
     pred.add_argument("--model", required=True, help="a model bundle folder, e.g. RUN/model")

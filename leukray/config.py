@@ -261,9 +261,16 @@ def parse_value(key: str, raw: Any, typ: type) -> Any:
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
+            text = handle.read()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    return load_yaml_text(text, path)
+
+
+def load_yaml_text(text: str, path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a config mapping; `path` only names it in errors."""
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config file {path} is not valid YAML: {first}") from None

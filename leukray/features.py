@@ -28,6 +28,9 @@ import numpy as np
 from leukray.errors import WeightsError
 
 FEATURE_DIM = 2048
+# Tests only: "DIR:SECONDS" makes every extractor batch leave a file DIR/<node id>-<pid>-<n>
+# and then sleep, so a test can see which node is extracting and kill it mid-stage.
+TEST_HOOK_ENV = "LEUKRAY_TEST_EXTRACT_HOOK"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HASH_PREFIX = re.compile(r"-([a-f0-9]{6,64})\.(?:pth|pt|bin)$")
@@ -236,6 +239,8 @@ class FeatureExtractor:
         return features.float().cpu().numpy(), kept
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if os.environ.get(TEST_HOOK_ENV):
+            self._test_hook(os.environ[TEST_HOOK_ENV])
         images = batch.pop("image")
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         features = np.full((len(images), FEATURE_DIM), np.nan, dtype=np.float32)
@@ -254,6 +259,16 @@ class FeatureExtractor:
             batch["maps"] = maps
         batch["node_id"] = np.asarray([ray_node_id()] * len(images), dtype=object)
         return batch
+
+
+    def _test_hook(self, spec: str) -> None:
+        import time
+
+        folder, _, seconds = spec.rpartition(":")
+        self._hook_calls = getattr(self, "_hook_calls", 0) + 1
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f"{ray_node_id()}-{os.getpid()}-{self._hook_calls}"), "w").close()
+        time.sleep(float(seconds or 0))
 
 
 def ray_node_id() -> str:

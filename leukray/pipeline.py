@@ -9,12 +9,15 @@ The run folder (other tools read these names):
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -229,7 +232,7 @@ class FeatureFileWriter:
 
 
 def extract_features(
-    rows: pd.DataFrame, cfg: RunConfig, features_path: str, provenance: dict[str, str], keep_maps: bool = False
+    rows: pd.DataFrame, cfg: RunConfig, features_path: str | None, provenance: dict[str, str], keep_maps: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], Any]:
     """Stream `rows` through CPU preprocessing and the ResNet50 actor pool, writing
     `features_path` incrementally.
@@ -264,17 +267,24 @@ def extract_features(
         ds = ds.materialize()
     nodes: dict[str, set[str]] = {"preprocess": set(), "extract": set()}
     columns = ["path", "label", "subject", "split", "aug_index", "error", "features", "preprocess_node", "node_id"]
-    with FeatureFileWriter(features_path, FEATURE_DIM, provenance) as writer:
+    if features_path is None:  # only the maps are wanted (a separate training job)
+        columns = ["path", "error", "preprocess_node", "node_id"]
+    rows_written = 0
+    with FeatureFileWriter(features_path, FEATURE_DIM, provenance) if features_path else contextlib.nullcontext() as writer:
         for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256):
             nodes["preprocess"].update(map(str, batch["preprocess_node"]))
             nodes["extract"].update(map(str, batch["node_id"]))
-            writer.write(batch)
+            if writer is not None:
+                writer.write(batch)
+            rows_written += int(sum(1 for e in batch["error"] if not e))
     facts = {
         "device": "gpu" if use_gpu else "cpu",
         "node_ids": {k: sorted(v) for k, v in nodes.items()},
-        "feature_rows": int(len(writer.meta)),
+        "feature_rows": rows_written,
     }
     maps_ds = ds.select_columns(["path", "label", "subject", "split", "aug_index", "error", "maps"]) if keep_maps else None
+    if writer is None:
+        return pd.DataFrame(), pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds
     return writer.meta, writer.errors, facts, maps_ds
 
 
@@ -400,32 +410,100 @@ def counts_by(frame: pd.DataFrame, *keys: str) -> dict[str, Any]:
     return out
 
 
-def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Run everything and write the run folder; returns summary.json's content.
+# -- the stages: `run` = extract -> train -> finish in one job; `extract`, `train`, `tune` --
+# -- run them as separate jobs on the same run folder, each leaving a record the next reads --
 
-    Args:
-        cfg: the resolved configuration.
-        start_ray: called once the inputs are checked (so a user mistake is reported
-            before Ray starts); without it Ray must already be initialised.
+EXTRACT_RECORD = "extract.json"
+TRAIN_RECORD = "train.json"
+HEAD_PROBS = "head_probs.parquet"
+# What the extract job fixed: a later stage that changed these would mix runs.
+FIXED_BY_EXTRACT = ("data", "preprocess", "augment", "split", "extract.weights", "extract.seed")
+
+
+@dataclass
+class Extracted:
+    """What the extract stage hands on: its record (extract.json) and, within one job, the
+    trunk maps for training."""
+
+    cfg: RunConfig
+    record: dict[str, Any]
+    maps_ds: Any = None
+
+
+def read_json(path: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(path).decode("utf-8"))
+
+
+def read_record(out: str, name: str, needed_by: str, made_by: str) -> dict[str, Any]:
+    path = storage.join(out, name)
+    if not storage.exists(path):
+        raise DataError(f"{path} not found: `leukray {needed_by}` needs a run folder that `leukray {made_by}` wrote")
+    return read_json(path)
+
+
+def stage_config(out: str, stage: str, yaml_values: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    """The config of a later stage: the run folder's config.yaml, then the user's YAML and
+    options. Changing what the extract job fixed is refused (it would describe other data
+    than the features hold); `tune` also keeps the settings the custom model was trained with."""
+    from leukray.config import build_config, load_yaml_text
+
+    path = storage.join(out, "config.yaml")
+    if not storage.exists(path):
+        raise DataError(f"{path} not found: run `leukray extract --out {out}` first")
+    recorded = build_config(load_yaml_text(storage.read_bytes(path).decode("utf-8"), path))
+    merged = build_config(_deep_merge(recorded.to_dict(), yaml_values), overrides)
+    fixed = []
+    for key in FIXED_BY_EXTRACT:  # a whole section is checked field by field, to name the field
+        value = _get(recorded, key)
+        fixed += [f"{key}.{f}" for f in value.__dataclass_fields__] if dataclasses.is_dataclass(value) else [key]
+    if stage == "tune":
+        fixed += [f"train.{k}" for k in recorded.train.__dataclass_fields__ if k != "enabled"]
+    for key in fixed:
+        if _get(merged, key) != _get(recorded, key):
+            raise ConfigError(
+                f"{key} was fixed by an earlier stage of {out} ({_get(recorded, key)!r}); "
+                f"`leukray {stage}` cannot change it (start a new run folder instead)"
+            )
+    return dataclasses.replace(merged, out=out)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def extract_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, keep_maps: bool = False) -> Extracted:
+    """discover -> hash/deduplicate -> split -> stream preprocess/augment/extract.
+
+    Writes config.yaml, manifest.parquet, features.parquet, errors.csv and extract.json.
     """
     if not cfg.out:
         raise ConfigError("no output folder: pass --out RUN")
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
     out = cfg.out
-
-    # Fail fast on a bad classifier list or weights before the expensive stages.
-    names = select_classifiers(cfg.sweep.classifiers)
+    seconds: dict[str, float] = {}
+    select_classifiers(cfg.sweep.classifiers)  # a bad list fails now, not after extraction
     _, weights = resolve_weights(cfg.extract.weights, cfg.extract.seed)
     weights_spec = cfg.extract.weights
     if cfg.extract.weights == "auto":  # freeze the choice so the actors agree with the record
         weights_spec = "random" if weights.kind == "random" else "imagenet"
-    cfg_frozen = _replace_weights(cfg, weights_spec)
+    cfg = _replace_weights(cfg, weights_spec)
 
     tick = time.perf_counter()
     images, skipped = discover_all(cfg)
     storage.makedirs(out)
-    storage.write_text(storage.join(out, "config.yaml"), cfg_frozen.to_yaml())
+    storage.write_text(storage.join(out, "config.yaml"), cfg.to_yaml())
     if start_ray is not None:
         start_ray()
     manifest, errors, facts = build_manifest(cfg, images, skipped)
@@ -452,13 +530,124 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
     tick = time.perf_counter()
     log(f"preprocessing and extracting features with {weights.describe()}")
     meta, stream_errors, stream_facts, maps_ds = extract_features(
-        usable, cfg_frozen, storage.join(out, "features.parquet"), provenance, keep_maps=cfg.train.enabled
+        usable, cfg, storage.join(out, "features.parquet"), provenance, keep_maps=keep_maps
     )
     seconds["preprocess_augment_extract"] = time.perf_counter() - tick
     errors = pd.concat([errors, stream_errors], ignore_index=True)
     _write_errors(out, errors)
+    record = {
+        "leukray_version": __version__,
+        "weights": weights.as_dict(),
+        "provenance": provenance,
+        "fingerprint": fingerprint,
+        "facts": facts,
+        "counts": {
+            "found": int(len(manifest)),
+            "errors": int(len(errors)),
+            "feature_rows": stream_facts["feature_rows"],
+            "subjects_by_split": {k: int(v) for k, v in usable.groupby("split")["subject_group"].nunique().items()},
+        },
+        "ray": {"extract_device": stream_facts["device"], "node_ids": stream_facts["node_ids"]},
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    write_json(storage.join(out, EXTRACT_RECORD), record)
+    log(f"wrote {storage.join(out, 'features.parquet')}: {stream_facts['feature_rows']} rows ({len(errors)} errors in errors.csv)")
+    return Extracted(cfg, record, maps_ds)
 
-    _, matrix = load_features(storage.join(out, "features.parquet"))
+
+def train_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, maps_ds: Any = None) -> dict[str, Any]:
+    """Train the custom ResNet50 (Table II head) and write its embeddings.
+
+    Within `leukray run` the trunk maps come from the extraction pass (`maps_ds`); as a job
+    of its own it streams the run's images through the trunk again (same preprocessing,
+    same seeded augmentation) to get them. Writes model/custom_resnet50.pt, history.csv,
+    custom_features.parquet, head_probs.parquet and train.json.
+    """
+    from leukray.custom import train_and_embed
+
+    out = cfg.out
+    record = read_record(out, EXTRACT_RECORD, "train", "extract")
+    meta, _ = load_features(storage.join(out, "features.parquet"))
+    classes = class_order(meta["label"].to_numpy().astype(str), cfg.data.positive_label)
+    if not (meta["split"] == VAL).any():
+        raise ConfigError("training the custom model needs a validation split: set split.val_fraction > 0")
+    storage.write_text(storage.join(out, "config.yaml"), cfg.to_yaml())
+    if start_ray is not None:
+        start_ray()
+    node_ids: dict[str, list[str]] = {}
+    if maps_ds is None:
+        manifest = read_parquet(storage.join(out, "manifest.parquet"))
+        usable = manifest[manifest["split"] != ""]
+        log(f"computing trunk maps of {len(usable)} images for training ({record['weights']['name']} trunk)")
+        _, _, facts, maps_ds = extract_features(usable, cfg, None, record["provenance"], keep_maps=True)
+        node_ids = facts["node_ids"]
+    tick = time.perf_counter()
+    stage = train_and_embed(cfg, maps_ds, classes, record["fingerprint"], out, record["provenance"])
+    write_parquet(storage.join(out, HEAD_PROBS), stage.head_probs.assign(head_prob=stage.head_probs["head_prob"].map(list)), record["provenance"])
+    train_record = {
+        "fingerprint": record["fingerprint"],
+        "weights": record["weights"]["name"],
+        "classes": classes,
+        "head_config": stage.head_config,
+        "state_path": stage.state_path,
+        "custom_model": {
+            "epochs": len(stage.result.history),
+            "best_epoch": stage.result.best_epoch,
+            "best_val_balanced_accuracy": stage.result.best_val_balanced_accuracy,
+            "embedding": cfg.train.embedding,
+            "unfreeze_stages": cfg.train.unfreeze_stages,
+            "head_parameters_keras_count": _head_parameters(stage.head_config),
+        },
+        "ray": {"maps_node_ids": node_ids},
+        "seconds": {"train": round(time.perf_counter() - tick, 2)},
+    }
+    write_json(storage.join(out, TRAIN_RECORD), train_record)
+    return train_record
+
+
+def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run everything in one job and write the run folder; returns summary.json's content.
+
+    Args:
+        cfg: the resolved configuration.
+        start_ray: called once the inputs are checked (so a user mistake is reported
+            before Ray starts); without it Ray must already be initialised.
+    """
+    t0 = time.perf_counter()
+    extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled)
+    if cfg.train.enabled:
+        # the maps were computed in the extraction pass; an empty train.json check happens there
+        train_stage(extracted.cfg, None, maps_ds=extracted.maps_ds)
+    elif storage.exists(storage.join(cfg.out, TRAIN_RECORD)):
+        storage.delete(storage.join(cfg.out, TRAIN_RECORD))  # a stale custom model from an earlier run
+    return finish_stage(extracted.cfg, total_start=t0)
+
+
+def finish_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, total_start: float | None = None) -> dict[str, Any]:
+    """Sweep classifiers on the trunk features (Table III) and, when the custom model was
+    trained, on its embeddings (Table IV); choose the model on validation; write
+    predictions.parquet, the model bundle, summary.json and the report."""
+    t0 = time.perf_counter() if total_start is None else total_start
+    out = cfg.out
+    record = read_record(out, EXTRACT_RECORD, "tune", "extract")
+    seconds: dict[str, float] = dict(record["seconds"])
+    names = select_classifiers(cfg.sweep.classifiers)
+    weights = WeightsInfo(**record["weights"])
+    provenance, fingerprint, facts = record["provenance"], record["fingerprint"], record["facts"]
+    train_record = None
+    if cfg.train.enabled and storage.exists(storage.join(out, TRAIN_RECORD)):
+        train_record = read_json(storage.join(out, TRAIN_RECORD))
+        if train_record["fingerprint"] != fingerprint or train_record["weights"] != weights.name:
+            raise DataError(
+                f"{storage.join(out, TRAIN_RECORD)} belongs to other features (data or weights changed): run `leukray train --out {out}` again"
+            )
+        seconds.update(train_record["seconds"])
+    storage.write_text(storage.join(out, "config.yaml"), cfg.to_yaml())
+    if start_ray is not None:
+        start_ray()
+
+    meta, matrix = load_features(storage.join(out, "features.parquet"))
+    errors = read_csv(storage.join(out, "errors.csv"))
     data = sweep_data(meta, matrix, cfg.data.positive_label)
     for split_name, y in ((TRAIN, data.y_train), (TEST, data.y_test)):
         if len(np.unique(y)) < 2:
@@ -474,36 +663,21 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
     has_val = len(data.y_val) > 0
     candidates = [("trunk", best_row(board, has_val, seed=cfg.sweep.seed))]
 
-    custom_facts: dict[str, Any] = {}
-    stage = custom_board = custom_data = None
-    if cfg.train.enabled:
-        from leukray.custom import train_and_embed
-
-        if not has_val:
-            raise ConfigError("training the custom model needs a validation split: set split.val_fraction > 0")
-        tick = time.perf_counter()
-        stage = train_and_embed(cfg_frozen, maps_ds, data.classes, fingerprint, out, provenance)
-        seconds["train"] = time.perf_counter() - tick
+    custom_board = custom_data = head_probs = None
+    if train_record is not None:
         custom_meta, custom_matrix = load_features(storage.join(out, "custom_features.parquet"))
         custom_data = sweep_data(custom_meta, custom_matrix, cfg.data.positive_label)
         tick = time.perf_counter()
         custom_board = sweep_and_write(
-            custom_data, stem="custom_leaderboard", title=f"custom-model features, {cfg.train.embedding}-d (the paper's Table IV)", **sweep_args
-        )
+            custom_data, stem="custom_leaderboard",
+            title=f"custom-model features, {train_record['custom_model']['embedding']}-d (the paper's Table IV)", **sweep_args,
+        )  # fmt: skip
         seconds["sweep_custom"] = time.perf_counter() - tick
         candidates.append(("custom", best_row(custom_board, has_val, seed=cfg.sweep.seed)))
-        custom_facts = {
-            "epochs": len(stage.result.history),
-            "best_epoch": stage.result.best_epoch,
-            "best_val_balanced_accuracy": stage.result.best_val_balanced_accuracy,
-            "embedding": cfg.train.embedding,
-            "unfreeze_stages": cfg.train.unfreeze_stages,
-            "head_parameters_keras_count": _head_parameters(stage.head_config),
-        }
-        head_val = stage.head_probs[stage.head_probs["split"] == VAL]
-        head_row = pd.Series(
-            {"Model": "CustomResNet50 head (sigmoid)", **_metrics_from_probs(head_val, data.classes), "status": "ok"}
-        )
+        head_probs = read_parquet(storage.join(out, HEAD_PROBS))
+        head_probs["head_prob"] = head_probs["head_prob"].map(np.asarray)
+        head_val = head_probs[head_probs["split"] == VAL]
+        head_row = pd.Series({"Model": "CustomResNet50 head (sigmoid)", **_metrics_from_probs(head_val, data.classes), "status": "ok"})
         head_row["Val Balanced Accuracy"] = head_row["Balanced Accuracy"]
         candidates.append(("head", head_row))
 
@@ -515,7 +689,7 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
     test_meta = meta[(meta["split"] == TEST) & (meta["aug_index"] == 0)].reset_index(drop=True)
     classifier = None
     if source == "head":
-        probs_by_path = stage.head_probs.set_index("path")["head_prob"]
+        probs_by_path = head_probs.set_index("path")["head_prob"]
         test_probs = np.stack(test_meta["path"].map(probs_by_path).to_numpy())
     else:
         from leukray.sweep import make_pipeline
@@ -550,8 +724,8 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
         feature_source=source,
         classifier_name=chosen_name,
         classifier=classifier,
-        head_config=stage.head_config if stage is not None else None,
-        trunk_state=None if weights.kind == "imagenet" else _trunk_state(cfg_frozen.extract.weights, cfg.extract.seed),
+        head_config=train_record["head_config"] if train_record is not None else None,
+        trunk_state=None if weights.kind == "imagenet" else _trunk_state(cfg.extract.weights, cfg.extract.seed),
         extra={
             "data_fingerprint": fingerprint,
             "chosen_by": "validation balanced accuracy",
@@ -560,7 +734,8 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
     )
     timing = measure_inference(test_meta["path"].tolist()[:32], model_dir)
 
-    seconds["total"] = time.perf_counter() - t0
+    seconds["total" if total_start is not None else "tune_total"] = time.perf_counter() - t0
+    usable_meta = meta[meta["aug_index"] == 0]
     summary = {
         "leukray_version": __version__,
         "weights": weights.as_dict(),
@@ -569,13 +744,13 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
         "data": {"path": cfg.data.path, "test_path": cfg.data.test_path, "fingerprint": fingerprint},
         "split": {"mode": cfg.split.mode, "description": split_desc, "leaking_subjects": facts["leaking_subjects"], "groups": facts["group_source"]},
         "counts": {
-            "found": int(len(manifest)),
-            "usable": int(len(meta[meta["aug_index"] == 0])),
+            "found": record["counts"]["found"],
+            "usable": int(len(usable_meta)),
             "duplicates_removed": facts["duplicates"],
             "errors": int(len(errors)),
-            "by_split_and_class": counts_by(meta[meta["aug_index"] == 0], "split", "label"),
+            "by_split_and_class": counts_by(usable_meta, "split", "label"),
             "augmented_copies_by_class": counts_by(meta[meta["aug_index"] > 0], "label"),
-            "subjects_by_split": {k: int(v) for k, v in usable.groupby("split")["subject_group"].nunique().items()},
+            "subjects_by_split": record["counts"]["subjects_by_split"],
         },
         "duplicates": facts["duplicate_pairs"],
         "best_model": _best_summary(candidates[0][1], has_val),
@@ -587,14 +762,15 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
             "val_balanced_accuracy": row["Val Balanced Accuracy"],
             "test": chosen_test,
         },
-        "custom_model": custom_facts or None,
+        "custom_model": train_record["custom_model"] if train_record is not None else None,
         "sweep": _sweep_counts(board, len(names)),
         "sweep_custom": _sweep_counts(custom_board, len(names)) if custom_board is not None else None,
         "inference_seconds_per_image": timing,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "ray": {
-            "extract_device": stream_facts["device"],
-            "node_ids": stream_facts["node_ids"],
+            "extract_device": record["ray"]["extract_device"],
+            "node_ids": {**record["ray"]["node_ids"], **({"train_maps": train_record["ray"]["maps_node_ids"].get("extract", [])} if train_record and train_record["ray"]["maps_node_ids"] else {})},
+            "sweep_node_ids": sorted(set(board.get("node_id", pd.Series(dtype=str)).dropna().astype(str)) - {""}),
             "cluster_cpus": cluster_cpus(),
             "cluster_gpus": cluster_gpus(),
         },
@@ -623,7 +799,7 @@ def sweep_and_write(data: SweepData, *, stem: str, title: str, cfg: RunConfig, n
     write_csv(storage.join(out, f"{stem}.csv"), board)
     storage.write_text(
         storage.join(out, f"{stem}.md"),
-        leaderboard_markdown(board.drop(columns="weights"), weights, data_desc, split_desc, title),
+        leaderboard_markdown(board.drop(columns=["weights", "node_id"]), weights, data_desc, split_desc, title),
     )
     return board
 
@@ -745,6 +921,17 @@ def _write_report(out: str) -> None:
         write_report(out)
     except Exception as exc:  # noqa: BLE001 - report problems must not lose the run
         log(f"WARNING: the report could not be written: {type(exc).__name__}: {exc}")
+
+
+def read_parquet(path: str) -> pd.DataFrame:
+    fs, inner = storage.resolve(path)
+    return pq.read_table(inner, filesystem=fs).to_pandas()
+
+
+def read_csv(path: str) -> pd.DataFrame:
+    import io
+
+    return pd.read_csv(io.BytesIO(storage.read_bytes(path)), keep_default_na=False)
 
 
 def write_csv(path: str, frame: pd.DataFrame) -> None:

@@ -33,7 +33,7 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
         tables.append(("custom_leaderboard.csv", f"Table IV — classifiers on custom-model features ({summary['custom_model']['embedding']}-d)"))
     for name, title in tables:
         board = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, name))))
-        shown = board.drop(columns=["detail", "weights"], errors="ignore")
+        shown = board.drop(columns=["detail", "weights", "node_id"], errors="ignore")
         if top:
             shown = shown.head(top)
         print()

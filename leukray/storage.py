@@ -85,6 +85,11 @@ def read_bytes(path: str) -> bytes:
         return handle.read()
 
 
+def delete(path: str) -> None:
+    fs, inner = resolve(path)
+    fs.delete_file(inner)
+
+
 def makedirs(path: str) -> None:
     fs, inner = resolve(path)
     fs.create_dir(inner, recursive=True)

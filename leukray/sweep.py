@@ -41,6 +41,7 @@ LEADERBOARD_COLUMNS = [
     "status",
     "Val Balanced Accuracy",
     "detail",
+    "node_id",  # the Ray node the trial ran on
 ]
 
 # Slowest first (measured by `make bench` on 2,048-d ResNet50 features, 2,000 training rows),
@@ -275,7 +276,10 @@ def run_sweep_tune(
     n_jobs = max(1, int(cpus_per_trial))
 
     def trial(config: dict[str, Any], data_ref=None) -> None:
-        tune.report(run_one(config["classifier"], data_ref, seed, timeout_s, n_jobs))
+        import ray
+
+        row = run_one(config["classifier"], data_ref, seed, timeout_s, n_jobs)
+        tune.report({**row, "node_id": ray.get_runtime_context().get_node_id()})
 
     class PrintFinished(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):

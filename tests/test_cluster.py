@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -181,3 +183,141 @@ def test_submission_without_the_token_is_refused(cluster, tmp_path):
     assert result.returncode != 0
     text = (result.stdout + result.stderr).lower()
     assert "should not run" not in text and ("auth" in text or "401" in text or "token" in text)
+
+
+def kill_node(node_manager_port: int) -> int:
+    """SIGKILL one node: its raylet (found by its unique node-manager port) and everything
+    under it — as a machine that loses power would. Returns how many processes died."""
+    import signal
+
+    parents: dict[int, int] = {}
+    raylets: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if "raylet" in cmdline and f"--node_manager_port={node_manager_port} " in cmdline + " ":
+            raylets.add(int(proc.name))
+    assert raylets, f"no raylet with node manager port {node_manager_port}"
+    doomed = set(raylets)
+    while True:
+        children = {pid for pid, ppid in parents.items() if ppid in doomed} - doomed
+        if not children:
+            break
+        doomed |= children
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(doomed)
+
+
+def job_status(cluster, job_id: str) -> str:
+    result = ray_cli("job", "status", f"--address={cluster['url']}", job_id, env=cluster["env"], timeout=120)
+    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+        if status in result.stdout:
+            return status
+    return "UNKNOWN"
+
+
+@pytest.mark.slow
+def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(cluster, tiny_cells, tmp_path):
+    """A fourth node joins, an extractor actor starts working on it, and the node is killed
+    mid-stage: Ray restarts the actor elsewhere and retries its tasks, and features.parquet
+    still holds every image and every augmented copy exactly once."""
+    from leukray.features import TEST_HOOK_ENV
+    from leukray.pipeline import load_features
+
+    before = {n["id"] for n in nodes(cluster)}
+    victim_port = free_port()
+    ray_cli(
+        "start", f"--address={cluster['address']}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+        f"--node-manager-port={victim_port}", env=cluster["env"],
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (victim := {n["id"] for n in nodes(cluster)} - before):
+        assert time.time() < deadline, "the fourth node never joined"
+        time.sleep(2)
+    (victim,) = victim
+    hook = tmp_path / "extractor-batches"
+    out = tmp_path / "run"
+    submitted = ray_cli(
+        "job", "submit", "--no-wait", f"--address={cluster['url']}",
+        "--runtime-env-json", json.dumps({"env_vars": {TEST_HOOK_ENV: f"{hook}:1.5"}}),
+        "--", "python", str(REPO / "jobs" / "extract.py"), "--data", str(tiny_cells), "--out", str(out),
+        "--weights", "random", "--preprocess.size", "64", "--extract.batch_size", "4", "--extract.actors", "4",
+        env=cluster["env"], timeout=300,
+    )  # fmt: skip
+    job_id = next(w for w in submitted.stdout.split() if w.startswith("raysubmit_")).strip("'\".,")
+
+    deadline = time.time() + 300
+    while not any(p.name.startswith(victim) for p in hook.glob("*")):
+        assert job_status(cluster, job_id) in ("PENDING", "RUNNING"), "the job ended before the victim node extracted anything"
+        assert time.time() < deadline, f"no extractor batch ran on the victim node; batches: {sorted(p.name[:8] for p in hook.glob('*'))}"
+        time.sleep(0.5)
+    assert kill_node(victim_port) >= 2  # the raylet and at least the extractor worker under it
+    done_on_victim = sum(p.name.startswith(victim) for p in hook.glob("*"))
+
+    deadline = time.time() + 600
+    while (status := job_status(cluster, job_id)) in ("PENDING", "RUNNING"):
+        assert time.time() < deadline, "the job did not finish after the node was killed"
+        time.sleep(3)
+    logs = ray_cli("job", "logs", f"--address={cluster['url']}", job_id, env=cluster["env"], timeout=120).stdout
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert victim not in {n["id"] for n in nodes(cluster)}  # the node really is gone
+
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    usable = manifest[manifest["split"] != ""]
+    meta, matrix = load_features(str(out / "features.parquet"))
+    keys = list(zip(meta["path"], meta["aug_index"]))
+    assert len(keys) == len(set(keys)), "an image or augmented copy was written twice"
+    expected = {(p, k) for p, n in zip(usable["path"], usable["n_aug"]) for k in range(int(n) + 1)}
+    assert set(keys) == expected, f"lost: {len(expected - set(keys))}, unexpected: {len(set(keys) - expected)}"
+    assert np.isfinite(matrix).all()
+    assert done_on_victim >= 1 and len(list(hook.glob("*"))) > done_on_victim  # work moved on after the kill
+
+
+JOBS = ["pipeline", "extract", "train", "tune", "predict", "screen"]
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_each_job_entry_point_is_its_leukray_subcommand(job):
+    from leukray.cli import build_parser
+
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    command = "run" if job == "pipeline" else job
+    assert result.stdout.startswith(f"usage: leukray {command} ")
+    flags = {a for action in build_parser()._subparsers._group_actions[0].choices[command]._actions for a in action.option_strings}
+    assert flags and all(flag in result.stdout for flag in flags)  # the job takes exactly the subcommand's flags
+
+
+def test_kuberay_manifests_ask_for_token_auth_and_run_a_valid_job():
+    import shlex
+
+    from leukray.cli import build_parser
+    from leukray.config import load_yaml
+
+    cluster = yaml.safe_load((REPO / "jobs" / "kuberay" / "raycluster.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    spec = cluster["spec"]
+    assert spec["authOptions"]["mode"] == "token" and spec["rayVersion"] == "2.60.0"
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"  # the job API is not exposed
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"} and all(g["minReplicas"] <= g["maxReplicas"] for g in groups.values())
+    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == "1"
+    assert spec["enableInTreeAutoscaling"] is True
+
+    job = yaml.safe_load((REPO / "jobs" / "kuberay" / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/pipeline.py"] and (REPO / argv[1]).is_file()
+    args = build_parser().parse_args(["run", *argv[2:]])  # the entrypoint's flags are leukray's
+    assert args.out.startswith("s3://") and load_yaml(REPO / args.config)["data"]["path"].startswith("s3://")

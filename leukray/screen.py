@@ -1,0 +1,896 @@
+"""`leukray screen`: find the leukocytes in whole peripheral-blood smear fields, cut each out
+as a C-NMC-like single-cell crop and classify it with a model bundle; report per cell and per
+slide.
+
+The bundle's classifier was trained on C-NMC crops: one segmented cell on a black background.
+A smear field (ALL-IDB1: 2592x1944, BCCD: 640x480) holds a few leukocytes among hundreds of
+red cells, so screening is detection -> crop -> the bundle's own preprocessing -> classifier:
+
+1. `leukocyte_mask`: leukocyte nuclei take up the basic dye of May-Grunwald-Giemsa / Wright
+   stain and are deep purple-blue, while red cells and plasma are pink-red to grey. On the
+   stain channel B - G (a blue-minus-green difference, as in the arithmetic-channel
+   segmentations of Madhloom et al. 2010 and Putzu, Caocci & Di Ruberto 2014) nuclei sit far
+   above everything else, and Otsu's threshold (Otsu 1979) separates them; opening removes
+   specks, closing and hole filling make each nucleus solid.
+2. `detect_leukocytes`: nearby nucleus pieces are merged into one cell (a neutrophil's 3-5
+   lobes), pieces too small (platelets) or too large (stain debris, clumps) are dropped.
+   Sizes are relative to the red-cell diameter, which is estimated from the image, so the
+   same defaults work at BCCD's and ALL-IDB1's magnifications.
+3. `cell_crop`: the nucleus (its convex hull) grown by a ring of cytoplasm, on black.
+
+The pure functions import no Ray (STYLE 2); `detect_and_crop` is the Ray Data batch function,
+`screen` wires it to `leukray.predict.BundlePredictor`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from leukray import __version__, storage
+from leukray.config import PreprocessConfig, _at_least, _in_range
+from leukray.errors import ConfigError, DataError
+
+# Decoding and morphology run one slide per Ray worker (see leukray.preprocess).
+cv2.setNumThreads(1)
+
+CELL_COLUMNS = [
+    "slide", "cell_index", "x0", "y0", "x1", "y1", "cx", "cy", "area",
+    "prob_all", "predicted_label", "flagged", "node_id",
+]  # fmt: skip
+SLIDE_COLUMNS = [
+    "slide",
+    "cells",
+    "flagged_cells",
+    "blast_fraction",
+    "mean_prob_all",
+    "status",
+    "error",
+]
+SLIDE_STATUSES = ("flagged", "not flagged", "insufficient cells", "error")
+BOX_COLUMNS = ["x0", "y0", "x1", "y1", "cx", "cy", "area"]
+NO_CELLS = "no leukocytes detected"
+CAVEAT = (
+    "The classifier was trained on single-cell crops (C-NMC 2019) and is applied here to cells cut out of "
+    "smear fields by an automatic detector; cell-level probabilities on such crops are a screening aid to "
+    "prioritise slides for review by a haematologist, not a diagnosis."
+)
+# A red cell is about 7.5 um across; the detector works on an image rescaled so that it
+# spans this many pixels, which fixes every kernel size below in red-cell units and makes
+# a 5-megapixel ALL-IDB1 field about as cheap as a BCCD one.
+WORK_RED_CELL_PX = 32.0
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """Leukocyte detection on smear fields, cropping, and the flagging rules."""
+
+    red_cell_diameter_px: float = 0.0
+    """Red-cell diameter in pixels of the input fields, the unit of every size below; 0 =
+    estimate it per field (median inscribed diameter of the red-cell blobs). Red cells are
+    the one object of nearly constant size (about 7.5 um) in every smear, so they calibrate
+    magnification better than the image width does: BCCD (640x480) has ~100 px red cells,
+    ALL-IDB1 at 2592x1944 ~90 px and at 1712x1368 ~65 px."""
+    min_stain: int = 20
+    """Floor on the Otsu threshold of the B - G stain channel (0-255): on a field without
+    any nucleus Otsu splits noise, and this keeps it from inventing cells."""
+    merge_distance: float = 0.35
+    """Nucleus pieces closer than this (in red-cell diameters) are one cell: the lobes of a
+    neutrophil are a fraction of a red cell apart, neighbouring leukocytes rarely closer."""
+    split_depth: float = 0.04
+    """Touching nuclei are split (watershed) where the neck between them is narrower than
+    either nucleus by at least this much (in red-cell diameters, on the inscribed radius);
+    0 = never split."""
+    lobe_area_fraction: float = 0.6
+    """Pieces smaller than this fraction of a red cell's area are lobes and are merged with
+    nearby lobes; larger pieces (round blast or lymphocyte nuclei) are cells on their own."""
+    min_area_fraction: float = 0.2
+    """A cell's nucleus area must be at least this fraction of a red cell's area (platelets,
+    2-3 um, are ~0.1)."""
+    max_area_fraction: float = 10.0
+    """... and at most this fraction (a large blast's nucleus is ~4-6; larger is a clump or
+    stain debris)."""
+    margin: float = 0.5
+    """The cytoplasm ring kept around the nucleus, as a fraction of the nucleus's
+    equivalent radius (C-NMC crops show the whole cell: nucleus plus cytoplasm)."""
+    edge_fraction: float = 0.0
+    """Drop cells whose nucleus box touches the field border and whose nucleus is smaller
+    than this fraction of a red cell's area (cut-off cells); 0 = keep every border cell."""
+    blast_threshold: float = 0.5
+    """A cell is flagged when its prob_all >= this."""
+    slide_flag_fraction: float = 0.2
+    """A slide is flagged when the share of its cells that are flagged is >= this."""
+    min_cells: int = 1
+    """A slide with fewer detected cells is reported as "insufficient cells", not negative."""
+    batch_size: int = 4
+    """Slides per detection batch (each yields tens of crops)."""
+
+    def __post_init__(self) -> None:
+        _at_least("screen.red_cell_diameter_px", self.red_cell_diameter_px, 0.0)
+        if 0 < self.red_cell_diameter_px < 4:
+            raise ConfigError(
+                f"screen.red_cell_diameter_px must be 0 (estimate) or >= 4, got {self.red_cell_diameter_px}"
+            )
+        _in_range("screen.min_stain", self.min_stain, 0, 254)
+        _in_range("screen.merge_distance", self.merge_distance, 0.0, 5.0)
+        _in_range("screen.split_depth", self.split_depth, 0.0, 5.0)
+        _in_range("screen.lobe_area_fraction", self.lobe_area_fraction, 0.0, 100.0)
+        _in_range("screen.min_area_fraction", self.min_area_fraction, 0.0, 100.0)
+        _in_range(
+            "screen.max_area_fraction",
+            self.max_area_fraction,
+            self.min_area_fraction,
+            1000.0,
+        )
+        _in_range("screen.margin", self.margin, 0.0, 5.0)
+        _in_range("screen.edge_fraction", self.edge_fraction, 0.0, 1000.0)
+        _in_range("screen.blast_threshold", self.blast_threshold, 0.0, 1.0)
+        _in_range("screen.slide_flag_fraction", self.slide_flag_fraction, 0.0, 1.0)
+        _at_least("screen.min_cells", self.min_cells, 0)
+        _at_least("screen.batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class CellBox:
+    """One detected leukocyte, in pixel coordinates of the input field.
+
+    x0, y0, x1, y1 (end-exclusive) bound the whole cell as it is cropped (nucleus plus the
+    cytoplasm ring, clipped to the field); cx, cy is the nucleus centroid; area is the
+    nucleus area in pixels; hull (K x 2 int32, x y) outlines the nucleus (convex hull of its
+    lobes), or is None for a box given by hand (then the crop is the ellipse in the box).
+    """
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    cx: float
+    cy: float
+    area: int
+    hull: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def contains(self, x: float, y: float) -> bool:
+        return self.x0 <= x < self.x1 and self.y0 <= y < self.y1
+
+
+def check_rgb(image: np.ndarray, what: str = "image") -> None:
+    """Raise ValueError unless `image` is HxWx3 uint8 (the pipeline's one convention)."""
+    if (
+        not isinstance(image, np.ndarray)
+        or image.ndim != 3
+        or image.shape[2] != 3
+        or image.dtype != np.uint8
+    ):
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise ValueError(f"{what}: expected HxWx3 uint8 RGB, got {shape} {dtype}")
+
+
+def stain_channel(image: np.ndarray) -> np.ndarray:
+    """B - G clipped to 0-255 (HxW uint8): high on purple-blue nuclei, ~0 on red cells and
+    background, whose green is as high as or higher than their blue."""
+    check_rgb(image)
+    diff = image[:, :, 2].astype(np.int16) - image[:, :, 1].astype(np.int16)
+    return np.clip(diff, 0, 255).astype(np.uint8)
+
+
+def estimate_red_cell_diameter(image: np.ndarray) -> float:
+    """The median red-cell diameter in pixels of a smear field (HxWx3 uint8 RGB).
+
+    Cells (red and white) are darker than the plasma background in green; Otsu (1979) on
+    the green channel separates them. Holes (red-cell central pallor) are filled, and each
+    blob's largest inscribed disk (twice the maximum of the distance transform) measures
+    one cell even where red cells touch in chains. Computed on a copy scaled to <= 800 px.
+
+    Returns:
+        The median over blobs, in pixels of `image`; a fallback of width / 25 when the field
+        has no usable blobs.
+    """
+    from scipy import ndimage
+
+    from leukray.preprocess import otsu_threshold
+
+    check_rgb(image)
+    h, w = image.shape[:2]
+    scale = min(1.0, 800.0 / max(h, w))
+    small = (
+        cv2.resize(
+            image,
+            (max(1, round(w * scale)), max(1, round(h * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+        if scale < 1
+        else image
+    )
+    green = cv2.GaussianBlur(small[:, :, 1], (3, 3), 0)
+    cells = (green <= otsu_threshold(green)).astype(np.uint8)
+    cells = _fill_holes(
+        cv2.morphologyEx(cells, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    )
+    count, labels = cv2.connectedComponents(cells, connectivity=8)
+    if count <= 1:
+        return w / 25.0
+    dist = cv2.distanceTransform(cells, cv2.DIST_L2, 5)
+    radii = np.asarray(ndimage.maximum(dist, labels, np.arange(1, count)))
+    areas = np.bincount(labels.ravel(), minlength=count)[1:]
+    keep = radii >= 3  # specks and platelets
+    if not keep.any():
+        return w / 25.0
+    # Area-weighted median: the many small specks (dust, platelets, broken pallor rims)
+    # would otherwise outvote the cells that cover most of the field.
+    order = np.argsort(radii[keep])
+    cumulative = np.cumsum(areas[keep][order])
+    median_radius = radii[keep][order][
+        np.searchsorted(cumulative, cumulative[-1] / 2.0)
+    ]
+    return float(2.0 * median_radius / scale)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of a 0/1 uint8 mask (flood the background from the border)."""
+    padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    flood = padded.copy()
+    cv2.floodFill(
+        flood, np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8), (0, 0), 1
+    )
+    holes = (flood == 0)[1:-1, 1:-1]
+    return (mask.astype(bool) | holes).astype(np.uint8)
+
+
+def _disk(diameter: float) -> np.ndarray:
+    side = max(1, round(diameter) | 1)  # odd, so the kernel is centred
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+
+
+def _working_scale(image: np.ndarray, cfg: ScreenConfig) -> tuple[float, float]:
+    """(red-cell diameter in input pixels, factor input -> working image)."""
+    diameter = cfg.red_cell_diameter_px or estimate_red_cell_diameter(image)
+    return diameter, min(1.0, WORK_RED_CELL_PX / diameter)
+
+
+def _nucleus_mask(
+    image: np.ndarray, cfg: ScreenConfig, red_cell_px: float
+) -> np.ndarray:
+    """The nucleus mask (HxW uint8 0/1) at the scale where a red cell is `red_cell_px` wide."""
+    from leukray.preprocess import otsu_threshold
+
+    stain = cv2.GaussianBlur(stain_channel(image), (3, 3), 0)
+    threshold = max(otsu_threshold(stain), cfg.min_stain)
+    mask = (stain > threshold).astype(np.uint8)
+    # Opening by a disk of 1/8 red cell removes platelet fragments and stained specks;
+    # closing by the same disk reconnects a nucleus cut by a pale chromatin seam.
+    kernel = _disk(red_cell_px / 8.0)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    return _fill_holes(mask)
+
+
+def leukocyte_mask(image: np.ndarray, cfg: ScreenConfig) -> np.ndarray:
+    """Leukocyte nuclei of a stained smear field.
+
+    Otsu's threshold (Otsu 1979) on the B - G stain channel (floored at `cfg.min_stain`),
+    then opening (removes specks smaller than ~1/8 red cell), closing and hole filling.
+
+    Args:
+        image: HxWx3 uint8 RGB smear field.
+        cfg: detection parameters.
+
+    Returns:
+        HxW bool, True on nucleus pixels (before the size filter of `detect_leukocytes`).
+
+    Raises:
+        ValueError: `image` is not HxWx3 uint8.
+    """
+    check_rgb(image)
+    h, w = image.shape[:2]
+    diameter, scale = _working_scale(image, cfg)
+    work = _resize(image, scale)
+    mask = _nucleus_mask(work, cfg, diameter * scale)
+    if scale < 1.0:
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    return mask.astype(bool)
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    if scale >= 1.0:
+        return image
+    h, w = image.shape[:2]
+    return cv2.resize(
+        image,
+        (max(1, round(w * scale)), max(1, round(h * scale))),
+        interpolation=cv2.INTER_AREA,
+    )
+
+
+def detect_leukocytes(image: np.ndarray, cfg: ScreenConfig) -> list[CellBox]:
+    """Find the leukocytes of a smear field.
+
+    The nucleus mask (`leukocyte_mask`, at a working scale where a red cell is 32 px) is cut
+    into pieces: touching nuclei are split by a watershed (`split_touching_nuclei`), then
+    lobe-sized pieces within `cfg.merge_distance` red-cell diameters of another piece join
+    it (`group_lobes`), so a neutrophil's lobes give one cell. Cells whose nucleus area is
+    outside [min_area_fraction, max_area_fraction] x the red-cell area are dropped.
+
+    Args:
+        image: HxWx3 uint8 RGB smear field.
+        cfg: detection parameters.
+
+    Returns:
+        One `CellBox` per cell, ordered top to bottom, left to right.
+
+    Raises:
+        ValueError: `image` is not HxWx3 uint8.
+    """
+    check_rgb(image)
+    h, w = image.shape[:2]
+    diameter, scale = _working_scale(image, cfg)
+    work = _resize(image, scale)
+    red_px = diameter * scale
+    mask = _nucleus_mask(work, cfg, red_px)
+    if not mask.any():
+        return []
+    pieces = split_touching_nuclei(mask, cfg.split_depth * red_px)
+    red_area = math.pi * (red_px / 2.0) ** 2
+    groups = group_lobes(
+        pieces, cfg.lobe_area_fraction * red_area, cfg.merge_distance * red_px
+    )
+    wh, ww = mask.shape
+    cells: list[CellBox] = []
+    for g in range(1, int(groups.max()) + 1):
+        ys, xs = np.nonzero(groups == g)
+        area = len(xs)
+        if (
+            area == 0
+            or not cfg.min_area_fraction * red_area
+            <= area
+            <= cfg.max_area_fraction * red_area
+        ):
+            continue
+        touches_edge = (
+            xs.min() == 0 or ys.min() == 0 or xs.max() == ww - 1 or ys.max() == wh - 1
+        )
+        if touches_edge and area < cfg.edge_fraction * red_area:
+            continue
+        points = np.stack([xs, ys], axis=1).astype(np.float32)
+        hull = cv2.convexHull(points).reshape(-1, 2) / scale  # back to input pixels
+        radius = math.sqrt(area / math.pi) / scale
+        ring = cfg.margin * radius
+        x0, y0 = hull.min(axis=0) - ring
+        x1, y1 = hull.max(axis=0) + ring
+        cells.append(
+            CellBox(
+                x0=max(0, math.floor(x0)),
+                y0=max(0, math.floor(y0)),
+                x1=min(w, math.ceil(x1) + 1),
+                y1=min(h, math.ceil(y1) + 1),
+                cx=float((xs.mean() + 0.5) / scale - 0.5),
+                cy=float((ys.mean() + 0.5) / scale - 0.5),
+                area=round(area / scale**2),
+                hull=np.round(hull).astype(np.int32),
+            )
+        )
+    cells.sort(key=lambda c: (c.cy, c.cx))
+    return cells
+
+
+def split_touching_nuclei(mask: np.ndarray, depth: float) -> np.ndarray:
+    """Split touching nuclei: marker-controlled watershed on the distance transform (Vincent &
+    Soille 1991) with the h-maxima of the distance as markers (Soille 2003, ch. 6.3.4).
+
+    Every nucleus of a clump is a dome of the distance-to-background map; two domes are
+    two nuclei when the saddle between them is at least `depth` pixels below the lower top
+    (a neck narrower than the nuclei). Ridges of one irregular nucleus are shallower and
+    stay one piece.
+
+    Args:
+        mask: HxW uint8 0/1 nucleus mask.
+        depth: h of the h-maxima, in pixels; 0 disables splitting.
+
+    Returns:
+        HxW int32 labels, 0 = background, 1..K = pieces.
+    """
+    count, labels = cv2.connectedComponents(mask, connectivity=8)
+    if count <= 1 or depth <= 0:
+        return labels.astype(np.int32)
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+    # Morphological reconstruction by dilation of dist - h under dist; dist - reconstruction
+    # is h exactly on the tops of the domes that rise >= h above their saddles.
+    reconstruction = np.maximum(dist - depth, 0).astype(np.float32)
+    cross = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
+    while True:
+        grown = np.minimum(cv2.dilate(reconstruction, cross), dist)
+        if np.array_equal(grown, reconstruction):
+            break
+        reconstruction = grown
+    tops = (dist - reconstruction >= depth - 1e-3) & (mask > 0)
+    n_tops, markers = cv2.connectedComponents(tops.astype(np.uint8), connectivity=8)
+    if n_tops - 1 <= len(
+        np.unique(labels[tops])
+    ):  # at most one top per blob: nothing to split
+        return labels.astype(np.int32)
+    # Flood from the tops downhill, one distance level at a time (the immersion watershed of
+    # Vincent & Soille 1991), so the basins meet at the necks. At equal distance a pixel
+    # goes to the larger label: ties only move a one-pixel boundary.
+    pieces = markers.astype(np.float32)
+    for level in np.arange(math.floor(float(dist.max())), -1.0, -1.0):
+        allowed = (dist >= level) & (mask > 0)
+        while True:
+            grown = cv2.dilate(pieces, cross)
+            new = allowed & (pieces == 0) & (grown > 0)
+            if not new.any():
+                break
+            pieces[new] = grown[new]
+    pieces = pieces.astype(np.int32)
+    leftover = (mask > 0) & (pieces == 0)  # blobs too shallow to hold a top
+    if leftover.any():
+        _, rest = cv2.connectedComponents(leftover.astype(np.uint8), connectivity=8)
+        pieces[leftover] = rest[leftover] + n_tops
+    return pieces.astype(np.int32)
+
+
+def group_lobes(pieces: np.ndarray, lobe_area: float, distance: float) -> np.ndarray:
+    """Merge the lobes of one cell: a piece smaller than `lobe_area` pixels (a lobe of a
+    neutrophil's 3-5-lobed nucleus, or a sliver cut off a nucleus) joins every piece within
+    `distance` pixels of it; larger pieces (round blast or lymphocyte nuclei) are never
+    merged with each other directly.
+
+    Args:
+        pieces: HxW int32 labels (0 = background).
+        lobe_area: pieces below this area (pixels) are lobes.
+        distance: lobes closer than this to another piece are merged with it.
+
+    Returns:
+        HxW int32 group labels, 0 = background, 1..G.
+    """
+    from scipy import ndimage
+
+    n = int(pieces.max())
+    if n == 0:
+        return pieces
+    areas = np.bincount(pieces.ravel(), minlength=n + 1)
+    parent = list(range(n + 1))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    reach = math.ceil(distance)
+    kernel = _disk(2 * distance + 1)
+    h, w = pieces.shape
+    for label, window in enumerate(ndimage.find_objects(pieces), start=1):
+        if window is None or areas[label] >= lobe_area or distance <= 0:
+            continue
+        ys = slice(max(0, window[0].start - reach), min(h, window[0].stop + reach))
+        xs = slice(max(0, window[1].start - reach), min(w, window[1].stop + reach))
+        near = cv2.dilate((pieces[ys, xs] == label).astype(np.uint8), kernel) > 0
+        for other in np.unique(pieces[ys, xs][near]):
+            if other not in (0, label):
+                parent[root(int(other))] = root(label)
+    roots = np.asarray([root(i) for i in range(n + 1)])
+    _, group_of = np.unique(roots, return_inverse=True)  # root 0 (background) -> 0
+    return group_of[pieces].astype(np.int32)
+
+
+def cell_crop(image: np.ndarray, box: CellBox, cfg: ScreenConfig) -> np.ndarray:
+    """Cut one cell out of the field as C-NMC does: the cell on a black background.
+
+    Pixels inside the nucleus hull grown by `cfg.margin` x the nucleus's equivalent radius
+    (the cytoplasm ring) are kept; everything else in the box is set to 0. A box without a
+    hull keeps the ellipse inscribed in the box.
+
+    Args:
+        image: HxWx3 uint8 RGB smear field.
+        box: a detected cell (`detect_leukocytes`) or a hand-made box.
+        cfg: provides `margin`.
+
+    Returns:
+        (y1 - y0) x (x1 - x0) x 3 uint8 RGB.
+
+    Raises:
+        ValueError: `image` is not HxWx3 uint8, or the box is empty or outside the image.
+    """
+    check_rgb(image)
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = max(0, box.x0), max(0, box.y0), min(w, box.x1), min(h, box.y1)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(
+            f"cell box ({box.x0}, {box.y0}, {box.x1}, {box.y1}) is empty or outside the {w}x{h} image"
+        )
+    keep = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
+    if box.hull is None or len(box.hull) < 3:
+        centre = ((x1 - x0 - 1) / 2.0, (y1 - y0 - 1) / 2.0)
+        cv2.ellipse(
+            keep,
+            (round(centre[0]), round(centre[1])),
+            (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2)),
+            0,
+            0,
+            360,
+            1,
+            -1,
+        )
+    else:
+        cv2.fillConvexPoly(keep, (box.hull - np.array([x0, y0])).astype(np.int32), 1)
+        ring = cfg.margin * math.sqrt(max(box.area, 1) / math.pi)
+        if ring >= 1:
+            keep = cv2.dilate(keep, _disk(2 * ring + 1))
+    crop = image[y0:y1, x0:x1].copy()
+    crop[keep == 0] = 0
+    return crop
+
+
+def detection_recall(
+    boxes: Sequence[CellBox], centres: np.ndarray | Sequence[tuple[float, float]]
+) -> float:
+    """Share of annotated cell centres (N x 2, x y) that fall inside a detected box; each box
+    may claim one centre (so one box over two cells counts once). NaN without centres."""
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    if len(centres) == 0:
+        return math.nan
+    free = list(range(len(boxes)))
+    hit = 0
+    for x, y in centres:
+        inside = [i for i in free if boxes[i].contains(x, y)]
+        if inside:
+            # the box whose nucleus centroid is nearest claims the centre
+            best = min(
+                inside, key=lambda i: (boxes[i].cx - x) ** 2 + (boxes[i].cy - y) ** 2
+            )
+            free.remove(best)
+            hit += 1
+    return hit / len(centres)
+
+
+# -- the Ray Data stage ---------------------------------------------------------------------
+
+
+def detect_and_crop(
+    batch: dict[str, np.ndarray],
+    cfg: ScreenConfig,
+    preprocess_cfg: PreprocessConfig,
+    read_bytes: Callable[[str], bytes],
+) -> dict[str, np.ndarray]:
+    """Ray Data batch function: slides in, cells out.
+
+    Args:
+        batch: column `path` (str), one row per slide.
+        cfg: detection parameters.
+        preprocess_cfg: the bundle's preprocessing (`Bundle.preprocess`), applied to each
+            crop exactly as in training.
+        read_bytes: path or URI -> file bytes.
+
+    Returns:
+        One row per detected cell: `slide` (the path), `cell_index` (0, 1, ... per slide),
+        x0, y0, x1, y1, cx, cy, area (see `CellBox`), `image` (N x size x size x 3 uint8,
+        preprocessed) and `error` (""). A slide that cannot be read or decoded, or has no
+        cells, gives one row with `cell_index` -1, a blank image and the reason in `error`;
+        so does a cell whose crop preprocessing rejects (with its own index), so no slide or
+        cell is dropped silently.
+    """
+    from leukray.preprocess import ImageError, decode_image, preprocess_image
+
+    size = preprocess_cfg.size
+    blank = np.zeros((size, size, 3), dtype=np.uint8)
+    rows: list[tuple[str, int, tuple[float, ...], np.ndarray, str]] = []
+    no_box = (0, 0, 0, 0, math.nan, math.nan, 0)
+    for path in map(str, batch["path"]):
+        try:
+            field_image = decode_image(read_bytes(path))
+            cells = detect_leukocytes(field_image, cfg)
+        except ImageError as exc:
+            rows.append((path, -1, no_box, blank, str(exc)))
+            continue
+        except FileNotFoundError:
+            rows.append((path, -1, no_box, blank, "file not found"))
+            continue
+        except (OSError, cv2.error, ValueError) as exc:
+            rows.append(
+                (
+                    path,
+                    -1,
+                    no_box,
+                    blank,
+                    f"could not read: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                )
+            )
+            continue
+        if not cells:
+            rows.append((path, -1, no_box, blank, NO_CELLS))
+            continue
+        for index, cell in enumerate(cells):
+            coords = (cell.x0, cell.y0, cell.x1, cell.y1, cell.cx, cell.cy, cell.area)
+            try:
+                rows.append(
+                    (
+                        path,
+                        index,
+                        coords,
+                        preprocess_image(
+                            cell_crop(field_image, cell, cfg), preprocess_cfg
+                        ),
+                        "",
+                    )
+                )
+            except ImageError as exc:
+                rows.append(
+                    (
+                        path,
+                        index,
+                        coords,
+                        blank,
+                        f"crop rejected by preprocessing: {exc}",
+                    )
+                )
+    out: dict[str, np.ndarray] = {
+        "slide": np.asarray([r[0] for r in rows], dtype=object),
+        "cell_index": np.asarray([r[1] for r in rows], dtype=np.int64),
+    }
+    coords = np.asarray([r[2] for r in rows], dtype=np.float64).reshape(
+        -1, len(BOX_COLUMNS)
+    )
+    for k, name in enumerate(BOX_COLUMNS):
+        out[name] = (
+            coords[:, k] if name in ("cx", "cy") else coords[:, k].astype(np.int64)
+        )
+    out["image"] = (
+        np.stack([r[3] for r in rows])
+        if rows
+        else np.zeros((0, size, size, 3), np.uint8)
+    )
+    out["error"] = np.asarray([r[4] for r in rows], dtype=object)
+    return out
+
+
+def _detect_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+    from leukray.features import ray_node_id
+
+    out = detect_and_crop(batch, read_bytes=storage.read_bytes, **kwargs)
+    out["detect_node"] = np.asarray([ray_node_id()] * len(out["slide"]), dtype=object)
+    return out
+
+
+# -- per-slide report -------------------------------------------------------------------------
+
+
+def summarise_slides(
+    rows: pd.DataFrame, cfg: ScreenConfig
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split classified rows into (cells, slides).
+
+    Args:
+        rows: one row per `detect_and_crop` output row, with `prob_all` added.
+
+    Returns:
+        cells: the classified cells (CELL_COLUMNS), `flagged` = prob_all >= blast_threshold.
+        slides: one row per slide (SLIDE_COLUMNS). status is "error" when the slide could not
+        be read, "insufficient cells" below `min_cells` classified cells, else "flagged" when
+        the share of flagged cells is >= `slide_flag_fraction`, else "not flagged".
+    """
+    rows = rows.copy()
+    rows["error"] = rows["error"].astype(str)
+    is_cell = (
+        (rows["cell_index"] >= 0) & (rows["error"] == "") & rows["prob_all"].notna()
+    )
+    cells = rows[is_cell].copy()
+    cells["flagged"] = cells["prob_all"] >= cfg.blast_threshold
+    cells = cells.sort_values(["slide", "cell_index"], kind="stable").reset_index(
+        drop=True
+    )[CELL_COLUMNS]
+    records = []
+    for slide, group in rows.groupby("slide", sort=True):
+        own = cells[cells["slide"] == slide]
+        slide_errors = group.loc[group["cell_index"] < 0, "error"]
+        cell_errors = group.loc[
+            (group["cell_index"] >= 0) & (group["error"] != ""), "error"
+        ]
+        n, flagged = len(own), int(own["flagged"].sum())
+        error = "; ".join(sorted(set(slide_errors) | set(cell_errors)))
+        fraction = flagged / n if n else math.nan
+        if len(slide_errors) and (slide_errors != NO_CELLS).any():
+            status = "error"
+        elif n < max(cfg.min_cells, 1):
+            status = "insufficient cells"
+        elif fraction >= cfg.slide_flag_fraction:
+            status = "flagged"
+        else:
+            status = "not flagged"
+        records.append(
+            {
+                "slide": slide,
+                "cells": n,
+                "flagged_cells": flagged,
+                "blast_fraction": fraction,
+                "mean_prob_all": float(own["prob_all"].mean()) if n else math.nan,
+                "status": status,
+                "error": error,
+            }
+        )
+    slides = pd.DataFrame(records, columns=SLIDE_COLUMNS)
+    return cells, slides
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+
+def list_slides(data: str) -> list[str]:
+    """Every image file below `data` (a folder or URI, recursively), sorted.
+
+    Raises:
+        DataError: `data` is missing or holds no image files.
+    """
+    from leukray.dataset import IMAGE_EXTENSIONS
+
+    if not data:
+        raise DataError(
+            "no data given: pass --data DIR (a folder of smear images, or a URI)"
+        )
+    info = storage.file_info(data)
+    if info.type.name == "NotFound":
+        raise DataError(f"data path not found: {data}")
+    if info.type.name == "File":
+        paths = [data]
+    else:
+        paths = storage.list_files(data)
+    slides = [
+        p
+        for p in paths
+        if p.lower().endswith(IMAGE_EXTENSIONS)
+        and not p.rsplit("/", 1)[-1].startswith(".")
+    ]
+    if not slides:
+        raise DataError(
+            f"no images found in {data} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return slides
+
+
+def screen(
+    model_dir: str,
+    data: str,
+    out: str,
+    cfg: ScreenConfig | None = None,
+    start_ray: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Screen every smear field under `data` with the bundle in `model_dir`; write `out`.
+
+    Writes out/cells.parquet (one row per classified cell), out/slides.csv (one row per
+    slide, none dropped) and out/screen.json (provenance, resolved config, counts, caveat).
+
+    Args:
+        model_dir: a model bundle folder written by `leukray run` (RUN/model).
+        data: a folder (searched recursively), a single image, or a filesystem URI.
+        out: output folder (local path or URI).
+        cfg: detection and flagging parameters; defaults when None.
+        start_ray: called once the bundle and data are checked; without it Ray must already
+            be initialised (or is started by Ray Data with defaults).
+
+    Returns:
+        screen.json's content.
+
+    Raises:
+        BundleError: the bundle is missing, incomplete or modified (one line).
+        DataError: no images under `data`.
+    """
+    import ray
+
+    from leukray.bundle import BUNDLE_FILE, load_bundle, sha256_bytes
+    from leukray.pipeline import (
+        _chunks,
+        cluster_cpus,
+        cluster_gpus,
+        extractor_compute,
+        log,
+        write_csv,
+        write_json,
+        write_parquet,
+    )
+    from leukray.predict import BundlePredictor
+
+    cfg = cfg or ScreenConfig()
+    if not out:
+        raise ConfigError("no output folder: pass --out DIR")
+    t0 = time.perf_counter()
+    bundle = load_bundle(model_dir)  # verify before anything else runs
+    bundle_sha256 = sha256_bytes(
+        storage.read_bytes(storage.join(model_dir, BUNDLE_FILE))
+    )
+    slides = list_slides(data)
+    if start_ray is not None:
+        start_ray()
+    weights = bundle.manifest["weights"]
+    log(
+        f"screening {len(slides)} smear fields: leukocyte detection -> {bundle.feature_source} features -> "
+        f"{bundle.manifest['classifier']} (trunk {weights['name']})"
+    )
+    use_gpu, pool, resources = extractor_compute("auto", 0)
+    ds = ray.data.from_pandas(_chunks(pd.DataFrame({"path": slides}), cfg.batch_size))
+    ds = ds.map_batches(
+        _detect_batch,
+        batch_format="numpy",
+        batch_size=cfg.batch_size,
+        fn_kwargs={"cfg": cfg, "preprocess_cfg": bundle.preprocess},
+    )
+    ds = ds.map_batches(
+        BundlePredictor,
+        batch_format="numpy",
+        batch_size=int(bundle.manifest.get("extract_batch_size", 32)),
+        fn_constructor_kwargs={"model_dir": model_dir},
+        compute=pool,
+        **resources,
+    )
+    keep = [
+        "slide",
+        "cell_index",
+        *BOX_COLUMNS,
+        "prob_all",
+        "predicted_label",
+        "error",
+        "detect_node",
+        "node_id",
+    ]
+    parts = [
+        pd.DataFrame({c: batch[c] for c in keep})
+        for batch in ds.select_columns(keep).iter_batches(
+            batch_format="numpy", batch_size=256
+        )
+    ]
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=keep)
+    cells, slide_table = summarise_slides(rows, cfg)
+    provenance = {
+        "model": model_dir,
+        "bundle": storage.join(model_dir, BUNDLE_FILE),
+        "bundle_sha256": bundle_sha256,
+        "weights": json.dumps(weights),
+        "data": data,
+        "training_data_fingerprint": str(bundle.manifest.get("data_fingerprint", "")),
+        "leukray_version": __version__,
+    }
+    storage.makedirs(out)
+    write_parquet(storage.join(out, "cells.parquet"), cells, provenance)
+    write_csv(storage.join(out, "slides.csv"), slide_table)
+    status_counts = slide_table["status"].value_counts()
+    summary = {
+        "leukray_version": __version__,
+        "caveat": CAVEAT,
+        "model": {
+            "bundle": model_dir,
+            "bundle_json_sha256": bundle_sha256,
+            "weights": weights,
+            "classifier": bundle.manifest["classifier"],
+            "feature_source": bundle.feature_source,
+            "training_data_fingerprint": bundle.manifest.get("data_fingerprint", ""),
+            "preprocess": dataclasses.asdict(bundle.preprocess),
+        },
+        "data": data,
+        "config": dataclasses.asdict(cfg),
+        "counts": {
+            "slides": len(slides),
+            "cells": len(cells),
+            "flagged_cells": int(cells["flagged"].sum()),
+            **{status: int(status_counts.get(status, 0)) for status in SLIDE_STATUSES},
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+        "ray": {
+            "classify_device": "gpu" if use_gpu else "cpu",
+            "node_ids": {
+                "detect": sorted(set(map(str, rows["detect_node"])) - {""}),
+                "classify": sorted(set(map(str, rows["node_id"])) - {""}),
+            },
+            "cluster_cpus": cluster_cpus(),
+            "cluster_gpus": cluster_gpus(),
+        },
+    }
+    write_json(storage.join(out, "screen.json"), summary)
+    log(f"wrote {out}: {summary['counts']}")
+    return summary

@@ -1,0 +1,121 @@
+"""`leukray extract`, `train` and `tune` as separate jobs on one run folder (what a cluster
+runs as three `ray job submit`s), and the mistakes each refuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from leukray.cli import main
+from leukray.pipeline import load_features
+
+FAST = [
+    "--weights", "random",
+    "--preprocess.size", "64",
+    "--extract.batch_size", "16",
+    "--classifiers", "LogisticRegression,GaussianNB,RidgeClassifier",
+    "--sweep.timeout_s", "120",
+]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def extracted(ray_local, tiny_cells, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stages") / "run"
+    assert main(["extract", "--data", str(tiny_cells), "--out", str(out), *FAST]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_and_tuned(extracted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(extracted, out)
+    assert main(["train", "--out", str(out), "--train.epochs", "2"]) == 0
+    assert main(["tune", "--out", str(out)]) == 0
+    return out
+
+
+def test_extract_writes_features_and_its_record_only(extracted):
+    for name in ["config.yaml", "manifest.parquet", "features.parquet", "errors.csv", "extract.json"]:
+        assert (extracted / name).is_file(), name
+    for name in ["leaderboard.csv", "summary.json", "train.json", "model"]:
+        assert not (extracted / name).exists(), name
+    record = json.loads((extracted / "extract.json").read_text())
+    meta, matrix = load_features(str(extracted / "features.parquet"))
+    assert record["counts"]["feature_rows"] == len(meta) == matrix.shape[0]
+    assert record["weights"]["name"] == "random-init" and len(record["fingerprint"]) == 64
+    assert all(len(node) == 56 for node in record["ray"]["node_ids"]["extract"])
+
+
+def test_tune_without_train_sweeps_trunk_features_only(extracted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(extracted, out)
+    assert main(["tune", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["custom_model"] is None and not (out / "custom_leaderboard.csv").exists()
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert sorted(board["Model"]) == ["GaussianNB", "LogisticRegression", "RidgeClassifier"]
+    assert board["node_id"].str.len().eq(56).all()  # each trial says where it ran
+    assert summary["chosen_model"]["feature_source"] == "trunk"
+    assert (out / "model" / "bundle.json").is_file() and (out / "predictions.parquet").is_file()
+    # the summary carries what the extract job recorded
+    record = json.loads((out / "extract.json").read_text())
+    assert summary["data"]["fingerprint"] == record["fingerprint"]
+    assert summary["ray"]["node_ids"] == record["ray"]["node_ids"]
+
+
+def test_train_recomputes_maps_for_every_row_and_tune_adds_table_iv(trained_and_tuned):
+    out = trained_and_tuned
+    meta, _ = load_features(str(out / "features.parquet"))
+    custom_meta, custom = load_features(str(out / "custom_features.parquet"))
+    key = ["path", "aug_index", "split"]
+    # every image and every augmented copy went through the trunk again, once
+    pd.testing.assert_frame_equal(
+        meta[key].sort_values(key).reset_index(drop=True), custom_meta[key].sort_values(key).reset_index(drop=True)
+    )
+    assert custom.shape[1] == 256 and np.isfinite(custom).all()
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["custom_model"]["epochs"] == 2
+    assert (out / "custom_leaderboard.csv").is_file()
+    assert "Table IV" in (out / "report.md").read_text()
+    config = (out / "config.yaml").read_text()
+    assert "epochs: 2" in config  # the folder's config says what the model was trained with
+
+
+def test_tune_refuses_features_that_changed_under_the_custom_model(trained_and_tuned, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_and_tuned, out)
+    record = json.loads((out / "extract.json").read_text())
+    record["fingerprint"] = "0" * 64  # as if extract had run again on other data
+    (out / "extract.json").write_text(json.dumps(record))
+    assert main(["tune", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.json belongs to other features" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--train.epochs", "1", "--weights", "imagenet"], "extract.weights was fixed by an earlier stage"),
+        (["train", "--preprocess.size", "96"], "preprocess.size"),
+        (["tune", "--train.epochs", "5"], "train.epochs was fixed by an earlier stage"),
+    ],
+)
+def test_later_stages_refuse_to_change_what_extract_fixed(extracted, argv, message, capsys):
+    assert main([*argv, "--out", str(extracted)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("stage", ["train", "tune"])
+def test_a_stage_on_a_folder_extract_never_wrote_is_one_line(stage, tmp_path, capsys):
+    assert main([stage, "--out", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "leukray extract" in err
