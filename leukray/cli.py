@@ -19,8 +19,8 @@ import sys
 from typing import Any, Sequence
 
 from leukray import __version__
-from leukray.config import build_config, field_types, load_yaml, sections
-from leukray.errors import LeukrayError
+from leukray.config import build_config, build_section, field_types, load_yaml, sections
+from leukray.errors import ConfigError, LeukrayError
 
 # short option -> config key
 ALIASES = {
@@ -168,6 +168,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+SCREEN_TOP_KEYS = ("model", "data", "out")
+
+
+def _screen_config(args: argparse.Namespace):
+    """ScreenConfig and (model, data, out) from the YAML's `screen` section and top-level
+    `model`/`data`/`out` keys, overridden by the options."""
+    from leukray.screen import ScreenConfig
+
+    yaml_values = load_yaml(args.config) if args.config else {}
+    unknown = sorted(set(yaml_values) - {"screen", *SCREEN_TOP_KEYS})
+    if unknown:
+        raise ConfigError(f"config file {args.config}: `leukray screen` reads model, data, out and a screen section; unknown: {', '.join(unknown)}")
+    section = yaml_values.get("screen") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section 'screen' must be a mapping, got {section!r}")
+    values = {**section, **{k[len("cfg:screen.") :]: v for k, v in vars(args).items() if k.startswith("cfg:screen.") and v is not None}}
+    places = {}
+    for key in SCREEN_TOP_KEYS:
+        places[key] = getattr(args, key) or str(yaml_values.get(key) or "")
+        if not places[key]:
+            raise ConfigError(f"no {key}: pass --{key} or set `{key}:` in the config file")
+    return build_section("screen", ScreenConfig, values), places
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from leukray.screen import screen
+
+    cfg, places = _screen_config(args)
+    result = screen(places["model"], places["data"], places["out"], cfg, start_ray=init_ray)
+    counts = result["counts"]
+    print(
+        f"screened {counts['slides']} slides: {counts['cells']} leukocytes, {counts['flagged_cells']} flagged; "
+        + ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("slides", "cells", "flagged_cells"))
+        + f"; per-slide results in {places['out']}/slides.csv"
+    )
+    return 0
+
+
 def cmd_classifiers(args: argparse.Namespace) -> int:
     from leukray.sweep import select_classifiers
 
@@ -221,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--data", required=True, help="folder, URI or CSV manifest of images (labels optional)")
     pred.add_argument("--out", required=True, help="predictions file (.parquet)")
     pred.set_defaults(func=cmd_predict)
+
+    scr = sub.add_parser("screen", help="find leukocytes in whole smear fields and screen each cell and slide with a model bundle")
+    scr.add_argument("--model", help="a model bundle folder, e.g. RUN/model (or `model:` in --config)")
+    scr.add_argument("--data", help="folder or URI of smear-field images, searched recursively (or `data:` in --config)")
+    scr.add_argument("--out", help="output folder: cells.parquet, slides.csv, screen.json (or `out:` in --config)")
+    scr.add_argument("--config", help="YAML with model/data/out and a `screen:` section (overridden by options)")
+    from leukray.screen import ScreenConfig
+
+    group = scr.add_argument_group("screening settings (screen.field)")
+    for name, typ in field_types(ScreenConfig).items():
+        group.add_argument(f"--screen.{name}", dest=f"cfg:screen.{name}", metavar=typ.__name__.upper())
+    scr.set_defaults(func=cmd_screen)
 
     classifiers = sub.add_parser("classifiers", help="list the classifiers of the sweep (Lazy Predict's list)")
     classifiers.set_defaults(func=cmd_classifiers)

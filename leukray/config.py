@@ -328,6 +328,21 @@ def build_config(
     return RunConfig(**top, **built)
 
 
+def build_section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
+    """One config section (a frozen dataclass) from raw YAML / command-line values.
+
+    Raises:
+        ConfigError: an unknown key, or a value of the wrong type or range.
+    """
+    types = field_types(cls)
+    parsed = {}
+    for key, raw in values.items():
+        if key not in types:
+            raise ConfigError(f"unknown config key '{name}.{key}' (known in {name}: {', '.join(types)})")
+        parsed[key] = parse_value(f"{name}.{key}", raw, types[key])
+    return cls(**parsed)
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")

@@ -321,3 +321,18 @@ def test_kuberay_manifests_ask_for_token_auth_and_run_a_valid_job():
     assert argv[:2] == ["python", "jobs/pipeline.py"] and (REPO / argv[1]).is_file()
     args = build_parser().parse_args(["run", *argv[2:]])  # the entrypoint's flags are leukray's
     assert args.out.startswith("s3://") and load_yaml(REPO / args.config)["data"]["path"].startswith("s3://")
+
+
+def test_example_configs_parse_and_point_at_object_storage():
+    from argparse import Namespace
+
+    from leukray.cli import _screen_config
+    from leukray.config import build_config, load_yaml
+
+    cnmc = build_config(load_yaml(REPO / "jobs" / "configs" / "cnmc-s3.yaml"))
+    assert cnmc.data.path.startswith("s3://") and cnmc.data.test_path.startswith("s3://")
+    assert cnmc.train.storage_path.startswith("s3://")  # checkpoints where every node reaches them
+    args = Namespace(config=str(REPO / "jobs" / "configs" / "slides-s3.yaml"), model=None, data=None, out=None)
+    screen_cfg, places = _screen_config(args)
+    assert all(places[k].startswith("s3://") for k in ("model", "data", "out"))
+    assert screen_cfg.min_cells == 5
