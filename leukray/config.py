@@ -116,7 +116,8 @@ class ExtractConfig:
     """imagenet | imagenet:IMAGENET1K_V2 | random | auto (imagenet if cached, else random) | PATH."""
     batch_size: int = 32
     actors: int = 0
-    """Extractor actors; 0 = one per GPU, or up to one per CPU on a CPU-only cluster."""
+    """Extractor actors (a fixed pool); 0 = one per GPU, or from one up to one per CPU on a
+    CPU-only cluster."""
     use_gpu: str = "auto"
     """auto (GPU actors when the cluster has GPUs) | true | false."""
     accelerator_resource: str = ""

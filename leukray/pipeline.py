@@ -161,8 +161,10 @@ def extractor_compute(cfg_use_gpu: str, actors: int, accelerator_resource: str =
         raise ConfigError("use_gpu is true but the Ray cluster has no GPUs")
     if use_gpu:
         return True, ray.data.ActorPoolStrategy(size=actors or max(1, int(cluster_gpus()))), {"num_gpus": 1, "num_cpus": 1}
+    if actors:  # asked for: exactly that many
+        return False, ray.data.ActorPoolStrategy(size=actors), {"num_cpus": 1}
     # CPU-only: 1-CPU actors scale from one up to one per CPU, so the pool uses every core.
-    return False, ray.data.ActorPoolStrategy(min_size=1, max_size=actors or max(1, int(cluster_cpus()))), {"num_cpus": 1}
+    return False, ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()))), {"num_cpus": 1}
 
 
 def feature_schema(dim: int, provenance: dict[str, str]) -> pa.Schema:

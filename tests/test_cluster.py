@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -219,10 +220,11 @@ def kill_node(node_manager_port: int) -> int:
 
 def job_status(cluster, job_id: str) -> str:
     result = ray_cli("job", "status", f"--address={cluster['url']}", job_id, env=cluster["env"], timeout=120)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr).upper()  # Ray colours it, on stderr
     for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if status in result.stdout:
+        if status in text:
             return status
-    return "UNKNOWN"
+    raise AssertionError(f"no job status in: {text[-2000:]}")
 
 
 @pytest.mark.slow
@@ -246,20 +248,23 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
     (victim,) = victim
     hook = tmp_path / "extractor-batches"
     out = tmp_path / "run"
-    submitted = ray_cli(
-        "job", "submit", "--no-wait", f"--address={cluster['url']}",
-        "--runtime-env-json", json.dumps({"env_vars": {TEST_HOOK_ENV: f"{hook}:1.5"}}),
+    job_id = f"leukray-node-kill-{secrets.token_hex(4)}"
+    ray_cli(
+        "job", "submit", "--no-wait", f"--address={cluster['url']}", f"--submission-id={job_id}",
+        "--runtime-env-json", json.dumps({"env_vars": {TEST_HOOK_ENV: f"{hook}:2"}}),
         "--", "python", str(REPO / "jobs" / "extract.py"), "--data", str(tiny_cells), "--out", str(out),
         "--weights", "random", "--preprocess.size", "64", "--extract.batch_size", "4", "--extract.actors", "4",
         env=cluster["env"], timeout=300,
     )  # fmt: skip
-    job_id = next(w for w in submitted.stdout.split() if w.startswith("raysubmit_")).strip("'\".,")
 
     deadline = time.time() + 300
+    next_status = time.time() + 10
     while not any(p.name.startswith(victim) for p in hook.glob("*")):
-        assert job_status(cluster, job_id) in ("PENDING", "RUNNING"), "the job ended before the victim node extracted anything"
+        if time.time() > next_status:  # `ray job status` takes a second or two: not every poll
+            assert job_status(cluster, job_id) in ("PENDING", "RUNNING"), "the job ended before the victim node extracted anything"
+            next_status = time.time() + 10
         assert time.time() < deadline, f"no extractor batch ran on the victim node; batches: {sorted(p.name[:8] for p in hook.glob('*'))}"
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert kill_node(victim_port) >= 2  # the raylet and at least the extractor worker under it
     done_on_victim = sum(p.name.startswith(victim) for p in hook.glob("*"))
 
