@@ -34,6 +34,7 @@ DEMO_DEFAULTS = {
     "extract.weights": "auto",
     "sweep.timeout_s": "120",
     "train.epochs": "8",  # the paper's 50 is `leukray run`'s default; the demo stays short
+    "sweep.tune_trials": "8",
 }
 
 

@@ -147,8 +147,12 @@ class SweepConfig:
     cpus_per_trial: float = 1.0
     seed: int = 42
     """random_state given to every classifier that takes one (Lazy Predict's default: 42)."""
+    tune_trials: int = 16
+    """Fine-tune the best classifier (the paper's step 6): this many Ray Tune trials of a
+    seeded random search over its hyperparameters, chosen on validation; 0 = off."""
 
     def __post_init__(self) -> None:
+        _at_least("sweep.tune_trials", self.tune_trials, 0)
         if not self.classifiers.strip():
             raise ConfigError("sweep.classifiers is empty: use 'all' or a comma-separated list")
         _in_range("sweep.timeout_s", self.timeout_s, 0.1, 7 * 24 * 3600)

@@ -683,11 +683,20 @@ def finish_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, to
         head_row["Val Balanced Accuracy"] = head_row["Balanced Accuracy"]
         candidates.append(("head", head_row))
 
+    tuned = None
+    if cfg.sweep.tune_trials > 0 and has_val:
+        tick = time.perf_counter()
+        tuned = tune_best(cfg, out, {"trunk": (data, board), "custom": (custom_data, custom_board)}, has_val)
+        seconds["tuning"] = time.perf_counter() - tick
+        if tuned is not None and tuned["row"] is not None:
+            candidates.append((tuned["feature_source"], tuned["row"]))
+
     chosen = choose_model(candidates)
     if chosen is None:
         raise DataError("no classifier produced probabilities on this data; see leaderboard.csv")
     source, row = chosen
     chosen_data = {"trunk": data, "custom": custom_data}.get(source)
+    chosen_params = json.loads(row["params"]) if isinstance(row.get("params"), str) else None
     test_meta = meta[(meta["split"] == TEST) & (meta["aug_index"] == 0)].reset_index(drop=True)
     classifier = None
     if source == "head":
@@ -696,7 +705,8 @@ def finish_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, to
     else:
         from leukray.sweep import make_pipeline
 
-        classifier = make_pipeline(row["Model"], cfg.sweep.seed).fit(chosen_data.X_train, chosen_data.y_train)
+        name = row.get("base_model", row["Model"])
+        classifier = make_pipeline(name, cfg.sweep.seed, params=chosen_params).fit(chosen_data.X_train, chosen_data.y_train)
         test_probs = classifier.predict_proba(chosen_data.X_test)
     positive = data.classes.index(cfg.data.positive_label) if cfg.data.positive_label in data.classes else len(data.classes) - 1
     predictions = pd.DataFrame(
@@ -732,6 +742,7 @@ def finish_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, to
             "data_fingerprint": fingerprint,
             "chosen_by": "validation balanced accuracy",
             "extract_batch_size": cfg.extract.batch_size,  # predict batches the trunk the same way
+            "classifier_params": chosen_params,
         },
     )
     timing = measure_inference(test_meta["path"].tolist()[:32], model_dir)
@@ -765,6 +776,7 @@ def finish_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, to
             "test": chosen_test,
         },
         "custom_model": train_record["custom_model"] if train_record is not None else None,
+        "tuned_model": {k: v for k, v in tuned.items() if k != "row"} if tuned is not None else None,
         "sweep": _sweep_counts(board, len(names)),
         "sweep_custom": _sweep_counts(custom_board, len(names)) if custom_board is not None else None,
         "inference_seconds_per_image": timing,
@@ -793,7 +805,7 @@ def sweep_and_write(data: SweepData, *, stem: str, title: str, cfg: RunConfig, n
         seed=cfg.sweep.seed,
         timeout_s=cfg.sweep.timeout_s,
         cpus_per_trial=cfg.sweep.cpus_per_trial,
-        storage_path=os.path.abspath(storage.join(out, "tune")) if not storage.is_uri(out) else storage.join(out, "tune"),
+        storage_path=tune_store(out),
         name=stem,
         on_result=lambda row: print(format_row(row), flush=True),
     )
@@ -804,6 +816,50 @@ def sweep_and_write(data: SweepData, *, stem: str, title: str, cfg: RunConfig, n
         leaderboard_markdown(board.drop(columns=["weights", "node_id"]), weights, data_desc, split_desc, title),
     )
     return board
+
+
+def tune_store(out: str) -> str:
+    return os.path.abspath(storage.join(out, "tune")) if not storage.is_uri(out) else storage.join(out, "tune")
+
+
+def tune_best(cfg: RunConfig, out: str, boards: dict[str, tuple[SweepData | None, pd.DataFrame | None]], has_val: bool) -> dict[str, Any] | None:
+    """Fine-tune the best classifier (the paper's step 6): of the sweeps' classifiers with a
+    search space, the best on validation gets `sweep.tune_trials` Ray Tune trials on its own
+    features. Writes RUN/tuning.csv; returns what summary.json records (`row` is the best
+    trial as a model candidate, or None when every trial failed)."""
+    from leukray.sweep import best_tunable_row, run_search_tune
+
+    picks = [(src, best_tunable_row(b, has_val, cfg.sweep.seed)) for src, (d, b) in boards.items() if b is not None]
+    picks = [(src, r) for src, r in picks if r is not None]
+    if not picks:
+        log("fine-tuning skipped: no classifier with a search space succeeded in the sweeps")
+        return None
+    source, base = max(picks, key=lambda item: item[1]["Val Balanced Accuracy"])
+    log(f"fine-tuning {base['Model']} on {source} features: {cfg.sweep.tune_trials} Ray Tune trials (seeded random search, chosen on validation)")
+    trials = run_search_tune(
+        boards[source][0], base["Model"], cfg.sweep.tune_trials, seed=cfg.sweep.seed, timeout_s=cfg.sweep.timeout_s,
+        cpus_per_trial=cfg.sweep.cpus_per_trial, storage_path=tune_store(out), run_name="tuning",
+        on_result=lambda r: print(format_row(r) + f"  {r.get('params')}", flush=True),
+    )  # fmt: skip
+    write_csv(storage.join(out, "tuning.csv"), trials.assign(feature_source=source))
+    best = trials.iloc[0]
+    ok = best["status"] == "ok"
+    row = None
+    if ok:
+        row = best.copy()
+        row["base_model"] = base["Model"]
+        row["Model"] = f"{base['Model']} (tuned)"
+    return {
+        "name": base["Model"],
+        "feature_source": source,
+        "trials": int(len(trials)),
+        "ok_trials": int((trials["status"] == "ok").sum()),
+        "params": json.loads(best["params"]) if ok else None,
+        "val_balanced_accuracy": best["Val Balanced Accuracy"] if ok else None,
+        "untuned_val_balanced_accuracy": base["Val Balanced Accuracy"],
+        "test": {k: best[k] for k in ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score"]} if ok else None,
+        "row": row,
+    }
 
 
 def choose_model(candidates: list[tuple[str, pd.Series | None]]) -> tuple[str, pd.Series] | None:

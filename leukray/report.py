@@ -8,6 +8,7 @@ bootstrap interval of its balanced accuracy).
 from __future__ import annotations
 
 import html
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,13 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
         print(
             f"Custom ResNet50: {custom['epochs']} epochs, best validation balanced accuracy "
             f"{_fmt(custom['best_val_balanced_accuracy'])} at epoch {custom['best_epoch']} (history.csv)"
+        )
+    tuned = summary.get("tuned_model")
+    if tuned and tuned.get("params") is not None:
+        print(
+            f"Fine-tuned {tuned['name']} on {tuned['feature_source']} features ({tuned['ok_trials']}/{tuned['trials']} Ray Tune "
+            f"trials, tuning.csv): validation balanced accuracy {_fmt(tuned['val_balanced_accuracy'])} "
+            f"(untuned {_fmt(tuned['untuned_val_balanced_accuracy'])}), test {_fmt(tuned['test']['Balanced Accuracy'])}; {tuned['params']}"
         )
     chosen = summary.get("chosen_model") or summary.get("best_model")
     if chosen:
@@ -578,6 +586,18 @@ def _top_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, top_n:
     return blocks
 
 
+def _tuned_lines(tuned: Any) -> list[str]:
+    """The fine-tuning of the best classifier (the paper's step 6), when the run did one."""
+    if not isinstance(tuned, dict) or tuned.get("params") is None:
+        return []
+    return [
+        f"Fine-tuned candidate: {tuned.get('name')} on {tuned.get('feature_source')} features, "
+        f"{tuned.get('ok_trials')}/{tuned.get('trials')} Ray Tune trials (tuning.csv); validation balanced accuracy "
+        f"{_num(tuned.get('val_balanced_accuracy'))} vs {_num(tuned.get('untuned_val_balanced_accuracy'))} untuned; "
+        f"settings {json.dumps(tuned.get('params'), sort_keys=True)}"
+    ]
+
+
 def _chosen_section(
     summary: dict[str, Any], folder: _RunFolder, n_boot: int, seed: int, figures: dict[str, bytes]
 ) -> tuple[list[_Block], str]:
@@ -596,6 +616,7 @@ def _chosen_section(
                     f"Model: {chosen.get('name', NOT_AVAILABLE)}",
                     f"Features: {chosen.get('feature_source') or ('trunk' if 'chosen_model' not in summary else NOT_AVAILABLE)}",
                     f"Chosen by: {chosen.get('chosen_by', NOT_AVAILABLE)}",
+                    *_tuned_lines(summary.get("tuned_model")),
                 ]
             )
         )

@@ -85,16 +85,17 @@ def select_classifiers(spec: str) -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
-def make_pipeline(name: str, seed: int, n_jobs: int = 1):
-    """Lazy Predict's pipeline for one classifier: imputer + scaler + classifier."""
+def make_pipeline(name: str, seed: int, n_jobs: int = 1, params: dict[str, Any] | None = None):
+    """Lazy Predict's pipeline for one classifier: imputer + scaler + classifier, with
+    `params` (from a hyperparameter search) given to the classifier."""
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
     cls = lazypredict_classifiers()[name]
-    params = cls().get_params()
+    defaults = cls().get_params()
     kwargs: dict[str, Any] = {}
-    if "random_state" in params:
+    if "random_state" in defaults:
         kwargs["random_state"] = seed
     module = getattr(cls, "__module__", "") or ""
     if "lightgbm" in module:
@@ -105,7 +106,7 @@ def make_pipeline(name: str, seed: int, n_jobs: int = 1):
         [
             ("imputer", SimpleImputer(strategy="mean")),
             ("scaler", StandardScaler()),
-            ("classifier", cls(**kwargs)),
+            ("classifier", cls(**{**kwargs, **(params or {})})),
         ]
     )
 
@@ -167,11 +168,11 @@ class SweepData:
     classes: list[str] = dataclasses.field(default_factory=list)
 
 
-def fit_and_score(name: str, data: SweepData, seed: int, n_jobs: int = 1) -> dict[str, Any]:
+def fit_and_score(name: str, data: SweepData, seed: int, n_jobs: int = 1, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit one classifier on train, score it on val and test. Raises what the fit raises."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = make_pipeline(name, seed, n_jobs).fit(data.X_train, data.y_train)
+        model = make_pipeline(name, seed, n_jobs, params).fit(data.X_train, data.y_train)
         row = score_split(model, data.X_test, data.y_test)
         row["Val Balanced Accuracy"] = (
             score_split(model, data.X_val, data.y_val)["Balanced Accuracy"] if len(data.y_val) else math.nan
@@ -179,9 +180,9 @@ def fit_and_score(name: str, data: SweepData, seed: int, n_jobs: int = 1) -> dic
     return row
 
 
-def _child(conn, name: str, data: SweepData, seed: int, n_jobs: int) -> None:
+def _child(conn, name: str, data: SweepData, seed: int, n_jobs: int, params: dict[str, Any] | None) -> None:
     try:
-        conn.send(("ok", fit_and_score(name, data, seed, n_jobs)))
+        conn.send(("ok", fit_and_score(name, data, seed, n_jobs, params)))
     except BaseException as exc:  # everything a classifier can raise is a result here
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         conn.send(("failed", last[:500]))
@@ -189,7 +190,9 @@ def _child(conn, name: str, data: SweepData, seed: int, n_jobs: int) -> None:
         conn.close()
 
 
-def run_one(name: str, data: SweepData, seed: int, timeout_s: float, n_jobs: int = 1) -> dict[str, Any]:
+def run_one(
+    name: str, data: SweepData, seed: int, timeout_s: float, n_jobs: int = 1, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Fit and score `name` in a forked child with a wall-time limit.
 
     Returns:
@@ -205,7 +208,7 @@ def run_one(name: str, data: SweepData, seed: int, timeout_s: float, n_jobs: int
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
     start = time.perf_counter()
-    child = ctx.Process(target=_child, args=(send, name, data, seed, n_jobs), daemon=True)
+    child = ctx.Process(target=_child, args=(send, name, data, seed, n_jobs, params), daemon=True)
     child.start()
     send.close()
     status, payload = "timeout", None
@@ -323,3 +326,137 @@ def format_row(row: dict[str, Any]) -> str:
         f"[sweep] {row['Model']:<32} {row['status']:<7} bal.acc {f(row.get('Balanced Accuracy'))}  "
         f"roc auc {f(row.get('ROC AUC'))}  {row.get('Time Taken') or 0:7.1f}s{tail}"
     )
+
+
+# -- fine-tuning the best classifier (the paper's step 6) -----------------------------------
+
+
+def search_space(name: str) -> dict[str, Any] | None:
+    """Ray Tune search space of a classifier's hyperparameters, or None when leukray has none
+    for it. Ranges centre on each library's defaults; features arrive standardised."""
+    from ray import tune
+
+    trees = {
+        "n_estimators": tune.choice([100, 200, 400]),
+        "max_depth": tune.choice([None, 8, 16, 32]),
+        "min_samples_leaf": tune.choice([1, 2, 4]),
+        "max_features": tune.choice(["sqrt", "log2", 0.1]),
+    }
+    single_tree = {
+        "max_depth": tune.choice([None, 4, 8, 16]),
+        "min_samples_leaf": tune.choice([1, 2, 4, 8]),
+        "criterion": tune.choice(["gini", "entropy"]),
+    }
+    spaces: dict[str, dict[str, Any]] = {
+        "LogisticRegression": {"C": tune.loguniform(1e-4, 1e2)},
+        "RandomForestClassifier": trees,
+        "ExtraTreesClassifier": trees,
+        "DecisionTreeClassifier": single_tree,
+        "ExtraTreeClassifier": single_tree,
+        "XGBClassifier": {
+            "n_estimators": tune.choice([100, 200, 400]),
+            "max_depth": tune.randint(2, 9),
+            "learning_rate": tune.loguniform(0.01, 0.3),
+            "subsample": tune.uniform(0.6, 1.0),
+            "colsample_bytree": tune.uniform(0.3, 1.0),
+        },
+        "LGBMClassifier": {
+            "n_estimators": tune.choice([100, 200, 400]),
+            "num_leaves": tune.choice([15, 31, 63]),
+            "learning_rate": tune.loguniform(0.01, 0.3),
+            "subsample": tune.uniform(0.6, 1.0),
+            "subsample_freq": 1,
+            "colsample_bytree": tune.uniform(0.3, 1.0),
+        },
+        "KNeighborsClassifier": {"n_neighbors": tune.randint(3, 32), "weights": tune.choice(["uniform", "distance"])},
+        "LinearDiscriminantAnalysis": {"solver": "lsqr", "shrinkage": tune.uniform(0.0, 1.0)},
+        "QuadraticDiscriminantAnalysis": {"reg_param": tune.uniform(0.0, 1.0)},
+        "GaussianNB": {"var_smoothing": tune.loguniform(1e-12, 1e-3)},
+        "BernoulliNB": {"alpha": tune.loguniform(1e-3, 10.0), "binarize": tune.uniform(-1.0, 1.0)},
+        "AdaBoostClassifier": {"n_estimators": tune.choice([50, 100, 200]), "learning_rate": tune.loguniform(0.01, 2.0)},
+        "BaggingClassifier": {
+            "n_estimators": tune.choice([10, 20, 50]),
+            "max_samples": tune.uniform(0.5, 1.0),
+            "max_features": tune.uniform(0.3, 1.0),
+        },
+    }
+    return spaces.get(name)
+
+
+def best_tunable_row(board: pd.DataFrame, has_val: bool, seed: int = 0) -> pd.Series | None:
+    """The best classifier of a leaderboard (by validation balanced accuracy) that gives
+    probabilities and has a search space."""
+    ok = board[(board["status"] == "ok") & board["Model"].map(lambda n: search_space(n) is not None)]
+    return best_row(ok, has_val, seed) if not ok.empty else None
+
+
+def run_search_tune(
+    data: SweepData,
+    name: str,
+    trials: int,
+    seed: int,
+    timeout_s: float,
+    cpus_per_trial: float,
+    storage_path: str,
+    run_name: str = "tuning",
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> pd.DataFrame:
+    """Random search (seeded) over `search_space(name)`, one Ray Tune trial per setting,
+    each fitted on train and scored on validation and test like the sweep.
+
+    Returns:
+        One row per trial: the leaderboard columns plus `params` (JSON), best validation
+        balanced accuracy first. The test columns are reported, never used to choose.
+    """
+    import json
+
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    space = search_space(name)
+    if space is None:
+        raise ConfigError(f"no hyperparameter search space for {name}")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    n_jobs = max(1, int(cpus_per_trial))
+
+    def trial(config: dict[str, Any], data_ref=None) -> None:
+        import ray
+
+        row = run_one(name, data_ref, seed, timeout_s, n_jobs, params=config)
+        tune.report({**row, "params": json.dumps(config, sort_keys=True, default=_plain), "node_id": ray.get_runtime_context().get_node_id()})
+
+    class PrintFinished(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if on_result is not None:
+                on_result({**{k: result.get(k) for k in LEADERBOARD_COLUMNS}, "params": result.get("params")})
+
+    trainable = tune.with_resources(tune.with_parameters(trial, data_ref=data), {"cpu": cpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            num_samples=trials, reuse_actors=True, search_alg=BasicVariantGenerator(random_state=seed)
+        ),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=storage_path, verbose=0, callbacks=[PrintFinished()],
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )  # fmt: skip
+    rows = []
+    for result in tuner.fit():
+        metrics = result.metrics or {}
+        if "status" in metrics:
+            rows.append({**{k: metrics.get(k) for k in LEADERBOARD_COLUMNS}, "params": metrics["params"]})
+        else:
+            err = str(result.error).splitlines()[0][:300] if result.error else "no result reported"
+            params = json.dumps(result.config or {}, sort_keys=True, default=str)
+            rows.append({"Model": name, "status": "failed", "detail": f"trial error: {err}", "params": params})
+    frame = pd.DataFrame(rows).reindex(columns=[*LEADERBOARD_COLUMNS, "params"])
+    frame["_ok"] = frame["status"] == "ok"
+    frame = frame.sort_values(["_ok", "Val Balanced Accuracy", "params"], ascending=[False, False, True])
+    return frame.drop(columns="_ok").reset_index(drop=True)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (Tune's samplers may return them) as Python numbers for JSON."""
+    return value.item() if hasattr(value, "item") else str(value)

@@ -161,7 +161,7 @@ def test_pipeline_job_runs_across_nodes(cluster, tiny_cells, tmp_path):
     result = ray_cli(
         "job", "submit", f"--address={cluster['url']}",
         "--", "python", str(REPO / "jobs" / "pipeline.py"), "--data", str(tiny_cells), "--out", str(out),
-        "--weights", "random", "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression,RidgeClassifier",
+        "--weights", "random", "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression,RidgeClassifier", "--sweep.tune_trials", "2",
         "--train.epochs", "1", "--extract.accelerator_resource", ACCEL,
         env=cluster["env"], timeout=900,
     )  # fmt: skip

@@ -91,6 +91,28 @@ class TestSweep:
         assert np.isnan(slow["Balanced Accuracy"])
 
 
+    def test_search_params_reach_the_classifier_and_keep_the_seed(self):
+        from leukray.sweep import make_pipeline
+
+        model = make_pipeline("LogisticRegression", 7, params={"C": 0.03}).named_steps["classifier"]
+        assert model.C == 0.03 and model.random_state == 7
+
+    def test_every_search_space_builds_its_classifier(self):
+        import random
+
+        from leukray.sweep import lazypredict_classifiers, make_pipeline, search_space
+
+        random.seed(0)
+        np.random.seed(0)
+        spaces = {n: search_space(n) for n in lazypredict_classifiers() if search_space(n) is not None}
+        assert {"LogisticRegression", "RandomForestClassifier", "XGBClassifier", "LGBMClassifier"} <= set(spaces)
+        for name, space in spaces.items():
+            for _ in range(3):
+                sample = {k: v.sample() if hasattr(v, "sample") else v for k, v in space.items()}
+                got = make_pipeline(name, 0, params=sample).named_steps["classifier"].get_params()
+                assert all(got[k] == v for k, v in sample.items()), name  # every key is a real hyperparameter
+
+
 class TestWeights:
     def test_random_is_labelled_random(self):
         state, info = resolve_weights("random", seed=3)

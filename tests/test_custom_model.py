@@ -108,6 +108,7 @@ class TestTraining:
 FAST = [
     "--weights", "random", "--preprocess.size", "64", "--extract.batch_size", "16",
     "--classifiers", "LogisticRegression,GaussianNB,KNeighborsClassifier",
+    "--sweep.tune_trials", "0",
     "--train.epochs", "2", "--train.batch_size", "16",
 ]  # fmt: skip
 

@@ -23,6 +23,7 @@ FAST = [
     "--extract.batch_size", "16",
     "--classifiers", "LogisticRegression,GaussianNB,KNeighborsClassifier,RidgeClassifier,StackingClassifier",
     "--sweep.timeout_s", "120",
+    "--sweep.tune_trials", "4",
     "--train.epochs", "2",
 ]  # fmt: skip
 OUTPUTS = ["config.yaml", "manifest.parquet", "features.parquet", "leaderboard.csv", "leaderboard.md", "errors.csv", "summary.json"]

@@ -49,7 +49,7 @@ def test_run_from_and_to_s3(s3, ray_local, tiny_cells):
     code = main(
         [
             "run", "--data", "s3://cells/cnmc", "--out", "s3://cells/runs/r1", "--weights", "random",
-            "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression", "--train.epochs", "1",
+            "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression", "--train.epochs", "1", "--sweep.tune_trials", "2",
         ]
     )  # fmt: skip
     assert code == 0

@@ -19,6 +19,7 @@ FAST = [
     "--extract.batch_size", "16",
     "--classifiers", "LogisticRegression,GaussianNB,RidgeClassifier",
     "--sweep.timeout_s", "120",
+    "--sweep.tune_trials", "0",
 ]  # fmt: skip
 
 pytestmark = pytest.mark.slow
@@ -67,6 +68,32 @@ def test_tune_without_train_sweeps_trunk_features_only(extracted, tmp_path):
     record = json.loads((out / "extract.json").read_text())
     assert summary["data"]["fingerprint"] == record["fingerprint"]
     assert summary["ray"]["node_ids"] == record["ray"]["node_ids"]
+
+
+def test_tune_fine_tunes_the_best_classifier_with_ray_tune_and_chooses_on_validation(extracted, tmp_path):
+    from leukray.bundle import load_bundle
+    from leukray.sweep import search_space
+
+    out = tmp_path / "run"
+    shutil.copytree(extracted, out)
+    assert main(["tune", "--out", str(out), "--sweep.tune_trials", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    board = pd.read_csv(out / "leaderboard.csv")
+    trials = pd.read_csv(out / "tuning.csv")
+    tuned = summary["tuned_model"]
+    # the best classifier on validation that has a search space (RidgeClassifier has no probabilities)
+    ok = board[(board["status"] == "ok") & board["Model"].isin(["LogisticRegression", "GaussianNB"])]
+    assert tuned["name"] == ok.sort_values(["Val Balanced Accuracy", "Model"], ascending=[False, True]).iloc[0]["Model"]
+    assert len(trials) == tuned["trials"] == 4 and (trials["status"] == "ok").all()
+    params = [json.loads(p) for p in trials["params"]]
+    assert len({json.dumps(p, sort_keys=True) for p in params}) == 4  # four different settings
+    assert set(params[0]) == set(search_space(tuned["name"]))
+    assert tuned["params"] == params[0] and tuned["val_balanced_accuracy"] == trials["Val Balanced Accuracy"].max()
+    chosen = summary["chosen_model"]
+    if chosen["name"].endswith("(tuned)"):  # the tuned model won on validation: the bundle has its settings
+        fitted = load_bundle(str(out / "model")).classifier.named_steps["classifier"].get_params()
+        assert all(fitted[k] == v for k, v in tuned["params"].items())
+    assert chosen["val_balanced_accuracy"] >= tuned["val_balanced_accuracy"]
 
 
 def test_train_recomputes_maps_for_every_row_and_tune_adds_table_iv(trained_and_tuned):
