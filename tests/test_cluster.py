@@ -251,9 +251,9 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
     job_id = f"leukray-node-kill-{secrets.token_hex(4)}"
     ray_cli(
         "job", "submit", "--no-wait", f"--address={cluster['url']}", f"--submission-id={job_id}",
-        "--runtime-env-json", json.dumps({"env_vars": {TEST_HOOK_ENV: f"{hook}:2"}}),
+        "--runtime-env-json", json.dumps({"env_vars": {TEST_HOOK_ENV: f"{hook}:2.5"}}),
         "--", "python", str(REPO / "jobs" / "extract.py"), "--data", str(tiny_cells), "--out", str(out),
-        "--weights", "random", "--preprocess.size", "64", "--extract.batch_size", "4", "--extract.actors", "4",
+        "--weights", "random", "--preprocess.size", "64", "--extract.batch_size", "2", "--extract.actors", "4",
         env=cluster["env"], timeout=300,
     )  # fmt: skip
 
@@ -266,7 +266,7 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
         assert time.time() < deadline, f"no extractor batch ran on the victim node; batches: {sorted(p.name[:8] for p in hook.glob('*'))}"
         time.sleep(0.2)
     assert kill_node(victim_port) >= 2  # the raylet and at least the extractor worker under it
-    done_on_victim = sum(p.name.startswith(victim) for p in hook.glob("*"))
+    killed_at = time.time()
 
     deadline = time.time() + 600
     while (status := job_status(cluster, job_id)) in ("PENDING", "RUNNING"):
@@ -284,7 +284,8 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
     expected = {(p, k) for p, n in zip(usable["path"], usable["n_aug"]) for k in range(int(n) + 1)}
     assert set(keys) == expected, f"lost: {len(expected - set(keys))}, unexpected: {len(set(keys) - expected)}"
     assert np.isfinite(matrix).all()
-    assert done_on_victim >= 1 and len(list(hook.glob("*"))) > done_on_victim  # work moved on after the kill
+    # batches started after the kill (each leaves its file as it starts): the work went on elsewhere
+    assert any(p.stat().st_mtime > killed_at for p in hook.glob("*") if not p.name.startswith(victim))
 
 
 JOBS = ["pipeline", "extract", "train", "tune", "predict", "screen"]
@@ -326,18 +327,3 @@ def test_kuberay_manifests_ask_for_token_auth_and_run_a_valid_job():
     assert argv[:2] == ["python", "jobs/pipeline.py"] and (REPO / argv[1]).is_file()
     args = build_parser().parse_args(["run", *argv[2:]])  # the entrypoint's flags are leukray's
     assert args.out.startswith("s3://") and load_yaml(REPO / args.config)["data"]["path"].startswith("s3://")
-
-
-def test_example_configs_parse_and_point_at_object_storage():
-    from argparse import Namespace
-
-    from leukray.cli import _screen_config
-    from leukray.config import build_config, load_yaml
-
-    cnmc = build_config(load_yaml(REPO / "jobs" / "configs" / "cnmc-s3.yaml"))
-    assert cnmc.data.path.startswith("s3://") and cnmc.data.test_path.startswith("s3://")
-    assert cnmc.train.storage_path.startswith("s3://")  # checkpoints where every node reaches them
-    args = Namespace(config=str(REPO / "jobs" / "configs" / "slides-s3.yaml"), model=None, data=None, out=None)
-    screen_cfg, places = _screen_config(args)
-    assert all(places[k].startswith("s3://") for k in ("model", "data", "out"))
-    assert screen_cfg.min_cells == 5

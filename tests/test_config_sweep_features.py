@@ -171,13 +171,17 @@ class TestWeights:
         assert (out["features"][[0, 2]] >= 0).all()  # after ReLU and average pooling
 
 
-def test_example_job_configs_are_valid():
+def test_example_configs_parse_and_point_at_object_storage():
+    from argparse import Namespace
     from pathlib import Path
 
-    from leukray.config import load_yaml
+    from leukray.cli import _screen_config
+    from leukray.config import build_config, load_yaml
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        cfg = build_config(load_yaml(path), {"out": "s3://bucket/run"})
-        assert cfg.data.path.startswith("s3://"), path
+    cnmc = build_config(load_yaml(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cnmc-s3.yaml"))
+    assert cnmc.data.path.startswith("s3://") and cnmc.data.test_path.startswith("s3://")
+    assert cnmc.train.storage_path.startswith("s3://")  # checkpoints where every node reaches them
+    args = Namespace(config=str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "slides-s3.yaml"), model=None, data=None, out=None)
+    screen_cfg, places = _screen_config(args)
+    assert all(places[k].startswith("s3://") for k in ("model", "data", "out"))
+    assert screen_cfg.min_cells == 5
