@@ -372,7 +372,7 @@ def search_space(name: str) -> dict[str, Any] | None:
         "LinearDiscriminantAnalysis": {"solver": "lsqr", "shrinkage": tune.uniform(0.0, 1.0)},
         "QuadraticDiscriminantAnalysis": {"reg_param": tune.uniform(0.0, 1.0)},
         "GaussianNB": {"var_smoothing": tune.loguniform(1e-12, 1e-3)},
-        "BernoulliNB": {"alpha": tune.loguniform(1e-3, 10.0), "binarize": tune.uniform(-1.0, 1.0)},
+        "BernoulliNB": {"alpha": tune.loguniform(1e-3, 10.0), "binarize": tune.uniform(0.0, 1.0)},
         "AdaBoostClassifier": {"n_estimators": tune.choice([50, 100, 200]), "learning_rate": tune.loguniform(0.01, 2.0)},
         "BaggingClassifier": {
             "n_estimators": tune.choice([10, 20, 50]),

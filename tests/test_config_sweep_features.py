@@ -106,11 +106,16 @@ class TestSweep:
         np.random.seed(0)
         spaces = {n: search_space(n) for n in lazypredict_classifiers() if search_space(n) is not None}
         assert {"LogisticRegression", "RandomForestClassifier", "XGBClassifier", "LGBMClassifier"} <= set(spaces)
+        rng = np.random.default_rng(0)
+        X, y = rng.normal(size=(60, 6)), np.repeat([0, 1], 30)
+        X[y == 1] += 0.8
         for name, space in spaces.items():
             for _ in range(3):
                 sample = {k: v.sample() if hasattr(v, "sample") else v for k, v in space.items()}
-                got = make_pipeline(name, 0, params=sample).named_steps["classifier"].get_params()
+                model = make_pipeline(name, 0, params=sample)
+                got = model.named_steps["classifier"].get_params()
                 assert all(got[k] == v for k, v in sample.items()), name  # every key is a real hyperparameter
+                assert model.fit(X, y).predict_proba(X).shape == (60, 2), name  # ... and every value a valid one
 
 
 class TestWeights:
