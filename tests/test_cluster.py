@@ -327,3 +327,31 @@ def test_kuberay_manifests_ask_for_token_auth_and_run_a_valid_job():
     assert argv[:2] == ["python", "jobs/pipeline.py"] and (REPO / argv[1]).is_file()
     args = build_parser().parse_args(["run", *argv[2:]])  # the entrypoint's flags are leukray's
     assert args.out.startswith("s3://") and load_yaml(REPO / args.config)["data"]["path"].startswith("s3://")
+
+
+PRINT_CWD_THEN_RUN_TUNE_HELP = (
+    "import os, json, runpy, sys; "
+    "files = sorted(os.path.relpath(os.path.join(d, f)) for d, _, fs in os.walk('.') for f in fs); "
+    "print(json.dumps([os.getcwd(), files]), flush=True); "
+    "sys.argv = ['jobs/tune.py', '--help']; runpy.run_path('jobs/tune.py', run_name='__main__')"
+)
+
+
+def test_make_submit_style_upload_excludes_the_venv_and_runs_the_job(cluster):
+    """`make submit` uploads the checkout with `--working-dir . --runtime-env jobs/runtime_env.yaml`;
+    the excludes must keep .venv (gigabytes) and run folders out, and the job must find leukray
+    through the uploaded source. (`--help` runs on the head only, so the one-host session-folder
+    sharing noted above does not come into it.)"""
+    result = ray_cli(
+        "job", "submit", f"--address={cluster['url']}", f"--working-dir={REPO}",
+        f"--runtime-env={REPO / 'jobs' / 'runtime_env.yaml'}",
+        "--", "python", "-c", PRINT_CWD_THEN_RUN_TUNE_HELP,
+        env=cluster["env"], timeout=300,
+    )  # fmt: skip
+    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    assert "usage: leukray tune" in text and "succeeded" in text, text[-3000:]
+    cwd, files = json.loads(next(line for line in text.splitlines() if line.startswith('["')))
+    assert "_ray_pkg_" in cwd  # the job ran in the uploaded package, not in the checkout
+    assert {"jobs/tune.py", "leukray/cli.py", "pyproject.toml"} <= set(files)
+    leaked = [f for f in files if f.split("/")[0] in {".venv", "runs", ".git", "data"} or f == "bench.json"]
+    assert not leaked, leaked[:20]
