@@ -229,31 +229,40 @@ def job_status(cluster, job_id: str) -> str:
 
 @pytest.mark.slow
 def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(cluster, tiny_cells, tmp_path):
-    """A fourth node joins, an extractor actor starts working on it, and the node is killed
-    mid-stage: Ray restarts the actor elsewhere and retries its tasks, and features.parquet
-    still holds every image and every augmented copy exactly once."""
+    """The extractor's node is killed mid-stage and a replacement joins, as an autoscaler
+    would bring one: Ray restarts the actor on the new node, retries its tasks and rebuilds
+    lost blocks, and features.parquet still holds every image and every augmented copy once.
+
+    The extractor actors ask for a custom resource that only the victim node has (and later
+    its replacement), so the victim is sure to be extracting when it dies."""
     from leukray.features import TEST_HOOK_ENV
     from leukray.pipeline import load_features
 
-    before = {n["id"] for n in nodes(cluster)}
+    pool = {"leukray_extract_pool": 1}
+
+    def add_node(port: int) -> str:
+        known = {n["id"] for n in nodes(cluster)}
+        ray_cli(
+            "start", f"--address={cluster['address']}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            f"--resources={json.dumps(pool)}", f"--node-manager-port={port}", env=cluster["env"],
+        )  # fmt: skip
+        deadline = time.time() + 120
+        while not (new := {n["id"] for n in nodes(cluster) if n["res"].get("leukray_extract_pool")} - known):
+            assert time.time() < deadline, "the new node never joined"
+            time.sleep(2)
+        return new.pop()
+
     victim_port = free_port()
-    ray_cli(
-        "start", f"--address={cluster['address']}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-        f"--node-manager-port={victim_port}", env=cluster["env"],
-    )  # fmt: skip
-    deadline = time.time() + 120
-    while not (victim := {n["id"] for n in nodes(cluster)} - before):
-        assert time.time() < deadline, "the fourth node never joined"
-        time.sleep(2)
-    (victim,) = victim
+    victim = add_node(victim_port)
     hook = tmp_path / "extractor-batches"
     out = tmp_path / "run"
     job_id = f"leukray-node-kill-{secrets.token_hex(4)}"
     ray_cli(
         "job", "submit", "--no-wait", f"--address={cluster['url']}", f"--submission-id={job_id}",
-        "--runtime-env-json", json.dumps({"env_vars": {TEST_HOOK_ENV: f"{hook}:2.5"}}),
+        "--runtime-env-json", json.dumps({"env_vars": {TEST_HOOK_ENV: f"{hook}:1"}}),
         "--", "python", str(REPO / "jobs" / "extract.py"), "--data", str(tiny_cells), "--out", str(out),
-        "--weights", "random", "--preprocess.size", "64", "--extract.batch_size", "2", "--extract.actors", "4",
+        "--weights", "random", "--preprocess.size", "64", "--extract.batch_size", "4",
+        "--extract.accelerator_resource", *pool,
         env=cluster["env"], timeout=300,
     )  # fmt: skip
 
@@ -263,10 +272,11 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
         if time.time() > next_status:  # `ray job status` takes a second or two: not every poll
             assert job_status(cluster, job_id) in ("PENDING", "RUNNING"), "the job ended before the victim node extracted anything"
             next_status = time.time() + 10
-        assert time.time() < deadline, f"no extractor batch ran on the victim node; batches: {sorted(p.name[:8] for p in hook.glob('*'))}"
+        assert time.time() < deadline, "no extractor batch ran on the victim node"
         time.sleep(0.2)
     assert kill_node(victim_port) >= 2  # the raylet and at least the extractor worker under it
     killed_at = time.time()
+    replacement = add_node(free_port())
 
     deadline = time.time() + 600
     while (status := job_status(cluster, job_id)) in ("PENDING", "RUNNING"):
@@ -284,8 +294,10 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
     expected = {(p, k) for p, n in zip(usable["path"], usable["n_aug"]) for k in range(int(n) + 1)}
     assert set(keys) == expected, f"lost: {len(expected - set(keys))}, unexpected: {len(set(keys) - expected)}"
     assert np.isfinite(matrix).all()
-    # batches started after the kill (each leaves its file as it starts): the work went on elsewhere
-    assert any(p.stat().st_mtime > killed_at for p in hook.glob("*") if not p.name.startswith(victim))
+    # the restarted extractor went on on the replacement node, after the kill
+    assert any(p.name.startswith(replacement) and p.stat().st_mtime > killed_at for p in hook.glob("*"))
+    record = json.loads((out / "extract.json").read_text())
+    assert replacement in record["ray"]["node_ids"]["extract"]
 
 
 JOBS = ["pipeline", "extract", "train", "tune", "predict", "screen"]
