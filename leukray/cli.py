@@ -47,10 +47,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifiers", help="all, or comma-separated names (see `leukray classifiers`)")
     group = parser.add_argument_group("every config field (section.field)")
     for section, cls in sections().items():
-        for name, typ in field_types(cls).items():
-            key = f"{section}.{name}"
-            if key in ALIASES.values():
-                continue
+        _add_section_options(group, section, cls, skip=set(ALIASES.values()))
+
+
+def _add_section_options(group, section: str, cls: type, skip: set[str] = frozenset()) -> None:
+    """`--section.field VALUE` for every field of a config section (dest `cfg:section.field`)."""
+    for name, typ in field_types(cls).items():
+        key = f"{section}.{name}"
+        if key not in skip:
             group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=typ.__name__.upper())
 
 
@@ -268,9 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     scr.add_argument("--config", help="YAML with model/data/out and a `screen:` section (overridden by options)")
     from leukray.screen import ScreenConfig
 
-    group = scr.add_argument_group("screening settings (screen.field)")
-    for name, typ in field_types(ScreenConfig).items():
-        group.add_argument(f"--screen.{name}", dest=f"cfg:screen.{name}", metavar=typ.__name__.upper())
+    _add_section_options(scr.add_argument_group("screening settings (screen.field)"), "screen", ScreenConfig)
     scr.set_defaults(func=cmd_screen)
 
     classifiers = sub.add_parser("classifiers", help="list the classifiers of the sweep (Lazy Predict's list)")

@@ -310,10 +310,7 @@ def build_config(
         section, name = key.split(".", 1)
         if section not in secs:
             raise ConfigError(f"unknown config section '{section}' in '{key}' (sections: {', '.join(secs)})")
-        types = field_types(secs[section])
-        if name not in types:
-            raise ConfigError(f"unknown config key '{key}' (known in {section}: {', '.join(types)})")
-        values[section][name] = parse_value(key, raw, types[name])
+        values[section][name] = parse_field(section, secs[section], name, raw)
 
     for section, body in (yaml_values or {}).items():
         if isinstance(body, dict):
@@ -333,19 +330,25 @@ def build_config(
     return RunConfig(**top, **built)
 
 
+def parse_field(section: str, cls: type, name: str, raw: Any) -> Any:
+    """One field of a section (a frozen dataclass) from a raw YAML / command-line value.
+
+    Raises:
+        ConfigError: an unknown key, or a value of the wrong type.
+    """
+    types = field_types(cls)
+    if name not in types:
+        raise ConfigError(f"unknown config key '{section}.{name}' (known in {section}: {', '.join(types)})")
+    return parse_value(f"{section}.{name}", raw, types[name])
+
+
 def build_section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
-    """One config section (a frozen dataclass) from raw YAML / command-line values.
+    """One config section from raw values (`leukray screen`'s `screen` section).
 
     Raises:
         ConfigError: an unknown key, or a value of the wrong type or range.
     """
-    types = field_types(cls)
-    parsed = {}
-    for key, raw in values.items():
-        if key not in types:
-            raise ConfigError(f"unknown config key '{name}.{key}' (known in {name}: {', '.join(types)})")
-        parsed[key] = parse_value(f"{name}.{key}", raw, types[key])
-    return cls(**parsed)
+    return cls(**{key: parse_field(name, cls, key, raw) for key, raw in values.items()})
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

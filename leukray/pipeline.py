@@ -569,7 +569,7 @@ def train_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, map
 
     out = cfg.out
     record = read_record(out, EXTRACT_RECORD, "train", "extract")
-    meta, _ = load_features(storage.join(out, "features.parquet"))
+    meta = read_parquet(storage.join(out, "features.parquet"), columns=["label", "split"])  # not the 2,048-d vectors
     classes = class_order(meta["label"].to_numpy().astype(str), cfg.data.positive_label)
     if not (meta["split"] == VAL).any():
         raise ConfigError("training the custom model needs a validation split: set split.val_fraction > 0")
@@ -749,6 +749,9 @@ def finish_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, to
 
     seconds["total" if total_start is not None else "tune_total"] = time.perf_counter() - t0
     usable_meta = meta[meta["aug_index"] == 0]
+    node_ids = dict(record["ray"]["node_ids"])
+    if train_record is not None and train_record["ray"]["maps_node_ids"]:  # a separate train job made its own maps
+        node_ids["train_maps"] = train_record["ray"]["maps_node_ids"].get("extract", [])
     summary = {
         "leukray_version": __version__,
         "weights": weights.as_dict(),
@@ -783,7 +786,7 @@ def finish_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, to
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "ray": {
             "extract_device": record["ray"]["extract_device"],
-            "node_ids": {**record["ray"]["node_ids"], **({"train_maps": train_record["ray"]["maps_node_ids"].get("extract", [])} if train_record and train_record["ray"]["maps_node_ids"] else {})},
+            "node_ids": node_ids,
             "sweep_node_ids": sorted(set(board.get("node_id", pd.Series(dtype=str)).dropna().astype(str)) - {""}),
             "cluster_cpus": cluster_cpus(),
             "cluster_gpus": cluster_gpus(),
@@ -981,9 +984,9 @@ def _write_report(out: str) -> None:
         log(f"WARNING: the report could not be written: {type(exc).__name__}: {exc}")
 
 
-def read_parquet(path: str) -> pd.DataFrame:
+def read_parquet(path: str, columns: list[str] | None = None) -> pd.DataFrame:
     fs, inner = storage.resolve(path)
-    return pq.read_table(inner, filesystem=fs).to_pandas()
+    return pq.read_table(inner, filesystem=fs, columns=columns).to_pandas()
 
 
 def read_csv(path: str) -> pd.DataFrame:

@@ -290,14 +290,19 @@ def leukocyte_mask(image: np.ndarray, cfg: ScreenConfig) -> np.ndarray:
     Raises:
         ValueError: `image` is not HxWx3 uint8.
     """
-    check_rgb(image)
-    h, w = image.shape[:2]
-    diameter, scale = _working_scale(image, cfg)
-    work = _resize(image, scale)
-    mask = _nucleus_mask(work, cfg, diameter * scale)
+    mask, scale, _ = _working_mask(image, cfg)
     if scale < 1.0:
-        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
     return mask.astype(bool)
+
+
+def _working_mask(image: np.ndarray, cfg: ScreenConfig) -> tuple[np.ndarray, float, float]:
+    """(nucleus mask at the working scale, factor input -> working image, red-cell
+    diameter in working pixels), after checking `image`."""
+    check_rgb(image)
+    diameter, scale = _working_scale(image, cfg)
+    red_px = diameter * scale
+    return _nucleus_mask(_resize(image, scale), cfg, red_px), scale, red_px
 
 
 def _resize(image: np.ndarray, scale: float) -> np.ndarray:
@@ -330,12 +335,8 @@ def detect_leukocytes(image: np.ndarray, cfg: ScreenConfig) -> list[CellBox]:
     Raises:
         ValueError: `image` is not HxWx3 uint8.
     """
-    check_rgb(image)
+    mask, scale, red_px = _working_mask(image, cfg)
     h, w = image.shape[:2]
-    diameter, scale = _working_scale(image, cfg)
-    work = _resize(image, scale)
-    red_px = diameter * scale
-    mask = _nucleus_mask(work, cfg, red_px)
     if not mask.any():
         return []
     pieces = split_touching_nuclei(mask, cfg.split_depth * red_px)

@@ -257,6 +257,66 @@ def best_row(board: pd.DataFrame, has_val: bool, seed: int = 0) -> pd.Series | N
     return ok.sort_values([key, "Model"], ascending=[False, True]).iloc[0]
 
 
+def _run_trials(
+    data: SweepData,
+    fit_row: Callable[[dict[str, Any], SweepData], dict[str, Any]],
+    param_space: dict[str, Any],
+    tune_config: Any,
+    *,
+    run_name: str,
+    storage_path: str,
+    cpus_per_trial: float,
+    on_result: Callable[[dict[str, Any]], None] | None,
+    columns: list[str],
+    failed_row: Callable[[dict[str, Any], str], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The Ray Tune plumbing of the sweep and the search: each trial reports
+    `fit_row(config, data)` and the node it ran on; returns one row (`columns`) per trial,
+    a trial that reported nothing as `failed_row(config, detail)`.
+
+    Needs a running Ray (`ray.init` or a cluster). Trial actors are reused: the fit itself
+    runs in a child process, so nothing lingers in the actor.
+    """
+    from ray import tune
+
+    # Tune's rich console output would interleave with our one line per finished trial.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+    def trial(config: dict[str, Any], data_ref=None) -> None:
+        import ray
+
+        tune.report({**fit_row(config, data_ref), "node_id": ray.get_runtime_context().get_node_id()})
+
+    class PrintFinished(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if on_result is not None:
+                on_result({k: result.get(k) for k in columns})
+
+    trainable = tune.with_resources(tune.with_parameters(trial, data_ref=data), {"cpu": cpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            verbose=0,
+            callbacks=[PrintFinished()],
+            # The trial function reports once and returns; checkpoints are not needed.
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+    rows = []
+    for result in tuner.fit():
+        metrics = result.metrics or {}
+        if "status" in metrics:
+            rows.append({k: metrics.get(k) for k in columns})
+        else:
+            err = str(result.error).splitlines()[0][:300] if result.error else "no result reported"
+            rows.append(failed_row(result.config or {}, f"trial error: {err}"))
+    return rows
+
+
 def run_sweep_tune(
     data: SweepData,
     names: list[str],
@@ -267,53 +327,20 @@ def run_sweep_tune(
     name: str = "sweep",
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> pd.DataFrame:
-    """One Ray Tune trial per classifier; returns the leaderboard.
-
-    Needs a running Ray (`ray.init` or a cluster). Trial actors are reused between
-    classifiers: the fit itself runs in a child process, so nothing lingers in the actor.
-    """
+    """One Ray Tune trial per classifier (see `_run_trials`); returns the leaderboard."""
     from ray import tune
 
-    # Tune's rich console output would interleave with our one line per finished trial.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     n_jobs = max(1, int(cpus_per_trial))
 
-    def trial(config: dict[str, Any], data_ref=None) -> None:
-        import ray
+    def fit_row(config: dict[str, Any], data_ref: SweepData) -> dict[str, Any]:
+        return run_one(config["classifier"], data_ref, seed, timeout_s, n_jobs)
 
-        row = run_one(config["classifier"], data_ref, seed, timeout_s, n_jobs)
-        tune.report({**row, "node_id": ray.get_runtime_context().get_node_id()})
-
-    class PrintFinished(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            row = {k: result.get(k) for k in LEADERBOARD_COLUMNS}
-            if on_result is not None:
-                on_result(row)
-
-    trainable = tune.with_resources(tune.with_parameters(trial, data_ref=data), {"cpu": cpus_per_trial})
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"classifier": tune.grid_search(names)},
-        tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            verbose=0,
-            callbacks=[PrintFinished()],
-            # The trial function reports once and returns; checkpoints are not needed.
-            failure_config=tune.FailureConfig(max_failures=1),
-        ),
-    )
-    results = tuner.fit()
-    rows = []
-    for result in results:
-        model_name = result.config["classifier"] if result.config else "?"
-        metrics = result.metrics or {}
-        if "status" in metrics:
-            rows.append({k: metrics.get(k) for k in LEADERBOARD_COLUMNS})
-        else:
-            err = str(result.error).splitlines()[0][:300] if result.error else "no result reported"
-            rows.append({"Model": model_name, "status": "failed", "detail": f"trial error: {err}"})
+    rows = _run_trials(
+        data, fit_row, {"classifier": tune.grid_search(names)}, tune.TuneConfig(reuse_actors=True),
+        run_name=name, storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
+        columns=LEADERBOARD_COLUMNS,
+        failed_row=lambda config, detail: {"Model": config.get("classifier", "?"), "status": "failed", "detail": detail},
+    )  # fmt: skip
     return leaderboard_frame(rows)
 
 
@@ -416,41 +443,21 @@ def run_search_tune(
     space = search_space(name)
     if space is None:
         raise ConfigError(f"no hyperparameter search space for {name}")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     n_jobs = max(1, int(cpus_per_trial))
 
-    def trial(config: dict[str, Any], data_ref=None) -> None:
-        import ray
-
+    def fit_row(config: dict[str, Any], data_ref: SweepData) -> dict[str, Any]:
         row = run_one(name, data_ref, seed, timeout_s, n_jobs, params=config)
-        tune.report({**row, "params": json.dumps(config, sort_keys=True, default=_plain), "node_id": ray.get_runtime_context().get_node_id()})
+        return {**row, "params": json.dumps(config, sort_keys=True, default=_plain)}
 
-    class PrintFinished(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if on_result is not None:
-                on_result({**{k: result.get(k) for k in LEADERBOARD_COLUMNS}, "params": result.get("params")})
-
-    trainable = tune.with_resources(tune.with_parameters(trial, data_ref=data), {"cpu": cpus_per_trial})
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            num_samples=trials, reuse_actors=True, search_alg=BasicVariantGenerator(random_state=seed)
-        ),
-        run_config=tune.RunConfig(
-            name=run_name, storage_path=storage_path, verbose=0, callbacks=[PrintFinished()],
-            failure_config=tune.FailureConfig(max_failures=1),
-        ),
+    rows = _run_trials(
+        data, fit_row, space,
+        tune.TuneConfig(num_samples=trials, reuse_actors=True, search_alg=BasicVariantGenerator(random_state=seed)),
+        run_name=run_name, storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
+        columns=[*LEADERBOARD_COLUMNS, "params"],
+        failed_row=lambda config, detail: {
+            "Model": name, "status": "failed", "detail": detail, "params": json.dumps(config, sort_keys=True, default=str),
+        },
     )  # fmt: skip
-    rows = []
-    for result in tuner.fit():
-        metrics = result.metrics or {}
-        if "status" in metrics:
-            rows.append({**{k: metrics.get(k) for k in LEADERBOARD_COLUMNS}, "params": metrics["params"]})
-        else:
-            err = str(result.error).splitlines()[0][:300] if result.error else "no result reported"
-            params = json.dumps(result.config or {}, sort_keys=True, default=str)
-            rows.append({"Model": name, "status": "failed", "detail": f"trial error: {err}", "params": params})
     frame = pd.DataFrame(rows).reindex(columns=[*LEADERBOARD_COLUMNS, "params"])
     frame["_ok"] = frame["status"] == "ok"
     frame = frame.sort_values(["_ok", "Val Balanced Accuracy", "params"], ascending=[False, False, True])

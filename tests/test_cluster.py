@@ -95,40 +95,41 @@ def cluster(tmp_path_factory):
         stop_cluster(gcs_port)
 
 
-def stop_cluster(gcs_port: int) -> None:
-    """Kill this cluster's processes and their children only (`ray stop` would kill every
-    Ray on the machine). Children are found before anything is killed: agents whose
-    process title hides the address are orphaned once their raylet is gone."""
-    import re
+def kill_process_trees(matches) -> int:
+    """SIGKILL every process whose command line `matches`, and all their descendants (found
+    before anything is killed: agents whose process title hides the address are orphaned
+    once their raylet is gone). Returns how many processes were killed."""
     import signal
 
+    parents: dict[int, int] = {}
+    doomed: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if matches(cmdline):
+            doomed.add(int(proc.name))
+    while children := {pid for pid, ppid in parents.items() if ppid in doomed} - doomed:
+        doomed |= children
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(doomed)
+
+
+def stop_cluster(gcs_port: int) -> None:
+    """Kill this cluster's processes and their children only (`ray stop` would kill every
+    Ray on the machine)."""
     mark = re.compile(rf"(gcs_server_port={gcs_port}|[0-9.]+:{gcs_port})(\s|$)")
     for _ in range(3):
-        parents: dict[int, int] = {}
-        matched: set[int] = set()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if mark.search(cmdline):
-                matched.add(int(proc.name))
-        doomed = set(matched)
-        while True:
-            children = {pid for pid, ppid in parents.items() if ppid in doomed} - doomed
-            if not children:
-                break
-            doomed |= children
-        if not doomed:
+        if not kill_process_trees(lambda cmdline: bool(mark.search(cmdline))):
             break
-        for pid in doomed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
         time.sleep(1)
     # `ray start` recorded this cluster as the machine's current one; `ray stop` would remove
     # the record, so a later `ray.init()` does not try to join a cluster that is gone.
@@ -189,38 +190,19 @@ def test_submission_without_the_token_is_refused(cluster, tmp_path):
 def kill_node(node_manager_port: int) -> int:
     """SIGKILL one node: its raylet (found by its unique node-manager port) and everything
     under it — as a machine that loses power would. Returns how many processes died."""
-    import signal
+    killed = kill_process_trees(lambda cmdline: "raylet" in cmdline and f"--node_manager_port={node_manager_port} " in cmdline + " ")
+    assert killed, f"no raylet with node manager port {node_manager_port}"
+    return killed
 
-    parents: dict[int, int] = {}
-    raylets: set[int] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if "raylet" in cmdline and f"--node_manager_port={node_manager_port} " in cmdline + " ":
-            raylets.add(int(proc.name))
-    assert raylets, f"no raylet with node manager port {node_manager_port}"
-    doomed = set(raylets)
-    while True:
-        children = {pid for pid, ppid in parents.items() if ppid in doomed} - doomed
-        if not children:
-            break
-        doomed |= children
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return len(doomed)
+
+def plain(text: str) -> str:
+    """Ray's CLI output without its colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def job_status(cluster, job_id: str) -> str:
     result = ray_cli("job", "status", f"--address={cluster['url']}", job_id, env=cluster["env"], timeout=120)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr).upper()  # Ray colours it, on stderr
+    text = plain(result.stdout + result.stderr).upper()  # Ray colours it, on stderr
     for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
         if status in text:
             return status
@@ -360,7 +342,7 @@ def test_make_submit_style_upload_excludes_the_venv_and_runs_the_job(cluster):
         "--", "python", "-c", PRINT_CWD_THEN_RUN_TUNE_HELP,
         env=cluster["env"], timeout=300,
     )  # fmt: skip
-    text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    text = plain(result.stdout + result.stderr)
     assert "usage: leukray tune" in text and "succeeded" in text, text[-3000:]
     cwd, files = json.loads(next(line for line in text.splitlines() if line.startswith('["')))
     assert "_ray_pkg_" in cwd  # the job ran in the uploaded package, not in the checkout

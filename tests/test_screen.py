@@ -313,7 +313,13 @@ def read_rgb(path) -> np.ndarray:
 def test_all_idb1_blasts_are_detected():
     """12 ALL-IDB1 fields, 59 annotated blasts. Measured with the defaults: 53 of 59 blast
     centres inside a detected box (0.90); the misses are blasts in tight clumps."""
-    cfg = ScreenConfig()
+    found, total = all_idb1_blasts_found(ScreenConfig())
+    assert total == 59
+    assert found / total >= 0.83, f"blast recall {found}/{total}"
+
+
+def all_idb1_blasts_found(cfg: ScreenConfig) -> tuple[int, int]:
+    """(annotated blast centres inside a detected cell, annotated blast centres)."""
     found = total = 0
     for image_path in sorted((ALL_IDB1 / "im").glob("*.jpg")):
         text = (ALL_IDB1 / "xyc" / f"{image_path.stem}.xyc").read_text().split()
@@ -323,8 +329,7 @@ def test_all_idb1_blasts_are_detected():
         cells = detect_leukocytes(read_rgb(image_path), cfg)
         found += round(detection_recall(cells, centres) * len(centres))
         total += len(centres)
-    assert total == 59
-    assert found / total >= 0.83, f"blast recall {found}/{total}"
+    return found, total
 
 
 def voc_boxes(xml_path, name: str) -> list[tuple[int, int, int, int]]:
@@ -349,17 +354,24 @@ def test_bccd_white_cells_are_detected_with_few_false_detections():
     the other 5 surplus are cells split in two). On all 364 fields: 369/372, 0.044."""
     annotations = sorted((BCCD / "Annotations").glob("*.xml"))
     pick = sorted(np.random.default_rng(0).choice(len(annotations), 40, replace=False))
-    cfg = ScreenConfig()
+    hits, truth, false, detections, fields = bccd_white_cells_found([annotations[i] for i in pick], ScreenConfig())
+    assert fields == 40 and truth >= 40
+    assert hits / truth >= 0.9, f"WBC recall {hits}/{truth}"
+    assert false / fields <= 0.25, f"{false} false detections in {fields} fields"
+    assert detections <= 1.3 * truth, f"{detections} detections for {truth} white cells"
+
+
+def bccd_white_cells_found(annotations, cfg: ScreenConfig) -> tuple[int, int, int, int, int]:
+    """(annotated WBCs with a detection inside their box, annotated WBCs, detections inside
+    no WBC box, detections, fields) over the BCCD fields of `annotations`."""
     hits = truth = false = fields = detections = 0
-    for i in pick:
-        image_path = BCCD / "JPEGImages" / f"{annotations[i].stem}.jpg"
+    for annotation in annotations:
+        image_path = BCCD / "JPEGImages" / f"{annotation.stem}.jpg"
         if not image_path.is_file():
             continue
-        wbc = voc_boxes(annotations[i], "WBC")
+        wbc = voc_boxes(annotation, "WBC")
         cells = detect_leukocytes(read_rgb(image_path), cfg)
-        inside = [
-            [b[0] <= c.cx <= b[2] and b[1] <= c.cy <= b[3] for b in wbc] for c in cells
-        ]
+        inside = [[b[0] <= c.cx <= b[2] and b[1] <= c.cy <= b[3] for b in wbc] for c in cells]
         claimed: set[int] = set()
         for k in range(len(wbc)):
             match = [j for j, row in enumerate(inside) if row[k] and j not in claimed]
@@ -370,10 +382,7 @@ def test_bccd_white_cells_are_detected_with_few_false_detections():
         false += sum(1 for row in inside if not any(row))
         detections += len(cells)
         fields += 1
-    assert fields == 40 and truth >= 40
-    assert hits / truth >= 0.9, f"WBC recall {hits}/{truth}"
-    assert false / fields <= 0.25, f"{false} false detections in {fields} fields"
-    assert detections <= 1.3 * truth, f"{detections} detections for {truth} white cells"
+    return hits, truth, false, detections, fields
 
 
 # -- the whole job through Ray -----------------------------------------------------------------
@@ -497,3 +506,34 @@ def test_bad_bundle_and_empty_data_are_one_line_errors(tmp_path, slides_dir):
     with pytest.raises(DataError, match="no images found"):
         list_slides(str(empty))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "yaml_text", "message"),
+    [
+        (["--screen.blast_threshold", "2"], None, "screen.blast_threshold must be between 0.0 and 1.0"),
+        (["--screen.min_cells", "few"], None, "screen.min_cells must be an integer"),
+        ([], "bogus: 1\n", "unknown: bogus"),
+        ([], "screen: {threshold: 0.3}\n", "unknown config key 'screen.threshold'"),
+        (["--model", "MISSING"], None, "not a leukray model bundle"),
+        (["--data", "EMPTY"], None, "no images found in"),
+        (["--data", "NOWHERE"], None, "data path not found"),
+    ],
+)
+def test_screen_user_mistakes_are_one_line(tiny_bundle, tmp_path, capsys, argv, yaml_text, message):
+    from leukray.cli import main
+
+    (tmp_path / "empty").mkdir()
+    places = {"MISSING": str(tmp_path / "no-model"), "EMPTY": str(tmp_path / "empty"), "NOWHERE": str(tmp_path / "nowhere")}
+    argv = [places.get(a, a) for a in argv]
+    base = {"--model": str(tiny_bundle), "--data": str(tmp_path / "empty"), "--out": str(tmp_path / "out")}
+    for flag, value in base.items():
+        if flag not in argv:
+            argv += [flag, value]
+    if yaml_text is not None:
+        (tmp_path / "cfg.yaml").write_text(yaml_text)
+        argv += ["--config", str(tmp_path / "cfg.yaml")]
+    assert main(["screen", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()  # nothing half-written
