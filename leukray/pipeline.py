@@ -291,12 +291,16 @@ def extract_features(
 
 
 def load_features(path: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """features.parquet -> (metadata frame, N x 2048 float32 matrix)."""
+    """features.parquet -> (metadata frame, N x 2048 float32 matrix), rows ordered by (path,
+    aug_index): the file holds them in the order the stream finished them, which changes from
+    run to run, and order-sensitive classifiers (bagging, SGD, ...) would change with it."""
     fs, inner = storage.resolve(path)
     table = pq.read_table(inner, filesystem=fs)
     dim = table.schema.field("features").type.list_size
     matrix = table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return table.drop_columns(["features"]).to_pandas(), matrix
+    meta = table.drop_columns(["features"]).to_pandas()
+    order = np.lexsort((meta["aug_index"].to_numpy(), meta["path"].to_numpy()))
+    return meta.iloc[order].reset_index(drop=True), matrix[order]
 
 
 def class_order(labels: np.ndarray, positive: str) -> list[str]:

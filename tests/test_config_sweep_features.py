@@ -190,3 +190,22 @@ def test_example_configs_parse_and_point_at_object_storage():
     screen_cfg, places = _screen_config(args)
     assert all(places[k].startswith("s3://") for k in ("model", "data", "out"))
     assert screen_cfg.min_cells == 5
+
+
+def test_load_features_orders_rows_whatever_order_the_stream_wrote_them(tmp_path):
+    """The stream writes rows as they finish; the sweep must see the same matrix every run."""
+    from leukray.pipeline import FeatureFileWriter, load_features
+
+    paths = np.array(["c.png", "a.png", "b.png", "a.png"], dtype=object)
+    aug = np.array([0, 1, 0, 0])
+    feats = np.arange(4, dtype=np.float32)[:, None] * np.ones((4, 8), np.float32)  # row k is all k
+    batch = {
+        "path": paths, "label": np.array(["all"] * 4, dtype=object), "subject": np.array(["s"] * 4, dtype=object),
+        "split": np.array(["train"] * 4, dtype=object), "aug_index": aug, "features": feats,
+        "error": np.array([""] * 4, dtype=object),
+    }  # fmt: skip
+    with FeatureFileWriter(str(tmp_path / "f.parquet"), 8, {}) as writer:
+        writer.write(batch)
+    meta, matrix = load_features(str(tmp_path / "f.parquet"))
+    assert list(zip(meta["path"], meta["aug_index"])) == [("a.png", 0), ("a.png", 1), ("b.png", 0), ("c.png", 0)]
+    assert matrix[:, 0].tolist() == [3.0, 1.0, 2.0, 0.0]  # each vector stayed with its row
