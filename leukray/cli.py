@@ -9,6 +9,9 @@ Every config field is an option (`--sweep.timeout_s 30`), derived from the datac
 `leukray.config`; the common ones also have short names (`--data`, `--weights`, ...).
 A user mistake (wrong path, empty folder, single class, bad config value) ends in one
 line on stderr and exit code 2, never a traceback.
+
+The top of the house: may import anything in `leukray`; the commands import their stage
+lazily, so `leukray --help` starts without torch or Ray.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 from typing import Any, Sequence
 
 from leukray import __version__
-from leukray.config import build_config, build_section, field_types, load_yaml, sections
+from leukray.config import ScreenConfig, build_config, build_screen_config, field_types, load_yaml, sections
 from leukray.errors import ConfigError, LeukrayError
 
 # short option -> config key
@@ -78,20 +81,13 @@ def _config_from(args: argparse.Namespace, base: dict[str, Any] | None = None):
 
 def init_ray() -> None:
     """Connect to RAY_ADDRESS (a cluster, or inside `ray job submit`) or start a local Ray."""
-    import ray
+    from leukray.distributed.resources import init_ray as start
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # RAY_ADDRESS (set by `ray job submit`, or by the user) attaches to that cluster; without
-    # it a new local Ray starts, rather than joining whatever `ray start` left on the machine.
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    # The dashboard stays on locally: Ray Train's controller queries the state API it serves.
-    ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+    start()
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from leukray.synth import generate_dataset
+    from leukray.tools.synth import generate_dataset
 
     frame = generate_dataset(args.out, cells=args.cells, subjects=args.subjects, seed=args.seed, folds=args.folds)
     counts = frame.groupby("label").size().to_dict()
@@ -100,8 +96,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> int:
-    from leukray.pipeline import run_pipeline
-    from leukray.report import print_leaderboard
+    from leukray.report.console import print_leaderboard
+    from leukray.stages.run import run_pipeline
 
     cfg = _config_from(args, base)
     summary = run_pipeline(cfg, start_ray=init_ray)
@@ -110,14 +106,14 @@ def cmd_run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> int
 
 
 def _stage_config(args: argparse.Namespace, stage: str, extra: dict[str, Any] | None = None):
-    from leukray.pipeline import stage_config
+    from leukray.io.runfolder import stage_config
 
     yaml_values = load_yaml(args.config) if args.config else {}
     return stage_config(args.out, stage, yaml_values, {**_overrides(args), **(extra or {})})
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from leukray.pipeline import extract_stage
+    from leukray.stages.extract import extract_stage
 
     cfg = _config_from(args)
     extracted = extract_stage(cfg, start_ray=init_ray)
@@ -130,10 +126,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from leukray.pipeline import train_stage
+    from leukray.stages.run import run_train_job
 
     cfg = _stage_config(args, "train", {"train.enabled": "true"})
-    record = train_stage(cfg, start_ray=init_ray)
+    record = run_train_job(cfg, start_ray=init_ray)
     facts = record["custom_model"]
     print(
         f"trained the custom ResNet50 for {facts['epochs']} epochs: best epoch {facts['best_epoch']}, validation balanced "
@@ -144,17 +140,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from leukray.pipeline import finish_stage
-    from leukray.report import print_leaderboard
+    from leukray.report.console import print_leaderboard
+    from leukray.stages.run import run_tune_job
 
     cfg = _stage_config(args, "tune")
-    summary = finish_stage(cfg, start_ray=init_ray)
+    summary = run_tune_job(cfg, start_ray=init_ray)
     print_leaderboard(cfg.out, summary)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from leukray.synth import generate_dataset
+    from leukray.tools.synth import generate_dataset
 
     data = os.path.join(args.out, "data")
     marker = os.path.join(data, f".synth-{args.cells}-{args.subjects}-{args.seed}")
@@ -167,38 +163,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from leukray.predict import predict
+    from leukray.stages.predict import predict
 
     predict(args.model, args.data, args.out, start_ray=init_ray)
     return 0
 
 
-SCREEN_TOP_KEYS = ("model", "data", "out")
-
-
-def _screen_config(args: argparse.Namespace):
-    """ScreenConfig and (model, data, out) from the YAML's `screen` section and top-level
-    `model`/`data`/`out` keys, overridden by the options."""
-    from leukray.screen import ScreenConfig
-
+def _screen_config(args: argparse.Namespace) -> tuple[ScreenConfig, dict[str, str]]:
     yaml_values = load_yaml(args.config) if args.config else {}
-    unknown = sorted(set(yaml_values) - {"screen", *SCREEN_TOP_KEYS})
-    if unknown:
-        raise ConfigError(f"config file {args.config}: `leukray screen` reads model, data, out and a screen section; unknown: {', '.join(unknown)}")
-    section = yaml_values.get("screen") or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"config section 'screen' must be a mapping, got {section!r}")
-    values = {**section, **{k[len("cfg:screen.") :]: v for k, v in vars(args).items() if k.startswith("cfg:screen.") and v is not None}}
-    places = {}
-    for key in SCREEN_TOP_KEYS:
-        places[key] = getattr(args, key) or str(yaml_values.get(key) or "")
-        if not places[key]:
-            raise ConfigError(f"no {key}: pass --{key} or set `{key}:` in the config file")
-    return build_section("screen", ScreenConfig, values), places
+    options = {k[len("cfg:screen.") :]: v for k, v in vars(args).items() if k.startswith("cfg:screen.") and v is not None}
+    places = {key: getattr(args, key) for key in ("model", "data", "out")}
+    return build_screen_config(yaml_values, options, places, source=args.config)
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from leukray.screen import screen
+    from leukray.stages.screen import screen
 
     cfg, places = _screen_config(args)
     result = screen(places["model"], places["data"], places["out"], cfg, start_ray=init_ray)
@@ -212,7 +191,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 
 def cmd_classifiers(args: argparse.Namespace) -> int:
-    from leukray.sweep import select_classifiers
+    from leukray.models.classifiers import select_classifiers
 
     for name in select_classifiers("all"):
         print(name)
@@ -270,8 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     scr.add_argument("--data", help="folder or URI of smear-field images, searched recursively (or `data:` in --config)")
     scr.add_argument("--out", help="output folder: cells.parquet, slides.csv, screen.json (or `out:` in --config)")
     scr.add_argument("--config", help="YAML with model/data/out and a `screen:` section (overridden by options)")
-    from leukray.screen import ScreenConfig
-
     _add_section_options(scr.add_argument_group("screening settings (screen.field)"), "screen", ScreenConfig)
     scr.set_defaults(func=cmd_screen)
 

@@ -3,7 +3,9 @@
 Every field of every section is reachable from the command line as
 ``--<section>.<field> VALUE`` (derived from the dataclasses, so the CLI cannot drift from
 the config), and the fully resolved configuration is written into every run folder as
-``config.yaml``.
+``config.yaml``. `ScreenConfig` is `leukray screen`'s own section.
+
+May import: yaml, `leukray.errors`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class DataConfig:
     """The label scored as positive (ALL). Ignored when it is not among the labels."""
 
     def __post_init__(self) -> None:
-        _choice("data.layout", self.layout, ("auto", "cnmc", "folders", "csv"))
+        check_choice("data.layout", self.layout, ("auto", "cnmc", "folders", "csv"))
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,10 @@ class PreprocessConfig:
     """Pad the crop to a square with black before resizing, instead of stretching it."""
 
     def __post_init__(self) -> None:
-        _at_least("preprocess.size", self.size, 16)
-        _at_least("preprocess.min_side", self.min_side, 1)
-        _at_least("preprocess.min_foreground_px", self.min_foreground_px, 1)
-        _at_least("preprocess.margin", self.margin, 0)
+        check_at_least("preprocess.size", self.size, 16)
+        check_at_least("preprocess.min_side", self.min_side, 1)
+        check_at_least("preprocess.min_foreground_px", self.min_foreground_px, 1)
+        check_at_least("preprocess.margin", self.margin, 0)
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,11 @@ class AugmentConfig:
     flip: bool = True
 
     def __post_init__(self) -> None:
-        _in_range("augment.oversample", self.oversample, 0.0, 10.0)
-        _at_least("augment.copies", self.copies, 0)
-        _in_range("augment.max_rotation", self.max_rotation, 0.0, 180.0)
-        _in_range("augment.scale_min", self.scale_min, 0.1, 10.0)
-        _in_range("augment.scale_max", self.scale_max, self.scale_min, 10.0)
+        check_in_range("augment.oversample", self.oversample, 0.0, 10.0)
+        check_at_least("augment.copies", self.copies, 0)
+        check_in_range("augment.max_rotation", self.max_rotation, 0.0, 180.0)
+        check_in_range("augment.scale_min", self.scale_min, 0.1, 10.0)
+        check_in_range("augment.scale_max", self.scale_max, self.scale_min, 10.0)
 
     @property
     def enabled(self) -> bool:
@@ -98,9 +100,9 @@ class SplitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("split.mode", self.mode, ("subject", "image"))
-        _in_range("split.test_fraction", self.test_fraction, 0.01, 0.9)
-        _in_range("split.val_fraction", self.val_fraction, 0.0, 0.9)
+        check_choice("split.mode", self.mode, ("subject", "image"))
+        check_in_range("split.test_fraction", self.test_fraction, 0.01, 0.9)
+        check_in_range("split.val_fraction", self.val_fraction, 0.0, 0.9)
         if self.test_fraction + self.val_fraction >= 0.95:
             raise ConfigError(
                 f"split.test_fraction + split.val_fraction must leave data to train on, got "
@@ -130,10 +132,10 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if not self.weights:
             raise ConfigError("extract.weights is empty: use imagenet, random, auto or a file path")
-        _at_least("extract.batch_size", self.batch_size, 1)
-        _at_least("extract.actors", self.actors, 0)
-        _choice("extract.use_gpu", self.use_gpu, ("auto", "true", "false"))
-        _at_least("extract.preprocess_batch_size", self.preprocess_batch_size, 1)
+        check_at_least("extract.batch_size", self.batch_size, 1)
+        check_at_least("extract.actors", self.actors, 0)
+        check_choice("extract.use_gpu", self.use_gpu, ("auto", "true", "false"))
+        check_at_least("extract.preprocess_batch_size", self.preprocess_batch_size, 1)
 
 
 @dataclass(frozen=True)
@@ -152,11 +154,11 @@ class SweepConfig:
     seeded random search over its hyperparameters, chosen on validation; 0 = off."""
 
     def __post_init__(self) -> None:
-        _at_least("sweep.tune_trials", self.tune_trials, 0)
+        check_at_least("sweep.tune_trials", self.tune_trials, 0)
         if not self.classifiers.strip():
             raise ConfigError("sweep.classifiers is empty: use 'all' or a comma-separated list")
-        _in_range("sweep.timeout_s", self.timeout_s, 0.1, 7 * 24 * 3600)
-        _in_range("sweep.cpus_per_trial", self.cpus_per_trial, 0.01, 1024)
+        check_in_range("sweep.timeout_s", self.timeout_s, 0.1, 7 * 24 * 3600)
+        check_in_range("sweep.cpus_per_trial", self.cpus_per_trial, 0.01, 1024)
 
 
 @dataclass(frozen=True)
@@ -188,17 +190,17 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _at_least("train.epochs", self.epochs, 1)
-        _at_least("train.batch_size", self.batch_size, 2)
-        _in_range("train.lr", self.lr, 1e-8, 1.0)
-        _in_range("train.dropout", self.dropout, 0.0, 0.95)
-        _at_least("train.workers", self.workers, 1)
-        _choice("train.use_gpu", self.use_gpu, ("auto", "true", "false"))
-        _in_range("train.unfreeze_stages", self.unfreeze_stages, 0, 2)
-        _in_range("train.finetune_lr", self.finetune_lr, 1e-9, 1.0)
+        check_at_least("train.epochs", self.epochs, 1)
+        check_at_least("train.batch_size", self.batch_size, 2)
+        check_in_range("train.lr", self.lr, 1e-8, 1.0)
+        check_in_range("train.dropout", self.dropout, 0.0, 0.95)
+        check_at_least("train.workers", self.workers, 1)
+        check_choice("train.use_gpu", self.use_gpu, ("auto", "true", "false"))
+        check_in_range("train.unfreeze_stages", self.unfreeze_stages, 0, 2)
+        check_in_range("train.finetune_lr", self.finetune_lr, 1e-9, 1.0)
         if self.embedding not in (256, 512):
             raise ConfigError(f"train.embedding must be 256 or 512, got {self.embedding}")
-        _at_least("train.max_failures", self.max_failures, 0)
+        check_at_least("train.max_failures", self.max_failures, 0)
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,75 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """Leukocyte detection on smear fields, cropping, and the flagging rules."""
+
+    red_cell_diameter_px: float = 0.0
+    """Red-cell diameter in pixels of the input fields, the unit of every size below; 0 =
+    estimate it per field (median inscribed diameter of the red-cell blobs). Red cells are
+    the one object of nearly constant size (about 7.5 um) in every smear, so they calibrate
+    magnification better than the image width does: BCCD (640x480) has ~100 px red cells,
+    ALL-IDB1 at 2592x1944 ~90 px and at 1712x1368 ~65 px."""
+    min_stain: int = 20
+    """Floor on the Otsu threshold of the B - G stain channel (0-255): on a field without
+    any nucleus Otsu splits noise, and this keeps it from inventing cells."""
+    merge_distance: float = 0.35
+    """Nucleus pieces closer than this (in red-cell diameters) are one cell: the lobes of a
+    neutrophil are a fraction of a red cell apart, neighbouring leukocytes rarely closer."""
+    split_depth: float = 0.04
+    """Touching nuclei are split (watershed) where the neck between them is narrower than
+    either nucleus by at least this much (in red-cell diameters, on the inscribed radius);
+    0 = never split."""
+    lobe_area_fraction: float = 0.6
+    """Pieces smaller than this fraction of a red cell's area are lobes and are merged with
+    nearby lobes; larger pieces (round blast or lymphocyte nuclei) are cells on their own."""
+    min_area_fraction: float = 0.2
+    """A cell's nucleus area must be at least this fraction of a red cell's area (platelets,
+    2-3 um, are ~0.1)."""
+    max_area_fraction: float = 10.0
+    """... and at most this fraction (a large blast's nucleus is ~4-6; larger is a clump or
+    stain debris)."""
+    margin: float = 0.5
+    """The cytoplasm ring kept around the nucleus, as a fraction of the nucleus's
+    equivalent radius (C-NMC crops show the whole cell: nucleus plus cytoplasm)."""
+    edge_fraction: float = 0.0
+    """Drop cells whose nucleus box touches the field border and whose nucleus is smaller
+    than this fraction of a red cell's area (cut-off cells); 0 = keep every border cell."""
+    blast_threshold: float = 0.5
+    """A cell is flagged when its prob_all >= this."""
+    slide_flag_fraction: float = 0.2
+    """A slide is flagged when the share of its cells that are flagged is >= this."""
+    min_cells: int = 1
+    """A slide with fewer detected cells is reported as "insufficient cells", not negative."""
+    batch_size: int = 4
+    """Slides per detection batch (each yields tens of crops)."""
+
+    def __post_init__(self) -> None:
+        check_at_least("screen.red_cell_diameter_px", self.red_cell_diameter_px, 0.0)
+        if 0 < self.red_cell_diameter_px < 4:
+            raise ConfigError(
+                f"screen.red_cell_diameter_px must be 0 (estimate) or >= 4, got {self.red_cell_diameter_px}"
+            )
+        check_in_range("screen.min_stain", self.min_stain, 0, 254)
+        check_in_range("screen.merge_distance", self.merge_distance, 0.0, 5.0)
+        check_in_range("screen.split_depth", self.split_depth, 0.0, 5.0)
+        check_in_range("screen.lobe_area_fraction", self.lobe_area_fraction, 0.0, 100.0)
+        check_in_range("screen.min_area_fraction", self.min_area_fraction, 0.0, 100.0)
+        check_in_range(
+            "screen.max_area_fraction",
+            self.max_area_fraction,
+            self.min_area_fraction,
+            1000.0,
+        )
+        check_in_range("screen.margin", self.margin, 0.0, 5.0)
+        check_in_range("screen.edge_fraction", self.edge_fraction, 0.0, 1000.0)
+        check_in_range("screen.blast_threshold", self.blast_threshold, 0.0, 1.0)
+        check_in_range("screen.slide_flag_fraction", self.slide_flag_fraction, 0.0, 1.0)
+        check_at_least("screen.min_cells", self.min_cells, 0)
+        check_at_least("screen.batch_size", self.batch_size, 1)
 
 
 # -- building a config from defaults, a YAML file and command-line overrides -------------
@@ -351,16 +422,53 @@ def build_section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
     return cls(**{key: parse_field(name, cls, key, raw) for key, raw in values.items()})
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+SCREEN_TOP_KEYS = ("model", "data", "out")
+
+
+def build_screen_config(
+    yaml_values: Mapping[str, Any], options: Mapping[str, Any], places: Mapping[str, str | None], source: str | None = None
+) -> tuple[ScreenConfig, dict[str, str]]:
+    """`leukray screen`'s ScreenConfig and (model, data, out) from a YAML file's `screen`
+    section and top-level `model`/`data`/`out` keys, overridden by the options.
+
+    Args:
+        yaml_values: the YAML file's content ({} without one).
+        options: `screen.*` options given on the command line (field -> raw value).
+        places: model, data, out as given on the command line (None when not given).
+        source: the YAML file's name, for messages.
+
+    Raises:
+        ConfigError: an unknown key or value, or no model/data/out anywhere.
+    """
+    unknown = sorted(set(yaml_values) - {"screen", *SCREEN_TOP_KEYS})
+    if unknown:
+        raise ConfigError(
+            f"config file {source}: `leukray screen` reads model, data, out and a screen section; unknown: {', '.join(unknown)}"
+        )
+    section = yaml_values.get("screen") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section 'screen' must be a mapping, got {section!r}")
+    resolved = {}
+    for key in SCREEN_TOP_KEYS:
+        resolved[key] = places.get(key) or str(yaml_values.get(key) or "")
+        if not resolved[key]:
+            raise ConfigError(f"no {key}: pass --{key} or set `{key}:` in the config file")
+    return build_section("screen", ScreenConfig, {**section, **options}), resolved
+
+
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ConfigError naming `key` unless `value` is one of `allowed`."""
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-def _at_least(key: str, value: float, low: float) -> None:
+def check_at_least(key: str, value: float, low: float) -> None:
+    """Raise ConfigError naming `key` unless `value` >= `low`."""
     if value < low:
         raise ConfigError(f"{key} must be >= {low}, got {value}")
 
 
-def _in_range(key: str, value: float, low: float, high: float) -> None:
+def check_in_range(key: str, value: float, low: float, high: float) -> None:
+    """Raise ConfigError naming `key` unless `low` <= `value` <= `high`."""
     if not low <= value <= high:
         raise ConfigError(f"{key} must be between {low} and {high}, got {value}")

@@ -47,7 +47,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_cells(tmp_path_factory):
     """A small synthetic C-NMC-layout dataset (seeded): 72 cells of 9 subjects."""
-    from leukray.synth import generate_dataset
+    from leukray.tools.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("synth")
     generate_dataset(root, cells=72, subjects=9, seed=7)

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_screen import BCCD, all_idb1_blasts_found, bccd_white_cells_found  # noqa: E402
 
-from leukray.screen import ScreenConfig  # noqa: E402
+from leukray.config import ScreenConfig  # noqa: E402
 
 if __name__ == "__main__":
     found, total = all_idb1_blasts_found(ScreenConfig())

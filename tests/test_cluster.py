@@ -217,8 +217,8 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
 
     The extractor actors ask for a custom resource that only the victim node has (and later
     its replacement), so the victim is sure to be extracting when it dies."""
-    from leukray.features import TEST_HOOK_ENV
-    from leukray.pipeline import load_features
+    from leukray.io.features import load_features
+    from leukray.testing import EXTRACT_HOOK_ENV, EXTRACT_SETUP_HOOK
 
     pool = {"leukray_extract_pool": 1}
 
@@ -241,7 +241,8 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
     job_id = f"leukray-node-kill-{secrets.token_hex(4)}"
     ray_cli(
         "job", "submit", "--no-wait", f"--address={cluster['url']}", f"--submission-id={job_id}",
-        "--runtime-env-json", json.dumps({"env_vars": {TEST_HOOK_ENV: f"{hook}:1"}}),
+        "--runtime-env-json",
+        json.dumps({"env_vars": {EXTRACT_HOOK_ENV: f"{hook}:1"}, "worker_process_setup_hook": EXTRACT_SETUP_HOOK}),
         "--", "python", str(REPO / "jobs" / "extract.py"), "--data", str(tiny_cells), "--out", str(out),
         "--weights", "random", "--preprocess.size", "64", "--extract.batch_size", "4",
         "--extract.accelerator_resource", *pool,

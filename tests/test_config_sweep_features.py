@@ -7,8 +7,9 @@ import pytest
 
 from leukray.config import RunConfig, build_config
 from leukray.errors import ConfigError, WeightsError
-from leukray.features import FEATURE_DIM, FeatureExtractor, build_trunk, resolve_weights
-from leukray.sweep import (
+from leukray.distributed.actors import FeatureExtractor
+from leukray.models.trunk import FEATURE_DIM, build_trunk, resolve_weights
+from leukray.models.classifiers import (
     SweepData,
     lazypredict_classifiers,
     roc_auc_from_scores,
@@ -92,7 +93,7 @@ class TestSweep:
 
 
     def test_search_params_reach_the_classifier_and_keep_the_seed(self):
-        from leukray.sweep import make_pipeline
+        from leukray.models.classifiers import make_pipeline
 
         model = make_pipeline("LogisticRegression", 7, params={"C": 0.03}).named_steps["classifier"]
         assert model.C == 0.03 and model.random_state == 7
@@ -100,7 +101,8 @@ class TestSweep:
     def test_every_search_space_builds_its_classifier(self):
         import random
 
-        from leukray.sweep import lazypredict_classifiers, make_pipeline, search_space
+        from leukray.distributed.tuning import search_space
+        from leukray.models.classifiers import lazypredict_classifiers, make_pipeline
 
         random.seed(0)
         np.random.seed(0)
@@ -194,7 +196,7 @@ def test_example_configs_parse_and_point_at_object_storage():
 
 def test_load_features_orders_rows_whatever_order_the_stream_wrote_them(tmp_path):
     """The stream writes rows as they finish; the sweep must see the same matrix every run."""
-    from leukray.pipeline import FeatureFileWriter, load_features
+    from leukray.io.features import FeatureFileWriter, load_features
 
     paths = np.array(["c.png", "a.png", "b.png", "a.png"], dtype=object)
     aug = np.array([0, 1, 0, 0])

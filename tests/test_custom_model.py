@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from leukray.bundle import BundleError, load_bundle
+from leukray.models.bundle import BundleError, load_bundle
 from leukray.cli import main
 from leukray.config import TrainConfig
-from leukray.features import build_trunk
-from leukray.model import (
+from leukray.models.trunk import build_trunk
+from leukray.models.head import (
     TABLE_II_HEAD_PARAMETERS,
     CustomResNet50,
     PaperHead,
@@ -27,7 +27,8 @@ from leukray.model import (
     trunk_prefix,
     trunk_suffix,
 )
-from leukray.train import KILL_ENV, train_head
+from leukray.distributed.training import train_head
+from leukray.testing import KillWorkerOnce
 
 
 class TestModel:
@@ -84,14 +85,14 @@ class TestTraining:
         model = CustomResNet50(torch.nn.Sequential(), PaperHead(32, 2, 0.2))
         model.load_state_dict(result.state_dict)  # the kept state is a full, loadable model
 
-    def test_killed_worker_resumes_from_its_checkpoint(self, ray_local, tmp_path, monkeypatch):
+    def test_killed_worker_resumes_from_its_checkpoint(self, ray_local, tmp_path):
         marker = tmp_path / "killed"
-        monkeypatch.setenv(KILL_ENV, "2")  # the worker SIGKILLs itself after epoch 2's checkpoint
+        kill = KillWorkerOnce(str(marker), at_epoch=2)  # the worker SIGKILLs itself after epoch 2's checkpoint
         cfg = TrainConfig(epochs=4, batch_size=16, max_failures=2)
         result = train_head(
             maps_dataset(ray_local), maps_dataset(ray_local, n=48, seed=1), cfg,
             in_features=32, num_classes=2, weights="random", weights_seed=0,
-            storage_path=str(tmp_path), name="resume", use_gpu=False, kill_marker=str(marker),
+            storage_path=str(tmp_path), name="resume", use_gpu=False, on_epoch_end=kill,
         )  # fmt: skip
         assert marker.exists()  # the worker really died once
         assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]  # resumed at 3, not from 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from leukray.cli import main
-from leukray.features import FeatureExtractor
+from leukray.distributed.actors import FeatureExtractor
 
 pytestmark = pytest.mark.gpu
 

@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from leukray.augment import augment_image, augmentation_rng, plan_copies
+from leukray.ops.augment import augment_image, augmentation_rng, plan_copies
 from leukray.config import AugmentConfig, PreprocessConfig
-from leukray.preprocess import (
+from leukray.ops.preprocess import (
     ImageError,
     crop_to_foreground,
     decode_image,

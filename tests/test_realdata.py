@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from leukray.config import PreprocessConfig
-from leukray.dataset import discover
-from leukray.preprocess import crop_to_foreground, decode_image, preprocess_image
-from leukray.splits import check_disjoint, split_by_group
+from leukray.data.discovery import discover
+from leukray.ops.preprocess import crop_to_foreground, decode_image, preprocess_image
+from leukray.data.splits import check_disjoint, split_by_group
 
 from conftest import CNMC_DEV
 

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from leukray.report import print_leaderboard, subject_bootstrap_ci, write_report
+from leukray.report import print_leaderboard, write_report
+from leukray.report.document import subject_bootstrap_ci
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = ["accuracy_per_epoch.png", "loss_per_epoch.png", "top_classifiers.png", "confusion_matrix.png", "roc_curve.png"]

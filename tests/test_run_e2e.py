@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from leukray.cli import main
-from leukray.pipeline import load_features
+from leukray.io.features import load_features
 
 FAST = [
     "--weights", "random",

@@ -17,21 +17,18 @@ from conftest import SHARED_DATA
 
 from leukray.config import PreprocessConfig
 from leukray.errors import ConfigError, DataError, LeukrayError
-from leukray.screen import (
-    CELL_COLUMNS,
+from leukray.config import ScreenConfig
+from leukray.ops.smear import (
     NO_CELLS,
-    SLIDE_COLUMNS,
     CellBox,
-    ScreenConfig,
     cell_crop,
     detect_and_crop,
     detect_leukocytes,
     detection_recall,
     estimate_red_cell_diameter,
     leukocyte_mask,
-    screen,
-    summarise_slides,
 )
+from leukray.stages.screen import CELL_COLUMNS, SLIDE_COLUMNS, screen, summarise_slides
 
 ALL_IDB1 = SHARED_DATA / "all-idb1-dev"
 BCCD = SHARED_DATA / "bccd"
@@ -395,8 +392,8 @@ def tiny_bundle(tmp_path_factory):
     plumbing is what is tested)."""
     from sklearn.linear_model import LogisticRegression
 
-    from leukray.bundle import save_bundle
-    from leukray.features import build_trunk, resolve_weights
+    from leukray.models.bundle import save_bundle
+    from leukray.models.trunk import build_trunk, resolve_weights
 
     state, info = resolve_weights("random", 0)
     rng = np.random.default_rng(0)
@@ -501,7 +498,7 @@ def test_bad_bundle_and_empty_data_are_one_line_errors(tmp_path, slides_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images")
-    from leukray.screen import list_slides
+    from leukray.stages.screen import list_slides
 
     with pytest.raises(DataError, match="no images found"):
         list_slides(str(empty))

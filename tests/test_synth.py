@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from leukray.synth import SubjectStyle, generate_dataset, render_cell
+from leukray.tools.synth import SubjectStyle, generate_dataset, render_cell
 
 NAME_RE = re.compile(r"UID_(H?\d+)_(\d+)_(\d+)_(all|hem)\.bmp")
 

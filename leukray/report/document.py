@@ -1,8 +1,9 @@
-"""What a run prints at the end (the leaderboard and the facts that qualify it), and the
-run report: `write_report(RUN)` turns a finished run folder into RUN/report.md, a
+"""The run report: `write_report(RUN)` turns a finished run folder into RUN/report.md, a
 self-contained RUN/report.html and RUN/figures/*.png (the paper's Tables III-IV and
 Figures 4-6, plus the chosen model's confusion matrix, ROC curve and a subject-level
 bootstrap interval of its balanced accuracy).
+
+May import: pandas, matplotlib, scikit-learn's metrics, `leukray.io`.
 """
 
 from __future__ import annotations
@@ -15,71 +16,14 @@ from typing import Any
 
 import pandas as pd
 
-from leukray import storage
-
-
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None) -> None:
-    """Print Table III (and Table IV when the custom model was trained), then the facts
-    that qualify them: weights, split, chosen model, counts."""
-    import io
-
-    tables = [("leaderboard.csv", "Table III — classifiers on ResNet50 trunk features")]
-    if summary.get("custom_model"):
-        tables.append(("custom_leaderboard.csv", f"Table IV — classifiers on custom-model features ({summary['custom_model']['embedding']}-d)"))
-    for name, title in tables:
-        board = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, name))))
-        shown = board.drop(columns=["detail", "weights", "node_id"], errors="ignore")
-        if top:
-            shown = shown.head(top)
-        print()
-        print(f"{title} (test split; trunk weights: {summary['weights']['name']}):")
-        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
-    print()
-    if not summary["weights"]["is_pretrained"]:
-        print("NOTE: random-init trunk — these are not ImageNet-feature results.")
-    print(f"Split: {summary['split']['description']}")
-    custom = summary.get("custom_model")
-    if custom:
-        print(
-            f"Custom ResNet50: {custom['epochs']} epochs, best validation balanced accuracy "
-            f"{_fmt(custom['best_val_balanced_accuracy'])} at epoch {custom['best_epoch']} (history.csv)"
-        )
-    tuned = summary.get("tuned_model")
-    if tuned and tuned.get("params") is not None:
-        print(
-            f"Fine-tuned {tuned['name']} on {tuned['feature_source']} features ({tuned['ok_trials']}/{tuned['trials']} Ray Tune "
-            f"trials, tuning.csv): validation balanced accuracy {_fmt(tuned['val_balanced_accuracy'])} "
-            f"(untuned {_fmt(tuned['untuned_val_balanced_accuracy'])}), test {_fmt(tuned['test']['Balanced Accuracy'])}; {tuned['params']}"
-        )
-    chosen = summary.get("chosen_model") or summary.get("best_model")
-    if chosen:
-        test = chosen["test"]
-        source = f" on {chosen['feature_source']} features" if chosen.get("feature_source") else ""
-        print(
-            f"Chosen by {chosen['chosen_by']}: {chosen['name']}{source} — test accuracy {_fmt(test['Accuracy'])}, "
-            f"balanced accuracy {_fmt(test['Balanced Accuracy'])}, ROC AUC {_fmt(test['ROC AUC'])}"
-        )
-    counts = summary["counts"]
-    extra = ", report.html, model/" if summary.get("chosen_model") else ""
-    print(
-        f"Images: {counts['usable']} used, {counts['duplicates_removed']} duplicates kept once, "
-        f"{counts['errors']} in errors.csv. Outputs in {out} (leaderboard.md{extra})"
-    )
+from leukray.io import storage
+from leukray.io.runfolder import HISTORY_COLUMNS
 
 
 # -- the run report: report.md, report.html and figures/*.png ------------------------------
 
 LEADERBOARD_COLUMNS = ["Model", "Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score", "Time Taken", "status"]
 METRIC_COLUMNS = ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score"]
-HISTORY_COLUMNS = [
-    "epoch", "train_loss", "train_accuracy", "train_balanced_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
-]
 INFERENCE_STAGES = {
     "decode_preprocess": "decode + Otsu crop + resize",
     "trunk": "ResNet50 trunk",

@@ -7,6 +7,8 @@ accuracy and balanced accuracy with a checkpoint through `ray.train.report`, so 
 worker dies (FailureConfig) or that is rerun with the same `--out` resumes from the last
 checkpoint. The checkpoint with the best validation balanced accuracy is kept as the model;
 the test split is never looked at here.
+
+May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`.
 """
 
 from __future__ import annotations
@@ -15,18 +17,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from leukray.config import TrainConfig
+from leukray.models.custom import build_custom_model
+from leukray.models.trunk import resolve_weights
 
 STATE_FILE = "state.pt"
-KILL_ENV = "LEUKRAY_TEST_KILL_WORKER_AT_EPOCH"  # tests: SIGKILL a worker once, after this epoch's checkpoint
-KILL_MARKER_ENV = "LEUKRAY_TEST_KILL_MARKER"  # ... and the file that records that it happened
 
 
 @dataclass
@@ -74,15 +75,8 @@ def _all_reduce(counts: EpochCounts, num_classes: int) -> EpochCounts:
 
 def build_model(config: dict[str, Any]):
     """The trainable part: unfrozen trunk stages (loaded from the configured weights) + head."""
-    from leukray.features import build_trunk, resolve_weights
-    from leukray.model import CustomResNet50, PaperHead, trunk_suffix
-
-    unfreeze = config["unfreeze_stages"]
-    suffix = trunk_suffix(build_trunk(resolve_weights(config["weights"], config["weights_seed"])[0], config["weights_seed"]), unfreeze) if unfreeze else None
-    import torch
-
-    head = PaperHead(config["in_features"], config["num_classes"], config["dropout"])
-    return CustomResNet50(suffix if suffix is not None else torch.nn.Sequential(), head)
+    trunk_weights = resolve_weights(config["weights"], config["weights_seed"])[0] if config["unfreeze_stages"] else None
+    return build_custom_model(config, trunk_weights=trunk_weights, weights_seed=config["weights_seed"])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -169,15 +163,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"bal.acc {metrics['train_balanced_accuracy']:.3f}/{metrics['val_balanced_accuracy']:.3f} (train/val)",
                 flush=True,
             )
-        _maybe_kill_for_test(epoch + 1, config)
-
-
-def _maybe_kill_for_test(epoch: int, config: dict[str, Any]) -> None:
-    """Tests set KILL_ENV to make a worker die by SIGKILL once, right after a checkpoint."""
-    marker = config.get("kill_marker", "")
-    if config.get("kill_at_epoch") == epoch and marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
+        if config.get("on_epoch_end") is not None:
+            config["on_epoch_end"](epoch + 1, rank)
 
 
 @dataclass
@@ -208,12 +195,14 @@ def train_head(
     storage_path: str,
     name: str,
     use_gpu: bool,
-    kill_marker: str = "",
+    on_epoch_end: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Run the TorchTrainer and load the best checkpoint.
 
     Args:
         train_ds, val_ds: Ray datasets with columns `maps` (C x H x W float16) and `label_code`.
+        on_epoch_end: called on every worker as (epoch, rank) once the epoch's checkpoint is
+            reported (picklable; e.g. `leukray.testing.KillWorkerOnce`).
     """
     import ray.data
     import ray.train
@@ -232,9 +221,7 @@ def train_head(
         "num_classes": num_classes,
         "weights": weights,
         "weights_seed": weights_seed,
-        "kill_marker": kill_marker,
-        # read on the driver: workers may have been started before the variable was set
-        "kill_at_epoch": int(os.environ.get(KILL_ENV, "0") or 0),
+        "on_epoch_end": on_epoch_end,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -276,3 +263,29 @@ def train_head(
         state_dict=best_state["model"],
         config=loop_config,
     )
+
+
+def _with_codes(batch: dict[str, np.ndarray], codes: dict[str, int], split: str, originals_only: bool) -> dict[str, np.ndarray]:
+    keep = (batch["split"] == split) & np.asarray([not e for e in batch["error"]], dtype=bool)
+    if originals_only:
+        keep &= batch["aug_index"] == 0
+    return {
+        "maps": batch["maps"][keep],
+        "label_code": np.asarray([codes[str(v)] for v in batch["label"][keep]], dtype=np.int64),
+    }
+
+
+def split_maps(maps_ds: Any, classes: list[str]) -> tuple[Any, Any]:
+    """(train, val) datasets of `maps` + `label_code` from the extractor's maps: the training
+    split with its augmented copies, validation originals only."""
+    from leukray.data.splits import TRAIN, VAL
+
+    codes = {name: i for i, name in enumerate(classes)}
+    # Blocks come in path order (all ALL cells, then all normal ones): reshuffle the block
+    # order every epoch, and rows within the trainer's local shuffle buffer.
+    train_ds = maps_ds.map_batches(
+        _with_codes, batch_format="numpy", fn_kwargs={"codes": codes, "split": TRAIN, "originals_only": False}
+    ).randomize_block_order()
+    val_kwargs = {"codes": codes, "split": VAL, "originals_only": True}
+    val_ds = maps_ds.map_batches(_with_codes, batch_format="numpy", fn_kwargs=val_kwargs)
+    return train_ds, val_ds

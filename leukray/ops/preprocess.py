@@ -2,7 +2,10 @@
 
 Otsu threshold (Otsu 1979) -> binary threshold -> crop to the cell's bounding box -> resize.
 Images are HWC uint8 RGB everywhere outside torch. Nothing here imports Ray: the batch
-function `load_and_preprocess` is handed to `Dataset.map_batches` by `leukray.pipeline`.
+function `load_and_preprocess` is handed to `Dataset.map_batches` by
+`leukray.distributed.actors.preprocess_batch`.
+
+May import: numpy, cv2, `leukray.config`, `leukray.ops.augment`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from leukray.augment import augment_image, augmentation_rng
+from leukray.ops.augment import augment_image, augmentation_rng
 from leukray.config import AugmentConfig, PreprocessConfig
 
 # Decoding and resizing run one image per Ray worker; cv2's own thread pool would only
@@ -22,6 +25,19 @@ cv2.setNumThreads(1)
 
 class ImageError(ValueError):
     """An image that cannot be used; the message is the reason recorded in errors.csv."""
+
+
+# What reading and decoding one image can raise that makes the image, not the run, fail.
+READ_ERRORS = (ImageError, OSError, cv2.error)
+
+
+def read_error_reason(exc: BaseException) -> str:
+    """The one-line reason recorded in errors.csv for an exception in READ_ERRORS."""
+    if isinstance(exc, ImageError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    return f"could not read: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -203,12 +219,8 @@ def load_and_preprocess(
         try:
             crop = preprocess_image(decode_image(read_bytes(path)), cfg)
             error = ""
-        except ImageError as exc:
-            crop, error = blank, str(exc)
-        except FileNotFoundError:
-            crop, error = blank, "file not found"
-        except (OSError, cv2.error) as exc:
-            crop, error = blank, f"could not read: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        except READ_ERRORS as exc:
+            crop, error = blank, read_error_reason(exc)
         images.append(crop)
         errors.append(error)
         aug_index.append(0)

@@ -1,6 +1,7 @@
-"""The classifier sweep (the paper's step 4, Table III): every classifier Lazy Predict's
-`LazyClassifier` evaluates, one Ray Tune trial each, so the sweep spreads over every CPU of
-every node.
+"""The classifiers of the sweep (the paper's step 4, Tables III and IV) and how they are
+scored and chosen, without Ray: Lazy Predict's classifier list and pipeline, one scorer for
+every model (ROC AUC from scores), a fit in a forked child with a wall-time limit, the
+leaderboard, and the choice of the model on validation.
 
 Each classifier is Lazy Predict's pipeline (mean imputation, standard scaling, the
 classifier with `random_state` set where it takes one), fitted on the training split and
@@ -10,7 +11,10 @@ it equals balanced accuracy, as every row of the paper's tables shows.
 
 A classifier is fitted in a forked child process, so that one past its wall-time limit is
 killed outright (its CPU is freed at once) and recorded as `timeout`; one that raises is
-recorded as `failed` with its error. Neither stops the sweep.
+recorded as `failed` with its error. Neither stops the sweep. `leukray.distributed.tuning`
+spreads these fits over the cluster as Ray Tune trials.
+
+May import: numpy, pandas, scikit-learn, Lazy Predict, `leukray.errors`, `leukray.data.splits`.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ import os
 import time
 import traceback
 import warnings
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from leukray.data.splits import TEST, TRAIN, VAL
 from leukray.errors import ConfigError
 
 LEADERBOARD_COLUMNS = [
@@ -141,17 +145,31 @@ def roc_auc_from_scores(y_true: np.ndarray, scores: np.ndarray | None, classes: 
     return math.nan
 
 
-def score_split(model, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def classification_metrics(y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, classes: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, ROC AUC (from `scores`, see `roc_auc_from_scores`) and
+    weighted F1 of predictions `pred` against the truth `y` (both integer codes, (N,))."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-    pred = model.predict(X)
-    classes = np.asarray(model.classes_) if hasattr(model, "classes_") else np.unique(y)
     return {
         "Accuracy": float(accuracy_score(y, pred)),
         "Balanced Accuracy": float(balanced_accuracy_score(y, pred)),
-        "ROC AUC": roc_auc_from_scores(y, positive_scores(model, X), classes),
+        "ROC AUC": roc_auc_from_scores(y, scores, classes),
         "F1 Score": float(f1_score(y, pred, average="weighted")),
     }
+
+
+def score_split(model, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """The leaderboard metrics of a fitted model on one split."""
+    classes = np.asarray(model.classes_) if hasattr(model, "classes_") else np.unique(y)
+    return classification_metrics(y, model.predict(X), positive_scores(model, X), classes)
+
+
+def score_probabilities(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """The leaderboard metrics of class probabilities `probs` (N x C, columns in code order)."""
+    if len(y) == 0:
+        return {"Accuracy": math.nan, "Balanced Accuracy": math.nan, "ROC AUC": math.nan, "F1 Score": math.nan}
+    scores = probs[:, 1] if probs.shape[1] == 2 else probs
+    return classification_metrics(y, probs.argmax(axis=1), scores, np.arange(probs.shape[1]))
 
 
 @dataclass
@@ -165,7 +183,41 @@ class SweepData:
     y_val: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
-    classes: list[str] = dataclasses.field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+
+
+def class_order(labels: np.ndarray, positive: str) -> list[str]:
+    """Label names in code order: the positive class (ALL) last, so it is code 1 when binary."""
+    names = sorted(set(map(str, labels)))
+    if positive in names:
+        names = [n for n in names if n != positive] + [positive]
+    return names
+
+
+def positive_index(classes: list[str], positive: str) -> int:
+    """The column of P(positive) in a probability matrix (the last class when it is absent)."""
+    return classes.index(positive) if positive in classes else len(classes) - 1
+
+
+def sweep_data(meta: pd.DataFrame, matrix: np.ndarray, positive: str = "all") -> SweepData:
+    """Train on the training split including its augmented copies; validate and test on
+    original images only. Labels are encoded as integers (XGBoost needs 0..C-1)."""
+    original = meta["aug_index"].to_numpy() == 0
+    pick = {
+        TRAIN: (meta["split"] == TRAIN).to_numpy(),
+        VAL: (meta["split"] == VAL).to_numpy() & original,
+        TEST: (meta["split"] == TEST).to_numpy() & original,
+    }
+    labels = meta["label"].to_numpy().astype(str)
+    classes = class_order(labels, positive)
+    code = {name: i for i, name in enumerate(classes)}
+    codes = np.fromiter((code[v] for v in labels), dtype=np.int64, count=len(labels))
+    return SweepData(
+        matrix[pick[TRAIN]], codes[pick[TRAIN]],
+        matrix[pick[VAL]], codes[pick[VAL]],
+        matrix[pick[TEST]], codes[pick[TEST]],
+        classes=classes,
+    )  # fmt: skip
 
 
 def fit_and_score(name: str, data: SweepData, seed: int, n_jobs: int = 1, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -257,91 +309,13 @@ def best_row(board: pd.DataFrame, has_val: bool, seed: int = 0) -> pd.Series | N
     return ok.sort_values([key, "Model"], ascending=[False, True]).iloc[0]
 
 
-def _run_trials(
-    data: SweepData,
-    fit_row: Callable[[dict[str, Any], SweepData], dict[str, Any]],
-    param_space: dict[str, Any],
-    tune_config: Any,
-    *,
-    run_name: str,
-    storage_path: str,
-    cpus_per_trial: float,
-    on_result: Callable[[dict[str, Any]], None] | None,
-    columns: list[str],
-    failed_row: Callable[[dict[str, Any], str], dict[str, Any]],
-) -> list[dict[str, Any]]:
-    """The Ray Tune plumbing of the sweep and the search: each trial reports
-    `fit_row(config, data)` and the node it ran on; returns one row (`columns`) per trial,
-    a trial that reported nothing as `failed_row(config, detail)`.
-
-    Needs a running Ray (`ray.init` or a cluster). Trial actors are reused: the fit itself
-    runs in a child process, so nothing lingers in the actor.
-    """
-    from ray import tune
-
-    # Tune's rich console output would interleave with our one line per finished trial.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-
-    def trial(config: dict[str, Any], data_ref=None) -> None:
-        import ray
-
-        tune.report({**fit_row(config, data_ref), "node_id": ray.get_runtime_context().get_node_id()})
-
-    class PrintFinished(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if on_result is not None:
-                on_result({k: result.get(k) for k in columns})
-
-    trainable = tune.with_resources(tune.with_parameters(trial, data_ref=data), {"cpu": cpus_per_trial})
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune_config,
-        run_config=tune.RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            verbose=0,
-            callbacks=[PrintFinished()],
-            # The trial function reports once and returns; checkpoints are not needed.
-            failure_config=tune.FailureConfig(max_failures=1),
-        ),
-    )
-    rows = []
-    for result in tuner.fit():
-        metrics = result.metrics or {}
-        if "status" in metrics:
-            rows.append({k: metrics.get(k) for k in columns})
-        else:
-            err = str(result.error).splitlines()[0][:300] if result.error else "no result reported"
-            rows.append(failed_row(result.config or {}, f"trial error: {err}"))
-    return rows
-
-
-def run_sweep_tune(
-    data: SweepData,
-    names: list[str],
-    seed: int,
-    timeout_s: float,
-    cpus_per_trial: float,
-    storage_path: str,
-    name: str = "sweep",
-    on_result: Callable[[dict[str, Any]], None] | None = None,
-) -> pd.DataFrame:
-    """One Ray Tune trial per classifier (see `_run_trials`); returns the leaderboard."""
-    from ray import tune
-
-    n_jobs = max(1, int(cpus_per_trial))
-
-    def fit_row(config: dict[str, Any], data_ref: SweepData) -> dict[str, Any]:
-        return run_one(config["classifier"], data_ref, seed, timeout_s, n_jobs)
-
-    rows = _run_trials(
-        data, fit_row, {"classifier": tune.grid_search(names)}, tune.TuneConfig(reuse_actors=True),
-        run_name=name, storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
-        columns=LEADERBOARD_COLUMNS,
-        failed_row=lambda config, detail: {"Model": config.get("classifier", "?"), "status": "failed", "detail": detail},
-    )  # fmt: skip
-    return leaderboard_frame(rows)
+def choose_model(candidates: list[tuple[str, pd.Series | None]]) -> tuple[str, pd.Series] | None:
+    """The (feature source, row) with the best validation balanced accuracy; the test split
+    is not used."""
+    scored = [(src, row) for src, row in candidates if row is not None and pd.notna(row["Val Balanced Accuracy"])]
+    if not scored:
+        return None
+    return max(scored, key=lambda item: item[1]["Val Balanced Accuracy"])
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -355,115 +329,6 @@ def format_row(row: dict[str, Any]) -> str:
     )
 
 
-# -- fine-tuning the best classifier (the paper's step 6) -----------------------------------
-
-
-def search_space(name: str) -> dict[str, Any] | None:
-    """Ray Tune search space of a classifier's hyperparameters, or None when leukray has none
-    for it. Ranges centre on each library's defaults; features arrive standardised."""
-    from ray import tune
-
-    trees = {
-        "n_estimators": tune.choice([100, 200, 400]),
-        "max_depth": tune.choice([None, 8, 16, 32]),
-        "min_samples_leaf": tune.choice([1, 2, 4]),
-        "max_features": tune.choice(["sqrt", "log2", 0.1]),
-    }
-    single_tree = {
-        "max_depth": tune.choice([None, 4, 8, 16]),
-        "min_samples_leaf": tune.choice([1, 2, 4, 8]),
-        "criterion": tune.choice(["gini", "entropy"]),
-    }
-    spaces: dict[str, dict[str, Any]] = {
-        "LogisticRegression": {"C": tune.loguniform(1e-4, 1e2)},
-        "RandomForestClassifier": trees,
-        "ExtraTreesClassifier": trees,
-        "DecisionTreeClassifier": single_tree,
-        "ExtraTreeClassifier": single_tree,
-        "XGBClassifier": {
-            "n_estimators": tune.choice([100, 200, 400]),
-            "max_depth": tune.randint(2, 9),
-            "learning_rate": tune.loguniform(0.01, 0.3),
-            "subsample": tune.uniform(0.6, 1.0),
-            "colsample_bytree": tune.uniform(0.3, 1.0),
-        },
-        "LGBMClassifier": {
-            "n_estimators": tune.choice([100, 200, 400]),
-            "num_leaves": tune.choice([15, 31, 63]),
-            "learning_rate": tune.loguniform(0.01, 0.3),
-            "subsample": tune.uniform(0.6, 1.0),
-            "subsample_freq": 1,
-            "colsample_bytree": tune.uniform(0.3, 1.0),
-        },
-        "KNeighborsClassifier": {"n_neighbors": tune.randint(3, 32), "weights": tune.choice(["uniform", "distance"])},
-        "LinearDiscriminantAnalysis": {"solver": "lsqr", "shrinkage": tune.uniform(0.0, 1.0)},
-        "QuadraticDiscriminantAnalysis": {"reg_param": tune.uniform(0.0, 1.0)},
-        "GaussianNB": {"var_smoothing": tune.loguniform(1e-12, 1e-3)},
-        "BernoulliNB": {"alpha": tune.loguniform(1e-3, 10.0), "binarize": tune.uniform(0.0, 1.0)},
-        "AdaBoostClassifier": {"n_estimators": tune.choice([50, 100, 200]), "learning_rate": tune.loguniform(0.01, 2.0)},
-        "BaggingClassifier": {
-            "n_estimators": tune.choice([10, 20, 50]),
-            "max_samples": tune.uniform(0.5, 1.0),
-            "max_features": tune.uniform(0.3, 1.0),
-        },
-    }
-    return spaces.get(name)
-
-
-def best_tunable_row(board: pd.DataFrame, has_val: bool, seed: int = 0) -> pd.Series | None:
-    """The best classifier of a leaderboard (by validation balanced accuracy) that gives
-    probabilities and has a search space."""
-    ok = board[(board["status"] == "ok") & board["Model"].map(lambda n: search_space(n) is not None)]
-    return best_row(ok, has_val, seed) if not ok.empty else None
-
-
-def run_search_tune(
-    data: SweepData,
-    name: str,
-    trials: int,
-    seed: int,
-    timeout_s: float,
-    cpus_per_trial: float,
-    storage_path: str,
-    run_name: str = "tuning",
-    on_result: Callable[[dict[str, Any]], None] | None = None,
-) -> pd.DataFrame:
-    """Random search (seeded) over `search_space(name)`, one Ray Tune trial per setting,
-    each fitted on train and scored on validation and test like the sweep.
-
-    Returns:
-        One row per trial: the leaderboard columns plus `params` (JSON), best validation
-        balanced accuracy first. The test columns are reported, never used to choose.
-    """
-    import json
-
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    space = search_space(name)
-    if space is None:
-        raise ConfigError(f"no hyperparameter search space for {name}")
-    n_jobs = max(1, int(cpus_per_trial))
-
-    def fit_row(config: dict[str, Any], data_ref: SweepData) -> dict[str, Any]:
-        row = run_one(name, data_ref, seed, timeout_s, n_jobs, params=config)
-        return {**row, "params": json.dumps(config, sort_keys=True, default=_plain)}
-
-    rows = _run_trials(
-        data, fit_row, space,
-        tune.TuneConfig(num_samples=trials, reuse_actors=True, search_alg=BasicVariantGenerator(random_state=seed)),
-        run_name=run_name, storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
-        columns=[*LEADERBOARD_COLUMNS, "params"],
-        failed_row=lambda config, detail: {
-            "Model": name, "status": "failed", "detail": detail, "params": json.dumps(config, sort_keys=True, default=str),
-        },
-    )  # fmt: skip
-    frame = pd.DataFrame(rows).reindex(columns=[*LEADERBOARD_COLUMNS, "params"])
-    frame["_ok"] = frame["status"] == "ok"
-    frame = frame.sort_values(["_ok", "Val Balanced Accuracy", "params"], ascending=[False, False, True])
-    return frame.drop(columns="_ok").reset_index(drop=True)
-
-
-def _plain(value: Any) -> Any:
+def plain_json_value(value: Any) -> Any:
     """numpy scalars (Tune's samplers may return them) as Python numbers for JSON."""
     return value.item() if hasattr(value, "item") else str(value)

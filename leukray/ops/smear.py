@@ -1,8 +1,7 @@
-"""`leukray screen`: find the leukocytes in whole peripheral-blood smear fields, cut each out
-as a C-NMC-like single-cell crop and classify it with a model bundle; report per cell and per
-slide.
+"""Leukocytes in whole peripheral-blood smear fields, as pure numpy/cv2/scipy functions:
+find them, cut each out as a C-NMC-like single-cell crop on black (what `leukray screen`
+classifies).
 
-The bundle's classifier was trained on C-NMC crops: one segmented cell on a black background.
 A smear field (ALL-IDB1: 2592x1944, BCCD: 640x480) holds a few leukocytes among hundreds of
 red cells, so screening is detection -> crop -> the bundle's own preprocessing -> classifier:
 
@@ -18,125 +17,40 @@ red cells, so screening is detection -> crop -> the bundle's own preprocessing -
    same defaults work at BCCD's and ALL-IDB1's magnifications.
 3. `cell_crop`: the nucleus (its convex hull) grown by a ring of cytoplasm, on black.
 
-The pure functions import no Ray (STYLE 2); `detect_and_crop` is the Ray Data batch function,
-`screen` wires it to `leukray.predict.BundlePredictor`.
+`detect_and_crop` is the batch function (slides in, preprocessed cells out) that
+`leukray.distributed.actors.detect_batch` hands to Ray Data.
+
+May import: numpy, cv2, scipy, `leukray.config`, `leukray.ops.preprocess`. No Ray, no torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import cv2
 import numpy as np
-import pandas as pd
 
-from leukray import __version__, storage
-from leukray.config import PreprocessConfig, _at_least, _in_range
-from leukray.errors import ConfigError, DataError
+from leukray.config import PreprocessConfig, ScreenConfig
+from leukray.ops.preprocess import (
+    READ_ERRORS,
+    ImageError,
+    decode_image,
+    otsu_threshold,
+    preprocess_image,
+    read_error_reason,
+)
 
-# Decoding and morphology run one slide per Ray worker (see leukray.preprocess).
+# Decoding and morphology run one slide per Ray worker (see leukray.ops.preprocess).
 cv2.setNumThreads(1)
 
-CELL_COLUMNS = [
-    "slide", "cell_index", "x0", "y0", "x1", "y1", "cx", "cy", "area",
-    "prob_all", "predicted_label", "flagged", "node_id",
-]  # fmt: skip
-SLIDE_COLUMNS = [
-    "slide",
-    "cells",
-    "flagged_cells",
-    "blast_fraction",
-    "mean_prob_all",
-    "status",
-    "error",
-]
-SLIDE_STATUSES = ("flagged", "not flagged", "insufficient cells", "error")
 BOX_COLUMNS = ["x0", "y0", "x1", "y1", "cx", "cy", "area"]
 NO_CELLS = "no leukocytes detected"
-CAVEAT = (
-    "The classifier was trained on single-cell crops (C-NMC 2019) and is applied here to cells cut out of "
-    "smear fields by an automatic detector; cell-level probabilities on such crops are a screening aid to "
-    "prioritise slides for review by a haematologist, not a diagnosis."
-)
 # A red cell is about 7.5 um across; the detector works on an image rescaled so that it
 # spans this many pixels, which fixes every kernel size below in red-cell units and makes
 # a 5-megapixel ALL-IDB1 field about as cheap as a BCCD one.
 WORK_RED_CELL_PX = 32.0
-
-
-@dataclass(frozen=True)
-class ScreenConfig:
-    """Leukocyte detection on smear fields, cropping, and the flagging rules."""
-
-    red_cell_diameter_px: float = 0.0
-    """Red-cell diameter in pixels of the input fields, the unit of every size below; 0 =
-    estimate it per field (median inscribed diameter of the red-cell blobs). Red cells are
-    the one object of nearly constant size (about 7.5 um) in every smear, so they calibrate
-    magnification better than the image width does: BCCD (640x480) has ~100 px red cells,
-    ALL-IDB1 at 2592x1944 ~90 px and at 1712x1368 ~65 px."""
-    min_stain: int = 20
-    """Floor on the Otsu threshold of the B - G stain channel (0-255): on a field without
-    any nucleus Otsu splits noise, and this keeps it from inventing cells."""
-    merge_distance: float = 0.35
-    """Nucleus pieces closer than this (in red-cell diameters) are one cell: the lobes of a
-    neutrophil are a fraction of a red cell apart, neighbouring leukocytes rarely closer."""
-    split_depth: float = 0.04
-    """Touching nuclei are split (watershed) where the neck between them is narrower than
-    either nucleus by at least this much (in red-cell diameters, on the inscribed radius);
-    0 = never split."""
-    lobe_area_fraction: float = 0.6
-    """Pieces smaller than this fraction of a red cell's area are lobes and are merged with
-    nearby lobes; larger pieces (round blast or lymphocyte nuclei) are cells on their own."""
-    min_area_fraction: float = 0.2
-    """A cell's nucleus area must be at least this fraction of a red cell's area (platelets,
-    2-3 um, are ~0.1)."""
-    max_area_fraction: float = 10.0
-    """... and at most this fraction (a large blast's nucleus is ~4-6; larger is a clump or
-    stain debris)."""
-    margin: float = 0.5
-    """The cytoplasm ring kept around the nucleus, as a fraction of the nucleus's
-    equivalent radius (C-NMC crops show the whole cell: nucleus plus cytoplasm)."""
-    edge_fraction: float = 0.0
-    """Drop cells whose nucleus box touches the field border and whose nucleus is smaller
-    than this fraction of a red cell's area (cut-off cells); 0 = keep every border cell."""
-    blast_threshold: float = 0.5
-    """A cell is flagged when its prob_all >= this."""
-    slide_flag_fraction: float = 0.2
-    """A slide is flagged when the share of its cells that are flagged is >= this."""
-    min_cells: int = 1
-    """A slide with fewer detected cells is reported as "insufficient cells", not negative."""
-    batch_size: int = 4
-    """Slides per detection batch (each yields tens of crops)."""
-
-    def __post_init__(self) -> None:
-        _at_least("screen.red_cell_diameter_px", self.red_cell_diameter_px, 0.0)
-        if 0 < self.red_cell_diameter_px < 4:
-            raise ConfigError(
-                f"screen.red_cell_diameter_px must be 0 (estimate) or >= 4, got {self.red_cell_diameter_px}"
-            )
-        _in_range("screen.min_stain", self.min_stain, 0, 254)
-        _in_range("screen.merge_distance", self.merge_distance, 0.0, 5.0)
-        _in_range("screen.split_depth", self.split_depth, 0.0, 5.0)
-        _in_range("screen.lobe_area_fraction", self.lobe_area_fraction, 0.0, 100.0)
-        _in_range("screen.min_area_fraction", self.min_area_fraction, 0.0, 100.0)
-        _in_range(
-            "screen.max_area_fraction",
-            self.max_area_fraction,
-            self.min_area_fraction,
-            1000.0,
-        )
-        _in_range("screen.margin", self.margin, 0.0, 5.0)
-        _in_range("screen.edge_fraction", self.edge_fraction, 0.0, 1000.0)
-        _in_range("screen.blast_threshold", self.blast_threshold, 0.0, 1.0)
-        _in_range("screen.slide_flag_fraction", self.slide_flag_fraction, 0.0, 1.0)
-        _at_least("screen.min_cells", self.min_cells, 0)
-        _at_least("screen.batch_size", self.batch_size, 1)
 
 
 @dataclass(frozen=True)
@@ -197,7 +111,6 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float:
     """
     from scipy import ndimage
 
-    from leukray.preprocess import otsu_threshold
 
     check_rgb(image)
     h, w = image.shape[:2]
@@ -261,7 +174,6 @@ def _nucleus_mask(
     image: np.ndarray, cfg: ScreenConfig, red_cell_px: float
 ) -> np.ndarray:
     """The nucleus mask (HxW uint8 0/1) at the scale where a red cell is `red_cell_px` wide."""
-    from leukray.preprocess import otsu_threshold
 
     stain = cv2.GaussianBlur(stain_channel(image), (3, 3), 0)
     threshold = max(otsu_threshold(stain), cfg.min_stain)
@@ -579,8 +491,6 @@ def detect_and_crop(
         so does a cell whose crop preprocessing rejects (with its own index), so no slide or
         cell is dropped silently.
     """
-    from leukray.preprocess import ImageError, decode_image, preprocess_image
-
     size = preprocess_cfg.size
     blank = np.zeros((size, size, 3), dtype=np.uint8)
     rows: list[tuple[str, int, tuple[float, ...], np.ndarray, str]] = []
@@ -589,22 +499,8 @@ def detect_and_crop(
         try:
             field_image = decode_image(read_bytes(path))
             cells = detect_leukocytes(field_image, cfg)
-        except ImageError as exc:
-            rows.append((path, -1, no_box, blank, str(exc)))
-            continue
-        except FileNotFoundError:
-            rows.append((path, -1, no_box, blank, "file not found"))
-            continue
-        except (OSError, cv2.error, ValueError) as exc:
-            rows.append(
-                (
-                    path,
-                    -1,
-                    no_box,
-                    blank,
-                    f"could not read: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                )
-            )
+        except (*READ_ERRORS, ValueError) as exc:  # ValueError: check_rgb's shape check
+            rows.append((path, -1, no_box, blank, read_error_reason(exc)))
             continue
         if not cells:
             rows.append((path, -1, no_box, blank, NO_CELLS))
@@ -651,247 +547,3 @@ def detect_and_crop(
     )
     out["error"] = np.asarray([r[4] for r in rows], dtype=object)
     return out
-
-
-def _detect_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
-    from leukray.features import ray_node_id
-
-    out = detect_and_crop(batch, read_bytes=storage.read_bytes, **kwargs)
-    out["detect_node"] = np.asarray([ray_node_id()] * len(out["slide"]), dtype=object)
-    return out
-
-
-# -- per-slide report -------------------------------------------------------------------------
-
-
-def summarise_slides(
-    rows: pd.DataFrame, cfg: ScreenConfig
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split classified rows into (cells, slides).
-
-    Args:
-        rows: one row per `detect_and_crop` output row, with `prob_all` added.
-
-    Returns:
-        cells: the classified cells (CELL_COLUMNS), `flagged` = prob_all >= blast_threshold.
-        slides: one row per slide (SLIDE_COLUMNS). status is "error" when the slide could not
-        be read, "insufficient cells" below `min_cells` classified cells, else "flagged" when
-        the share of flagged cells is >= `slide_flag_fraction`, else "not flagged".
-    """
-    rows = rows.copy()
-    rows["error"] = rows["error"].astype(str)
-    is_cell = (
-        (rows["cell_index"] >= 0) & (rows["error"] == "") & rows["prob_all"].notna()
-    )
-    cells = rows[is_cell].copy()
-    cells["flagged"] = cells["prob_all"] >= cfg.blast_threshold
-    cells = cells.sort_values(["slide", "cell_index"], kind="stable").reset_index(
-        drop=True
-    )[CELL_COLUMNS]
-    records = []
-    for slide, group in rows.groupby("slide", sort=True):
-        own = cells[cells["slide"] == slide]
-        slide_errors = group.loc[group["cell_index"] < 0, "error"]
-        cell_errors = group.loc[
-            (group["cell_index"] >= 0) & (group["error"] != ""), "error"
-        ]
-        n, flagged = len(own), int(own["flagged"].sum())
-        error = "; ".join(sorted(set(slide_errors) | set(cell_errors)))
-        fraction = flagged / n if n else math.nan
-        if len(slide_errors) and (slide_errors != NO_CELLS).any():
-            status = "error"
-        elif n < max(cfg.min_cells, 1):
-            status = "insufficient cells"
-        elif fraction >= cfg.slide_flag_fraction:
-            status = "flagged"
-        else:
-            status = "not flagged"
-        records.append(
-            {
-                "slide": slide,
-                "cells": n,
-                "flagged_cells": flagged,
-                "blast_fraction": fraction,
-                "mean_prob_all": float(own["prob_all"].mean()) if n else math.nan,
-                "status": status,
-                "error": error,
-            }
-        )
-    slides = pd.DataFrame(records, columns=SLIDE_COLUMNS)
-    return cells, slides
-
-
-# -- the job ------------------------------------------------------------------------------------
-
-
-def list_slides(data: str) -> list[str]:
-    """Every image file below `data` (a folder or URI, recursively), sorted.
-
-    Raises:
-        DataError: `data` is missing or holds no image files.
-    """
-    from leukray.dataset import IMAGE_EXTENSIONS
-
-    if not data:
-        raise DataError(
-            "no data given: pass --data DIR (a folder of smear images, or a URI)"
-        )
-    info = storage.file_info(data)
-    if info.type.name == "NotFound":
-        raise DataError(f"data path not found: {data}")
-    if info.type.name == "File":
-        paths = [data]
-    else:
-        paths = storage.list_files(data)
-    slides = [
-        p
-        for p in paths
-        if p.lower().endswith(IMAGE_EXTENSIONS)
-        and not p.rsplit("/", 1)[-1].startswith(".")
-    ]
-    if not slides:
-        raise DataError(
-            f"no images found in {data} (looked for {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return slides
-
-
-def screen(
-    model_dir: str,
-    data: str,
-    out: str,
-    cfg: ScreenConfig | None = None,
-    start_ray: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Screen every smear field under `data` with the bundle in `model_dir`; write `out`.
-
-    Writes out/cells.parquet (one row per classified cell), out/slides.csv (one row per
-    slide, none dropped) and out/screen.json (provenance, resolved config, counts, caveat).
-
-    Args:
-        model_dir: a model bundle folder written by `leukray run` (RUN/model).
-        data: a folder (searched recursively), a single image, or a filesystem URI.
-        out: output folder (local path or URI).
-        cfg: detection and flagging parameters; defaults when None.
-        start_ray: called once the bundle and data are checked; without it Ray must already
-            be initialised (or is started by Ray Data with defaults).
-
-    Returns:
-        screen.json's content.
-
-    Raises:
-        BundleError: the bundle is missing, incomplete or modified (one line).
-        DataError: no images under `data`.
-    """
-    import ray
-
-    from leukray.bundle import BUNDLE_FILE, load_bundle, sha256_bytes
-    from leukray.pipeline import (
-        _chunks,
-        cluster_cpus,
-        cluster_gpus,
-        extractor_compute,
-        log,
-        write_csv,
-        write_json,
-        write_parquet,
-    )
-    from leukray.predict import BundlePredictor
-
-    cfg = cfg or ScreenConfig()
-    if not out:
-        raise ConfigError("no output folder: pass --out DIR")
-    t0 = time.perf_counter()
-    bundle = load_bundle(model_dir)  # verify before anything else runs
-    bundle_sha256 = sha256_bytes(
-        storage.read_bytes(storage.join(model_dir, BUNDLE_FILE))
-    )
-    slides = list_slides(data)
-    if start_ray is not None:
-        start_ray()
-    weights = bundle.manifest["weights"]
-    log(
-        f"screening {len(slides)} smear fields: leukocyte detection -> {bundle.feature_source} features -> "
-        f"{bundle.manifest['classifier']} (trunk {weights['name']})"
-    )
-    use_gpu, pool, resources = extractor_compute("auto", 0)
-    ds = ray.data.from_pandas(_chunks(pd.DataFrame({"path": slides}), cfg.batch_size))
-    ds = ds.map_batches(
-        _detect_batch,
-        batch_format="numpy",
-        batch_size=cfg.batch_size,
-        fn_kwargs={"cfg": cfg, "preprocess_cfg": bundle.preprocess},
-    )
-    ds = ds.map_batches(
-        BundlePredictor,
-        batch_format="numpy",
-        batch_size=int(bundle.manifest.get("extract_batch_size", 32)),
-        fn_constructor_kwargs={"model_dir": model_dir},
-        compute=pool,
-        **resources,
-    )
-    keep = [
-        "slide",
-        "cell_index",
-        *BOX_COLUMNS,
-        "prob_all",
-        "predicted_label",
-        "error",
-        "detect_node",
-        "node_id",
-    ]
-    parts = [
-        pd.DataFrame({c: batch[c] for c in keep})
-        for batch in ds.select_columns(keep).iter_batches(
-            batch_format="numpy", batch_size=256
-        )
-    ]
-    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=keep)
-    cells, slide_table = summarise_slides(rows, cfg)
-    provenance = {
-        "model": model_dir,
-        "bundle": storage.join(model_dir, BUNDLE_FILE),
-        "bundle_sha256": bundle_sha256,
-        "weights": json.dumps(weights),
-        "data": data,
-        "training_data_fingerprint": str(bundle.manifest.get("data_fingerprint", "")),
-        "leukray_version": __version__,
-    }
-    storage.makedirs(out)
-    write_parquet(storage.join(out, "cells.parquet"), cells, provenance)
-    write_csv(storage.join(out, "slides.csv"), slide_table)
-    status_counts = slide_table["status"].value_counts()
-    summary = {
-        "leukray_version": __version__,
-        "caveat": CAVEAT,
-        "model": {
-            "bundle": model_dir,
-            "bundle_json_sha256": bundle_sha256,
-            "weights": weights,
-            "classifier": bundle.manifest["classifier"],
-            "feature_source": bundle.feature_source,
-            "training_data_fingerprint": bundle.manifest.get("data_fingerprint", ""),
-            "preprocess": dataclasses.asdict(bundle.preprocess),
-        },
-        "data": data,
-        "config": dataclasses.asdict(cfg),
-        "counts": {
-            "slides": len(slides),
-            "cells": len(cells),
-            "flagged_cells": int(cells["flagged"].sum()),
-            **{status: int(status_counts.get(status, 0)) for status in SLIDE_STATUSES},
-        },
-        "seconds": round(time.perf_counter() - t0, 2),
-        "ray": {
-            "classify_device": "gpu" if use_gpu else "cpu",
-            "node_ids": {
-                "detect": sorted(set(map(str, rows["detect_node"])) - {""}),
-                "classify": sorted(set(map(str, rows["node_id"])) - {""}),
-            },
-            "cluster_cpus": cluster_cpus(),
-            "cluster_gpus": cluster_gpus(),
-        },
-    }
-    write_json(storage.join(out, "screen.json"), summary)
-    log(f"wrote {out}: {summary['counts']}")
-    return summary

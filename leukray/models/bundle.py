@@ -11,6 +11,8 @@ Files:
                        sha256 matches bundle.json, so a tampered file is refused).
 
 Preprocessing travels with the model (STYLE 5), so `predict` cannot drift from training.
+
+May import: torch, numpy, `leukray.config`, `leukray.errors`, `leukray.io`, `leukray.models.*`.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from leukray import __version__, storage
+from leukray import __version__
 from leukray.config import PreprocessConfig
 from leukray.errors import LeukrayError
+from leukray.io import storage
+from leukray.models.classifiers import positive_index
 
 BUNDLE_FILE = "bundle.json"
 FORMAT_VERSION = 1
@@ -124,7 +128,7 @@ class Bundle:
 
     @property
     def positive_index(self) -> int:
-        return self.classes.index(self.positive_label) if self.positive_label in self.classes else len(self.classes) - 1
+        return positive_index(self.classes, self.positive_label)
 
     def probabilities(self, features: np.ndarray | None, maps: np.ndarray | None) -> np.ndarray:
         """Class probabilities (N x C) from trunk features (N x 2048) or trunk maps."""
@@ -168,7 +172,7 @@ def load_bundle(model_dir: str) -> Bundle:
 
     weights = manifest["weights"]
     if weights["kind"] == "imagenet":
-        from leukray.features import imagenet_cache_file, sha256_file
+        from leukray.models.trunk import imagenet_cache_file, sha256_file
 
         spec = "imagenet:" + weights["name"].split(".")[-1]
         cached = imagenet_cache_file(spec)
@@ -186,10 +190,10 @@ def load_bundle(model_dir: str) -> Bundle:
     if manifest["feature_source"] in ("custom", "head"):
         import torch
 
-        from leukray.custom import build_custom_model
+        from leukray.models.custom import build_custom_model
 
         state = torch.load(io.BytesIO(blobs["custom_resnet50.pt"]), map_location="cpu", weights_only=True)
-        custom_model = build_custom_model(state, head_config)
+        custom_model = build_custom_model(head_config, state=state)
     classifier = pickle.loads(blobs["classifier.pkl"]) if "classifier.pkl" in blobs else None  # verified above
     return Bundle(
         model_dir=model_dir,

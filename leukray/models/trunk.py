@@ -1,5 +1,6 @@
 """The ResNet50 trunk (top removed) that maps a 224x224 cell crop to 2,048 features (the
-paper's step 3), and where its weights come from.
+paper's step 3), where its weights come from, and `TrunkExtractor`, which runs it on
+batches of crops (the Ray actor around it is `leukray.distributed.actors.FeatureExtractor`).
 
 Weights are always explicit and always recorded:
 - ``imagenet`` (or ``imagenet:IMAGENET1K_V2``): torchvision's weights API and cache
@@ -11,6 +12,8 @@ Weights are always explicit and always recorded:
 - ``random``: a seeded random initialisation, never presented as ImageNet;
 - ``auto`` (the demo's default): ImageNet when the file is already cached, else random, with
   a warning.
+
+May import: torch, torchvision, numpy, `leukray.errors`, `leukray.models.head`. No Ray.
 """
 
 from __future__ import annotations
@@ -26,11 +29,9 @@ from typing import Any
 import numpy as np
 
 from leukray.errors import WeightsError
+from leukray.models.head import map_shape, trunk_prefix, trunk_suffix
 
 FEATURE_DIM = 2048
-# Tests only: "DIR:SECONDS" makes every extractor batch leave a file DIR/<node id>-<pid>-<n>
-# and then sleep, so a test can see which node is extracting and kill it mid-stage.
-TEST_HOOK_ENV = "LEUKRAY_TEST_EXTRACT_HOOK"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HASH_PREFIX = re.compile(r"-([a-f0-9]{6,64})\.(?:pth|pt|bin)$")
@@ -194,8 +195,8 @@ def images_to_tensor(images: np.ndarray, device, channels_last: bool):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-class FeatureExtractor:
-    """Ray Data actor: loads the trunk once, then maps batches of crops to 2,048 features.
+class TrunkExtractor:
+    """Loads the trunk once, then maps batches of crops to 2,048 features.
 
     On a GPU it runs channels_last with bf16 autocast; on a CPU in float32 with as many
     threads as the actor was given (Ray sets OMP_NUM_THREADS from the actor's num_cpus).
@@ -217,8 +218,6 @@ class FeatureExtractor:
         if self.device.type == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         self.on_gpu = self.device.type == "cuda"
-        from leukray.model import trunk_prefix, trunk_suffix
-
         trunk = build_trunk(state, seed)
         self.maps_stage = maps_stage
         stage = max(maps_stage, 0)
@@ -239,8 +238,8 @@ class FeatureExtractor:
         return features.float().cpu().numpy(), kept
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if os.environ.get(TEST_HOOK_ENV):
-            self._test_hook(os.environ[TEST_HOOK_ENV])
+        """A stream batch with `image` (N x H x W x 3 uint8) and `error` -> the same batch
+        without `image`, with `features` (and `maps`)."""
         images = batch.pop("image")
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         features = np.full((len(images), FEATURE_DIM), np.nan, dtype=np.float32)
@@ -253,29 +252,6 @@ class FeatureExtractor:
         batch["features"] = features
         if self.maps_stage >= 0:
             if maps is None:
-                from leukray.model import map_shape
-
                 maps = np.zeros((len(images), *map_shape(images.shape[1], self.maps_stage)), dtype=np.float16)
             batch["maps"] = maps
-        batch["node_id"] = np.asarray([ray_node_id()] * len(images), dtype=object)
         return batch
-
-
-    def _test_hook(self, spec: str) -> None:
-        import time
-
-        folder, _, seconds = spec.rpartition(":")
-        self._hook_calls = getattr(self, "_hook_calls", 0) + 1
-        os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, f"{ray_node_id()}-{os.getpid()}-{self._hook_calls}"), "w").close()
-        time.sleep(float(seconds or 0))
-
-
-def ray_node_id() -> str:
-    """The Ray node this code runs on (hex), or "" outside Ray; recorded per stage in summary.json."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:  # pragma: no cover - outside Ray
-        return ""

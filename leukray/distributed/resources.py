@@ -1,0 +1,81 @@
+"""What the Ray cluster offers and how a model pool asks for it: GPUs when there are any
+(one actor per GPU), else 1-CPU actors scaling up to the number of CPUs, or a custom
+accelerator resource.
+
+May import: Ray, `leukray.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leukray.errors import ConfigError
+
+
+def ray_node_id() -> str:
+    """The Ray node this code runs on (hex), or "" outside Ray; recorded per stage in summary.json."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # pragma: no cover - outside Ray
+        return ""
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def wants_gpu(use_gpu: str) -> bool:
+    """`use_gpu` (auto | true | false) against the cluster: true without GPUs is an error."""
+    gpus = cluster_gpus()
+    if use_gpu == "true" and gpus == 0:
+        raise ConfigError("use_gpu is true but the Ray cluster has no GPUs")
+    return use_gpu == "true" or (use_gpu == "auto" and gpus > 0)
+
+
+def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -> tuple[bool, Any, dict[str, Any]]:
+    """(on GPU, compute strategy, actor resources) for a model actor pool, asked of the cluster.
+
+    Args:
+        use_gpu: auto | true | false.
+        actors: a fixed pool size; 0 = one per GPU, or 1..#CPUs autoscaling on CPUs.
+        accelerator_resource: a custom resource each actor takes one of (a fixed pool of
+            as many as the cluster has), when the cluster has it.
+    """
+    import ray
+
+    if accelerator_resource and ray.cluster_resources().get(accelerator_resource, 0) > 0:
+        count = int(ray.cluster_resources()[accelerator_resource])
+        pool = ray.data.ActorPoolStrategy(size=actors or max(1, count))
+        return False, pool, {"num_cpus": 1, "resources": {accelerator_resource: 1}}
+    if wants_gpu(use_gpu):
+        return True, ray.data.ActorPoolStrategy(size=actors or max(1, int(cluster_gpus()))), {"num_gpus": 1, "num_cpus": 1}
+    if actors:  # asked for: exactly that many
+        return False, ray.data.ActorPoolStrategy(size=actors), {"num_cpus": 1}
+    # CPU-only: 1-CPU actors scale from one up to one per CPU, so the pool uses every core.
+    return False, ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()))), {"num_cpus": 1}
+
+
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS (a cluster, or inside `ray job submit`) or start a local Ray."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # RAY_ADDRESS (set by `ray job submit`, or by the user) attaches to that cluster; without
+    # it a new local Ray starts, rather than joining whatever `ray start` left on the machine.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    # The dashboard stays on locally: Ray Train's controller queries the state API it serves.
+    ray.init(address=address, log_to_driver=True, logging_level="WARNING")

@@ -1,0 +1,197 @@
+"""The Ray Data passes: hashing the inputs, the streaming stage (CPU decode + Otsu-crop +
+augment tasks -> trunk actors, features written as they arrive), the custom model's
+embedding pass, and the predict/screen streams through a model bundle.
+
+May import: Ray, numpy, pandas, `leukray.config`, `leukray.io`, `leukray.models`,
+`leukray.distributed.actors`, `leukray.distributed.resources`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from leukray.config import AugmentConfig, RunConfig, ScreenConfig
+from leukray.distributed.actors import BundlePredictor, CustomEmbedder, FeatureExtractor, detect_batch, hash_batch, preprocess_batch
+from leukray.distributed.resources import plan_actor_pool
+from leukray.io.features import FeatureFileWriter, error_mask
+from leukray.io.tables import ERROR_COLUMNS
+from leukray.models.bundle import Bundle
+from leukray.models.trunk import FEATURE_DIM
+
+ROWS_PER_BLOCK = 32
+STREAM_COLUMNS = ["path", "label", "subject", "split", "n_aug"]
+
+
+def row_blocks(frame: pd.DataFrame, rows: int) -> list[pd.DataFrame]:
+    """`frame` cut into blocks of `rows` rows (one Ray Data block each, so the first stage
+    runs as many tasks in parallel as there are blocks)."""
+    return [frame.iloc[i : i + rows].reset_index(drop=True) for i in range(0, len(frame), rows)] or [frame]
+
+
+def hash_paths(paths: pd.Series) -> pd.DataFrame:
+    """sha256 and read_error of every path, read in parallel on the cluster; indexed by path."""
+    import ray
+
+    hashed = (
+        ray.data.from_pandas(row_blocks(pd.DataFrame({"path": paths}), 64))
+        .map_batches(hash_batch, batch_format="numpy", batch_size=64)
+        .to_pandas()
+    )
+    return hashed.drop_duplicates("path").set_index("path")
+
+
+@dataclass
+class Streamed:
+    """What the streaming stage hands on: the feature rows in (path, aug_index) order, the
+    images that failed, where the work ran, and (when asked for) the trunk maps."""
+
+    meta: pd.DataFrame
+    matrix: np.ndarray  # N x 2048 float32
+    errors: pd.DataFrame
+    facts: dict[str, Any]
+    maps_ds: Any = None
+
+
+def _features_dataset(rows: pd.DataFrame, cfg: RunConfig, maps_stage: int) -> tuple[Any, bool]:
+    import ray
+
+    use_gpu, pool, actor_resources = plan_actor_pool(cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource)
+    ds = ray.data.from_pandas(row_blocks(rows[STREAM_COLUMNS], ROWS_PER_BLOCK))
+    ds = ds.map_batches(
+        preprocess_batch,
+        batch_format="numpy",
+        batch_size=cfg.extract.preprocess_batch_size,
+        fn_kwargs={"cfg": cfg.preprocess, "augment": cfg.augment, "seed": cfg.split.seed},
+    )
+    ds = ds.map_batches(
+        FeatureExtractor,
+        batch_format="numpy",
+        batch_size=cfg.extract.batch_size,
+        fn_constructor_kwargs={"weights": cfg.extract.weights, "seed": cfg.extract.seed, "maps_stage": maps_stage},
+        compute=pool,
+        **actor_resources,
+    )
+    return ds, use_gpu
+
+
+def extract_features(
+    rows: pd.DataFrame, cfg: RunConfig, features_path: str | None, provenance: dict[str, str], keep_maps: bool = False
+) -> Streamed:
+    """Stream `rows` through CPU preprocessing and the ResNet50 actor pool, writing
+    `features_path` incrementally (None: only the maps are wanted, nothing is written).
+
+    With `keep_maps`, the trunk maps for the custom model are computed in the same pass and
+    the dataset is materialised (in Ray's object store, spilling to disk) so training reads
+    them every epoch without running the trunk again.
+    """
+    ds, use_gpu = _features_dataset(rows, cfg, cfg.train.unfreeze_stages if keep_maps else -1)
+    if keep_maps:
+        ds = ds.materialize()
+    nodes: dict[str, set[str]] = {"preprocess": set(), "extract": set()}
+    columns = ["path", "label", "subject", "split", "aug_index", "error", "features", "preprocess_node", "node_id"]
+    if features_path is None:
+        columns = ["path", "error", "preprocess_node", "node_id"]
+    rows_written = 0
+    writer_context = FeatureFileWriter(features_path, FEATURE_DIM, provenance) if features_path else contextlib.nullcontext()
+    with writer_context as writer:
+        for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256):
+            nodes["preprocess"].update(map(str, batch["preprocess_node"]))
+            nodes["extract"].update(map(str, batch["node_id"]))
+            if writer is not None:
+                writer.write(batch)
+            rows_written += int((~error_mask(batch)).sum())
+    facts = {
+        "device": "gpu" if use_gpu else "cpu",
+        "node_ids": {k: sorted(v) for k, v in nodes.items()},
+        "feature_rows": rows_written,
+    }
+    maps_ds = ds.select_columns(["path", "label", "subject", "split", "aug_index", "error", "maps"]) if keep_maps else None
+    if writer is None:
+        return Streamed(pd.DataFrame(), np.zeros((0, FEATURE_DIM), np.float32), pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds)
+    meta, matrix = writer.sorted_rows()
+    return Streamed(meta, matrix, writer.errors, facts, maps_ds)
+
+
+def embed_maps(
+    maps_ds: Any, cfg: RunConfig, state_path: str, head_config: dict[str, Any], features_path: str, provenance: dict[str, str]
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """The trained custom model over every map: its penultimate activations written to
+    `features_path` (Table IV's features) and its own probabilities of the original images.
+
+    Returns:
+        (feature rows, their N x embedding matrix, head probabilities: path, split, label,
+        subject, head_prob (C floats)).
+    """
+    _, pool, resources = plan_actor_pool(cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource)
+    embedded = maps_ds.map_batches(
+        CustomEmbedder,
+        batch_format="numpy",
+        batch_size=max(cfg.extract.batch_size, 64),
+        fn_constructor_kwargs={"state_path": state_path, "head_config": head_config, "embedding": cfg.train.embedding},
+        compute=pool,
+        **resources,
+    )
+    prob_parts = []
+    with FeatureFileWriter(features_path, cfg.train.embedding, provenance) as writer:
+        for batch in embedded.iter_batches(batch_format="numpy", batch_size=256):
+            writer.write(batch)
+            keep = ~error_mask(batch) & (batch["aug_index"] == 0)
+            columns = {c: batch[c][keep].astype(str) for c in ("path", "split", "label", "subject")}
+            prob_parts.append(pd.DataFrame({**columns, "head_prob": list(batch["head_prob"][keep])}))
+    head_probs = pd.concat(prob_parts, ignore_index=True) if prob_parts else pd.DataFrame()
+    meta, matrix = writer.sorted_rows()
+    return meta, matrix, head_probs
+
+
+def _bundle_stream(ds: Any, bundle: Bundle, model_dir: str) -> tuple[Any, bool]:
+    use_gpu, pool, resources = plan_actor_pool("auto", 0)
+    ds = ds.map_batches(
+        BundlePredictor,
+        batch_format="numpy",
+        batch_size=int(bundle.manifest.get("extract_batch_size", 32)),
+        fn_constructor_kwargs={"model_dir": model_dir},
+        compute=pool,
+        **resources,
+    )
+    return ds, use_gpu
+
+
+def predict_stream(images: pd.DataFrame, bundle: Bundle, model_dir: str, columns: list[str]) -> pd.DataFrame:
+    """Images (path, label, subject) -> one row per image with `columns` (prob_all,
+    predicted_label, error, ...), preprocessed as the bundle says."""
+    import ray
+
+    images = images.assign(split="", n_aug=0)
+    ds = ray.data.from_pandas(row_blocks(images[STREAM_COLUMNS], 32))
+    ds = ds.map_batches(
+        preprocess_batch,
+        batch_format="numpy",
+        batch_size=16,
+        fn_kwargs={"cfg": bundle.preprocess, "augment": AugmentConfig(oversample=0.0), "seed": 0},
+    )
+    ds, _ = _bundle_stream(ds, bundle, model_dir)
+    parts = [pd.DataFrame({c: batch[c] for c in columns}) for batch in ds.iter_batches(batch_format="numpy", batch_size=256)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def screen_stream(slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str]) -> tuple[pd.DataFrame, bool]:
+    """Smear fields -> detected, cropped and classified cells (one row each, `columns`),
+    and whether the classifier ran on GPUs."""
+    import ray
+
+    ds = ray.data.from_pandas(row_blocks(pd.DataFrame({"path": slides}), cfg.batch_size))
+    ds = ds.map_batches(
+        detect_batch,
+        batch_format="numpy",
+        batch_size=cfg.batch_size,
+        fn_kwargs={"cfg": cfg, "preprocess_cfg": bundle.preprocess},
+    )
+    ds, use_gpu = _bundle_stream(ds, bundle, model_dir)
+    batches = ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256)
+    parts = [pd.DataFrame({c: batch[c] for c in columns}) for batch in batches]
+    return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)), use_gpu

@@ -1,0 +1,101 @@
+"""What a run prints at the end (the leaderboard and the facts that qualify it) and the
+leaderboards' Markdown files.
+
+May import: pandas, `leukray.io`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from leukray.io import storage
+from leukray.io.tables import read_csv
+
+if TYPE_CHECKING:
+    from leukray.models.trunk import WeightsInfo
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None) -> None:
+    """Print Table III (and Table IV when the custom model was trained), then the facts
+    that qualify them: weights, split, chosen model, counts."""
+    tables = [("leaderboard.csv", "Table III — classifiers on ResNet50 trunk features")]
+    if summary.get("custom_model"):
+        tables.append(("custom_leaderboard.csv", f"Table IV — classifiers on custom-model features ({summary['custom_model']['embedding']}-d)"))
+    for name, title in tables:
+        board = read_csv(storage.join(out, name))
+        shown = board.drop(columns=["detail", "weights", "node_id"], errors="ignore")
+        if top:
+            shown = shown.head(top)
+        print()
+        print(f"{title} (test split; trunk weights: {summary['weights']['name']}):")
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    print()
+    if not summary["weights"]["is_pretrained"]:
+        print("NOTE: random-init trunk — these are not ImageNet-feature results.")
+    print(f"Split: {summary['split']['description']}")
+    custom = summary.get("custom_model")
+    if custom:
+        print(
+            f"Custom ResNet50: {custom['epochs']} epochs, best validation balanced accuracy "
+            f"{_fmt(custom['best_val_balanced_accuracy'])} at epoch {custom['best_epoch']} (history.csv)"
+        )
+    tuned = summary.get("tuned_model")
+    if tuned and tuned.get("params") is not None:
+        print(
+            f"Fine-tuned {tuned['name']} on {tuned['feature_source']} features ({tuned['ok_trials']}/{tuned['trials']} Ray Tune "
+            f"trials, tuning.csv): validation balanced accuracy {_fmt(tuned['val_balanced_accuracy'])} "
+            f"(untuned {_fmt(tuned['untuned_val_balanced_accuracy'])}), test {_fmt(tuned['test']['Balanced Accuracy'])}; {tuned['params']}"
+        )
+    chosen = summary.get("chosen_model") or summary.get("best_model")
+    if chosen:
+        test = chosen["test"]
+        source = f" on {chosen['feature_source']} features" if chosen.get("feature_source") else ""
+        print(
+            f"Chosen by {chosen['chosen_by']}: {chosen['name']}{source} — test accuracy {_fmt(test['Accuracy'])}, "
+            f"balanced accuracy {_fmt(test['Balanced Accuracy'])}, ROC AUC {_fmt(test['ROC AUC'])}"
+        )
+    counts = summary["counts"]
+    extra = ", report.html, model/" if summary.get("chosen_model") else ""
+    print(
+        f"Images: {counts['usable']} used, {counts['duplicates_removed']} duplicates kept once, "
+        f"{counts['errors']} in errors.csv. Outputs in {out} (leaderboard.md{extra})"
+    )
+
+
+def leaderboard_markdown(
+    board: pd.DataFrame,
+    weights: WeightsInfo,
+    data_desc: str,
+    split_desc: str,
+    title: str = "ResNet50 trunk features (the paper's Table III)",
+) -> str:
+    """RUN/leaderboard.md (and custom_leaderboard.md): the table with what qualifies it."""
+    lines = [
+        f"# Classifier sweep on {title}",
+        "",
+        f"- Trunk weights: **{weights.describe()}**",
+        f"- Data: {data_desc}",
+        f"- Split: {split_desc}",
+        "- Metrics on the test split; ROC AUC from predicted scores; the best model is chosen on validation.",
+        "",
+    ]
+    if not weights.is_pretrained:
+        lines.insert(2, "> **Random-init trunk: these are NOT ImageNet-feature results.**\n")
+    shown = board.copy()
+    for col in ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score", "Val Balanced Accuracy"]:
+        shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    shown["Time Taken"] = shown["Time Taken"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    shown["detail"] = shown["detail"].fillna("").map(lambda s: str(s).replace("|", "/")[:120])
+    header = "| " + " | ".join(shown.columns) + " |"
+    rule = "|" + "|".join("---" for _ in shown.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join(lines + [header, rule, *body]) + "\n"

@@ -1,0 +1,57 @@
+"""`leukray run`: the three stages in one job, handing their results over in memory:
+extract (discover -> hash/deduplicate -> split -> stream preprocess/augment/extract) ->
+train (the custom ResNet50 head, when enabled) -> tune (sweeps, fine-tuning, model choice,
+bundle, summary, report). `extract`, `train` and `tune` are also jobs of their own on the
+same run folder (`run_stage`).
+
+The run folder (other tools read these names):
+  config.yaml, manifest.parquet, features.parquet, leaderboard.csv, leaderboard.md,
+  errors.csv, summary.json, ... (README: "The run folder")
+
+May import: `leukray.config`, `leukray.io`, `leukray.stages.*`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from leukray.config import RunConfig
+from leukray.io import runfolder, storage
+from leukray.stages.extract import extract_stage, load_extracted
+from leukray.stages.train import load_trained, train_stage
+from leukray.stages.tune import tune_stage
+
+
+def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run everything in one job and write the run folder; returns summary.json's content.
+
+    Args:
+        cfg: the resolved configuration.
+        start_ray: called once the inputs are checked (so a user mistake is reported
+            before Ray starts); without it Ray must already be initialised.
+    """
+    t0 = time.perf_counter()
+    extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled)
+    trained = None
+    if cfg.train.enabled:
+        trained = train_stage(extracted, write_config=False)
+    elif storage.exists(storage.join(cfg.out, runfolder.TRAIN_RECORD)):
+        storage.delete(storage.join(cfg.out, runfolder.TRAIN_RECORD))  # a stale custom model from an earlier run
+    return tune_stage(extracted, trained, total_start=t0, write_config=False)
+
+
+def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`leukray train` on a run folder that `leukray extract` wrote; returns train.json's content."""
+    extracted = load_extracted(cfg, "train", with_features=False)
+    return train_stage(extracted, start_ray).record
+
+
+def run_tune_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`leukray tune` on a run folder that `leukray extract` (and `train`) wrote; returns
+    summary.json's content."""
+    extracted = load_extracted(cfg, "tune")
+    trained = None
+    if cfg.train.enabled:
+        trained = load_trained(cfg.out, extracted.record["fingerprint"], extracted.weights.name)
+    return tune_stage(extracted, trained, start_ray)

@@ -1,0 +1,445 @@
+"""`leukray tune`, the last stage of `run`: the classifier sweeps on the trunk features
+(the paper's Table III) and, when the custom model was trained, on its embeddings (Table IV);
+fine-tuning the best classifier (the paper's step 6); the model choice on validation;
+predictions, the model bundle, summary.json and the report.
+
+Each of those is a function of its own; `tune_stage` runs them in order on what the earlier
+stages handed over (in memory within `run`, from the run folder for a separate job).
+
+May import: `leukray.config`, `leukray.errors`, `leukray.io`, `leukray.data`, `leukray.ops`,
+`leukray.models`, `leukray.distributed`, `leukray.report`, `leukray.stages.extract`,
+`leukray.stages.train`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from leukray import __version__
+from leukray.config import AugmentConfig, RunConfig
+from leukray.data.splits import TEST, TRAIN, VAL
+from leukray.distributed.resources import cluster_cpus, cluster_gpus
+from leukray.distributed.tuning import best_tunable_row, run_search_tune, run_sweep_tune
+from leukray.errors import DataError
+from leukray.io import runfolder, storage
+from leukray.io.tables import counts_by, log, write_csv, write_json, write_parquet
+from leukray.models.bundle import save_bundle
+from leukray.models.classifiers import (
+    SweepData,
+    best_row,
+    choose_model,
+    format_row,
+    make_pipeline,
+    positive_index,
+    score_probabilities,
+    select_classifiers,
+    sweep_data,
+)
+from leukray.models.custom import build_custom_model
+from leukray.models.trunk import TrunkExtractor, WeightsInfo, build_trunk, resolve_weights
+from leukray.ops.preprocess import load_and_preprocess
+from leukray.report.console import leaderboard_markdown
+from leukray.stages.extract import Extracted
+from leukray.stages.train import Trained
+
+HEAD_MODEL = "CustomResNet50 head (sigmoid)"
+METRICS = ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score"]
+
+
+@dataclass
+class Sweeps:
+    """The sweeps' results: features and leaderboard per source (`trunk`, `custom`) and the
+    candidates for the model choice (source, leaderboard row)."""
+
+    data: dict[str, SweepData]
+    boards: dict[str, pd.DataFrame]
+    candidates: list[tuple[str, pd.Series | None]]
+    has_val: bool
+
+
+@dataclass
+class Chosen:
+    """The model chosen on validation, fitted, with its test-split probabilities."""
+
+    source: str  # trunk | custom | head
+    name: str
+    row: pd.Series
+    params: dict[str, Any] | None
+    classifier: Any  # the fitted pipeline; None for the head
+    test_meta: pd.DataFrame
+    test_probs: np.ndarray  # N x C
+
+
+def tune_stage(
+    extracted: Extracted,
+    trained: Trained | None,
+    start_ray: Callable[[], None] | None = None,
+    total_start: float | None = None,
+    write_config: bool = True,
+) -> dict[str, Any]:
+    """Sweep, fine-tune, choose, bundle and report; returns summary.json's content."""
+    t0 = time.perf_counter() if total_start is None else total_start
+    cfg = extracted.cfg
+    seconds: dict[str, float] = {**extracted.record["seconds"], **(trained.record["seconds"] if trained else {})}
+    names = select_classifiers(cfg.sweep.classifiers)
+    if write_config:
+        runfolder.write_config(cfg)
+    if start_ray is not None:
+        start_ray()
+    sweeps = run_sweeps(extracted, trained, names, seconds)
+    tuned = None
+    if cfg.sweep.tune_trials > 0 and sweeps.has_val:
+        tick = time.perf_counter()
+        tuned = tune_best(cfg, sweeps)
+        seconds["tuning"] = time.perf_counter() - tick
+        if tuned is not None and tuned["row"] is not None:
+            sweeps.candidates.append((tuned["feature_source"], tuned["row"]))
+    chosen = fit_chosen(extracted, trained, sweeps)
+    predictions = write_predictions(extracted, chosen, sweeps.data["trunk"].classes)
+    log(f"chosen model (by validation balanced accuracy): {chosen.name} on {chosen.source} features")
+    write_model_bundle(extracted, trained, chosen, sweeps.data["trunk"].classes)
+    timing = measure_inference(chosen.test_meta["path"].tolist()[:32], extracted, trained, chosen)
+    seconds["total" if total_start is not None else "tune_total"] = time.perf_counter() - t0
+    summary = build_summary(extracted, trained, sweeps, tuned, chosen, predictions, len(names), timing, seconds)
+    write_json(storage.join(cfg.out, "summary.json"), summary)
+    _write_report(cfg.out)
+    return summary
+
+
+def describe_split(cfg: RunConfig, facts: dict[str, Any]) -> str:
+    if cfg.split.mode == "image":
+        return (
+            f"image-level (the paper's protocol): {facts['leaking_subjects']} subject(s) have images on more than "
+            "one side, so scores are optimistic for new patients"
+        )
+    base = f"subject-level, stratified (no subject on two sides); groups: {facts['group_source']}"
+    if cfg.data.test_path:
+        base += f"; test = the separate dataset {cfg.data.test_path}"
+    return base
+
+
+def _describe_data(cfg: RunConfig, fingerprint: str) -> str:
+    test = f" + test {cfg.data.test_path}" if cfg.data.test_path else ""
+    return f"{cfg.data.path}{test} (fingerprint {fingerprint[:12]})"
+
+
+def run_sweeps(extracted: Extracted, trained: Trained | None, names: list[str], seconds: dict[str, float]) -> Sweeps:
+    """Table III on the trunk features; with a trained custom model, Table IV on its
+    embeddings and the head itself as a candidate."""
+    cfg = extracted.cfg
+    data = sweep_data(extracted.meta, extracted.matrix, cfg.data.positive_label)
+    for split_name, y in ((TRAIN, data.y_train), (TEST, data.y_test)):
+        if len(np.unique(y)) < 2:
+            single = [data.classes[c] for c in set(y)]
+            raise DataError(f"after preprocessing, the {split_name} split holds a single class ({single}); see errors.csv")
+    has_val = len(data.y_val) > 0
+    tick = time.perf_counter()
+    board = sweep_and_write(data, names, extracted, stem="leaderboard", title="ResNet50 trunk features (the paper's Table III)")
+    seconds["sweep"] = time.perf_counter() - tick
+    sweeps = Sweeps({"trunk": data}, {"trunk": board}, [("trunk", best_row(board, has_val, seed=cfg.sweep.seed))], has_val)
+    if trained is None:
+        return sweeps
+    custom_data = sweep_data(trained.meta, trained.matrix, cfg.data.positive_label)
+    tick = time.perf_counter()
+    embedding = trained.record["custom_model"]["embedding"]
+    title = f"custom-model features, {embedding}-d (the paper's Table IV)"
+    custom_board = sweep_and_write(custom_data, names, extracted, stem="custom_leaderboard", title=title)
+    seconds["sweep_custom"] = time.perf_counter() - tick
+    sweeps.data["custom"], sweeps.boards["custom"] = custom_data, custom_board
+    sweeps.candidates.append(("custom", best_row(custom_board, has_val, seed=cfg.sweep.seed)))
+    sweeps.candidates.append(("head", _head_row(trained, data.classes)))
+    return sweeps
+
+
+def _head_row(trained: Trained, classes: list[str]) -> pd.Series:
+    """The custom model's own sigmoid as a candidate, scored on validation."""
+    head_val = trained.head_probs[trained.head_probs["split"] == VAL]
+    code = {name: i for i, name in enumerate(classes)}
+    probs = np.stack(head_val["head_prob"].to_numpy()) if len(head_val) else np.zeros((0, len(classes)))
+    metrics = score_probabilities(head_val["label"].map(code).to_numpy(), probs)
+    row = pd.Series({"Model": HEAD_MODEL, **metrics, "status": "ok"})
+    row["Val Balanced Accuracy"] = row["Balanced Accuracy"]
+    return row
+
+
+def sweep_and_write(data: SweepData, names: list[str], extracted: Extracted, *, stem: str, title: str) -> pd.DataFrame:
+    """Run one Tune sweep and write RUN/<stem>.csv and .md."""
+    cfg = extracted.cfg
+    log(f"sweeping {len(names)} classifiers on {title} (one Ray Tune trial each; limit {cfg.sweep.timeout_s:g}s per classifier)")
+    board = run_sweep_tune(
+        data,
+        names,
+        seed=cfg.sweep.seed,
+        timeout_s=cfg.sweep.timeout_s,
+        cpus_per_trial=cfg.sweep.cpus_per_trial,
+        storage_path=runfolder.tune_store(cfg.out),
+        name=stem,
+        on_result=lambda row: print(format_row(row), flush=True),
+    )
+    weights = extracted.weights
+    board["weights"] = weights.name
+    write_csv(storage.join(cfg.out, f"{stem}.csv"), board)
+    data_desc = _describe_data(cfg, extracted.record["fingerprint"])
+    split_desc = describe_split(cfg, extracted.record["facts"])
+    shown = board.drop(columns=["weights", "node_id"])
+    storage.write_text(storage.join(cfg.out, f"{stem}.md"), leaderboard_markdown(shown, weights, data_desc, split_desc, title))
+    return board
+
+
+def tune_best(cfg: RunConfig, sweeps: Sweeps) -> dict[str, Any] | None:
+    """Fine-tune the best classifier (the paper's step 6): of the sweeps' classifiers with a
+    search space, the best on validation gets `sweep.tune_trials` Ray Tune trials on its own
+    features. Writes RUN/tuning.csv; returns what summary.json records (`row` is the best
+    trial as a model candidate, or None when every trial failed)."""
+    picks = [(src, best_tunable_row(board, sweeps.has_val, cfg.sweep.seed)) for src, board in sweeps.boards.items()]
+    picks = [(src, r) for src, r in picks if r is not None]
+    if not picks:
+        log("fine-tuning skipped: no classifier with a search space succeeded in the sweeps")
+        return None
+    source, base = max(picks, key=lambda item: item[1]["Val Balanced Accuracy"])
+    log(
+        f"fine-tuning {base['Model']} on {source} features: {cfg.sweep.tune_trials} Ray Tune trials "
+        "(seeded random search, chosen on validation)"
+    )
+    trials = run_search_tune(
+        sweeps.data[source], base["Model"], cfg.sweep.tune_trials, seed=cfg.sweep.seed, timeout_s=cfg.sweep.timeout_s,
+        cpus_per_trial=cfg.sweep.cpus_per_trial, storage_path=runfolder.tune_store(cfg.out), run_name="tuning",
+        on_result=lambda r: print(format_row(r) + f"  {r.get('params')}", flush=True),
+    )  # fmt: skip
+    write_csv(storage.join(cfg.out, "tuning.csv"), trials.assign(feature_source=source))
+    best = trials.iloc[0]
+    ok = best["status"] == "ok"
+    row = None
+    if ok:
+        row = best.copy()
+        row["base_model"] = base["Model"]
+        row["Model"] = f"{base['Model']} (tuned)"
+    return {
+        "name": base["Model"],
+        "feature_source": source,
+        "trials": int(len(trials)),
+        "ok_trials": int((trials["status"] == "ok").sum()),
+        "params": json.loads(best["params"]) if ok else None,
+        "val_balanced_accuracy": best["Val Balanced Accuracy"] if ok else None,
+        "untuned_val_balanced_accuracy": base["Val Balanced Accuracy"],
+        "test": {k: best[k] for k in METRICS} if ok else None,
+        "row": row,
+    }
+
+
+def fit_chosen(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> Chosen:
+    """The candidate with the best validation balanced accuracy, fitted on the training
+    split, with its probabilities on the test split."""
+    chosen = choose_model(sweeps.candidates)
+    if chosen is None:
+        raise DataError("no classifier produced probabilities on this data; see leaderboard.csv")
+    source, row = chosen
+    meta = extracted.meta
+    test_meta = meta[(meta["split"] == TEST) & (meta["aug_index"] == 0)].reset_index(drop=True)
+    params = json.loads(row["params"]) if isinstance(row.get("params"), str) else None
+    if source == "head":
+        probs_by_path = trained.head_probs.set_index("path")["head_prob"]
+        test_probs = np.stack(test_meta["path"].map(probs_by_path).to_numpy())
+        return Chosen(source, HEAD_MODEL, row, params, None, test_meta, test_probs)
+    data = sweeps.data[source]
+    pipeline = make_pipeline(row.get("base_model", row["Model"]), extracted.cfg.sweep.seed, params=params)
+    classifier = pipeline.fit(data.X_train, data.y_train)
+    return Chosen(source, row["Model"], row, params, classifier, test_meta, classifier.predict_proba(data.X_test))
+
+
+def write_predictions(extracted: Extracted, chosen: Chosen, classes: list[str]) -> pd.DataFrame:
+    """predictions.parquet: the chosen model on the test split."""
+    positive = positive_index(classes, extracted.cfg.data.positive_label)
+    predictions = pd.DataFrame(
+        {
+            "path": chosen.test_meta["path"],
+            "label": chosen.test_meta["label"],
+            "subject": chosen.test_meta["subject"],
+            "predicted_label": np.asarray(classes, dtype=object)[chosen.test_probs.argmax(axis=1)],
+            "prob_all": chosen.test_probs[:, positive],
+        }
+    )
+    write_parquet(storage.join(extracted.cfg.out, "predictions.parquet"), predictions, extracted.record["provenance"])
+    return predictions
+
+
+def write_model_bundle(extracted: Extracted, trained: Trained | None, chosen: Chosen, classes: list[str]) -> str:
+    """RUN/model: everything `predict` and `screen` need (see `leukray.models.bundle`)."""
+    cfg, weights = extracted.cfg, extracted.weights
+    trunk_state = None
+    if weights.kind != "imagenet":
+        trunk_state = build_trunk(resolve_weights(cfg.extract.weights, cfg.extract.seed)[0], cfg.extract.seed).state_dict()
+    model_dir = storage.join(cfg.out, "model")
+    save_bundle(
+        model_dir,
+        classes=classes,
+        positive_label=cfg.data.positive_label,
+        preprocess=cfg.preprocess,
+        weights=weights.as_dict(),
+        weights_seed=cfg.extract.seed,
+        feature_source=chosen.source,
+        classifier_name=chosen.name,
+        classifier=chosen.classifier,
+        head_config=trained.record["head_config"] if trained is not None else None,
+        trunk_state=trunk_state,
+        extra={
+            "data_fingerprint": extracted.record["fingerprint"],
+            "chosen_by": "validation balanced accuracy",
+            "extract_batch_size": cfg.extract.batch_size,  # predict batches the trunk the same way
+            "classifier_params": chosen.params,
+        },
+    )
+    return model_dir
+
+
+def measure_inference(paths: list[str], extracted: Extracted, trained: Trained | None, chosen: Chosen) -> dict[str, float]:
+    """Seconds per image of each stage of the chosen model, measured in this process on up
+    to 32 test images (after one warm-up batch): decode + preprocess, trunk, head, classifier."""
+    if not paths:
+        return {}
+    cfg = extracted.cfg
+    batch = {"path": np.asarray(paths, dtype=object), "n_aug": np.zeros(len(paths), np.int64)}
+    tick = time.perf_counter()
+    pre = load_and_preprocess(batch, cfg.preprocess, AugmentConfig(oversample=0.0), 0, storage.read_bytes)
+    timing = {"decode_preprocess": (time.perf_counter() - tick) / len(paths)}
+    images = pre["image"][np.asarray([not e for e in pre["error"]], dtype=bool)]
+    if not len(images):
+        return timing
+    custom = chosen.source in ("custom", "head") and trained is not None
+    head_config = trained.record["head_config"] if custom else None
+    extractor = TrunkExtractor(cfg.extract.weights, seed=cfg.extract.seed, maps_stage=head_config["unfreeze_stages"] if custom else -1)
+    extractor.extract(images[:2])  # warm-up
+    tick = time.perf_counter()
+    features, maps = extractor.extract(images)
+    timing["trunk"] = (time.perf_counter() - tick) / len(images)
+    if custom:
+        import torch
+
+        model = build_custom_model(head_config, state=trained.model_state())
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(maps)).float()
+            tick = time.perf_counter()
+            embedded = model.embed(x, head_config["embedding"]).numpy()
+            model(x)
+            timing["head"] = (time.perf_counter() - tick) / len(images)
+    if chosen.classifier is not None:
+        inputs = features if chosen.source == "trunk" else embedded
+        tick = time.perf_counter()
+        chosen.classifier.predict_proba(inputs)
+        timing["classifier"] = (time.perf_counter() - tick) / len(images)
+    return timing
+
+
+def build_summary(
+    extracted: Extracted,
+    trained: Trained | None,
+    sweeps: Sweeps,
+    tuned: dict[str, Any] | None,
+    chosen: Chosen,
+    predictions: pd.DataFrame,
+    n_classifiers: int,
+    timing: dict[str, float],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """summary.json's content."""
+    cfg, record = extracted.cfg, extracted.record
+    facts, meta = record["facts"], extracted.meta
+    usable_meta = meta[meta["aug_index"] == 0]
+    classes = sweeps.data["trunk"].classes
+    code = {name: i for i, name in enumerate(classes)}
+    chosen_test = score_probabilities(predictions["label"].map(code).to_numpy(), chosen.test_probs)
+    return {
+        "leukray_version": __version__,
+        "weights": extracted.weights.as_dict(),
+        "positive_label": cfg.data.positive_label,
+        "classes": classes,
+        "data": {"path": cfg.data.path, "test_path": cfg.data.test_path, "fingerprint": record["fingerprint"]},
+        "split": {
+            "mode": cfg.split.mode,
+            "description": describe_split(cfg, facts),
+            "leaking_subjects": facts["leaking_subjects"],
+            "groups": facts["group_source"],
+        },
+        "counts": {
+            "found": record["counts"]["found"],
+            "usable": int(len(usable_meta)),
+            "duplicates_removed": facts["duplicates"],
+            "errors": int(len(extracted.errors)),
+            "by_split_and_class": counts_by(usable_meta, "split", "label"),
+            "augmented_copies_by_class": counts_by(meta[meta["aug_index"] > 0], "label"),
+            "subjects_by_split": record["counts"]["subjects_by_split"],
+        },
+        "duplicates": facts["duplicate_pairs"],
+        "best_model": _best_summary(sweeps.candidates[0][1], sweeps.has_val),
+        "best_custom_model": _best_summary(sweeps.candidates[1][1], sweeps.has_val) if trained is not None else None,
+        "chosen_model": {
+            "name": chosen.name,
+            "feature_source": chosen.source,
+            "chosen_by": "validation balanced accuracy",
+            "val_balanced_accuracy": chosen.row["Val Balanced Accuracy"],
+            "test": chosen_test,
+        },
+        "custom_model": trained.record["custom_model"] if trained is not None else None,
+        "tuned_model": {k: v for k, v in tuned.items() if k != "row"} if tuned is not None else None,
+        "sweep": _sweep_counts(sweeps.boards["trunk"], n_classifiers),
+        "sweep_custom": _sweep_counts(sweeps.boards["custom"], n_classifiers) if "custom" in sweeps.boards else None,
+        "inference_seconds_per_image": timing,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "ray": _ray_facts(record, trained, sweeps.boards["trunk"]),
+        "environment": {"python": platform.python_version(), "platform": sys.platform},
+    }
+
+
+def _ray_facts(record: dict[str, Any], trained: Trained | None, board: pd.DataFrame) -> dict[str, Any]:
+    node_ids = dict(record["ray"]["node_ids"])
+    if trained is not None and trained.record["ray"]["maps_node_ids"]:  # a separate train job made its own maps
+        node_ids["train_maps"] = trained.record["ray"]["maps_node_ids"].get("extract", [])
+    return {
+        "extract_device": record["ray"]["extract_device"],
+        "node_ids": node_ids,
+        "sweep_node_ids": sorted(set(board.get("node_id", pd.Series(dtype=str)).dropna().astype(str)) - {""}),
+        "cluster_cpus": cluster_cpus(),
+        "cluster_gpus": cluster_gpus(),
+    }
+
+
+def _best_summary(row: pd.Series | None, has_val: bool) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "name": row["Model"],
+        "chosen_by": "validation balanced accuracy" if has_val else "test balanced accuracy (no validation split)",
+        "test": {k: row[k] for k in METRICS},
+        "val_balanced_accuracy": row["Val Balanced Accuracy"],
+    }
+
+
+def _sweep_counts(board: pd.DataFrame, n: int) -> dict[str, int]:
+    return {
+        "classifiers": n,
+        "ok": int((board["status"] == "ok").sum()),
+        "failed": int((board["status"] == "failed").sum()),
+        "timeout": int((board["status"] == "timeout").sum()),
+    }
+
+
+def _write_report(out: str) -> None:
+    """report.html / report.md / figures; the run's results are already written, so a report
+    problem is a warning, not a lost run."""
+    from leukray.report.document import write_report
+
+    if storage.is_uri(out):
+        log("report: skipped for a URI run folder (render it locally with the report module)")
+        return
+    try:
+        write_report(out)
+    except Exception as exc:  # noqa: BLE001 - report problems must not lose the run
+        log(f"WARNING: the report could not be written: {type(exc).__name__}: {exc}")

@@ -1,0 +1,56 @@
+"""Test plumbing that has to run inside Ray workers, kept out of the library's code paths.
+
+Nothing in `leukray` imports this module; tests hand these objects to the library's public
+hooks:
+
+- `KillWorkerOnce`: an `on_epoch_end` callback for `train_head` that SIGKILLs the Ray Train
+  worker once, right after an epoch's checkpoint (the resume test).
+- `install_extract_hook`: a Ray `worker_process_setup_hook` (given in a job's runtime env)
+  that makes every extractor batch leave a file DIR/<node id>-<pid>-<n> and sleep, so a test
+  sees which node is extracting and can kill it mid-stage. DIR and the seconds come from the
+  job's `LEUKRAY_TEST_EXTRACT_HOOK=DIR:SECONDS` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+EXTRACT_HOOK_ENV = "LEUKRAY_TEST_EXTRACT_HOOK"
+EXTRACT_SETUP_HOOK = "leukray.testing.install_extract_hook"
+
+
+class KillWorkerOnce:
+    """SIGKILL the calling worker after epoch `at_epoch`, once: `marker` records that it
+    happened (the restarted worker must not die again)."""
+
+    def __init__(self, marker: str, at_epoch: int):
+        self.marker, self.at_epoch = marker, at_epoch
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        if epoch == self.at_epoch and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_extract_hook() -> None:
+    """Wrap `FeatureExtractor.__call__` in this worker process (see the module docstring)."""
+    spec = os.environ.get(EXTRACT_HOOK_ENV, "")
+    if not spec:
+        return
+    from leukray.distributed import actors
+
+    folder, _, seconds = spec.rpartition(":")
+    original = actors.FeatureExtractor.__call__
+
+    def stamped(self, batch):
+        from leukray.distributed.resources import ray_node_id
+
+        self._hook_calls = getattr(self, "_hook_calls", 0) + 1
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f"{ray_node_id()}-{os.getpid()}-{self._hook_calls}"), "w").close()
+        time.sleep(float(seconds or 0))
+        return original(self, batch)
+
+    actors.FeatureExtractor.__call__ = stamped

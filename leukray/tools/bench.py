@@ -1,0 +1,674 @@
+"""`make bench` (``python -m leukray.bench``): what Ray buys on this machine, as ratios.
+
+Three stages of the pipeline are timed against a plain baseline in the same run, on the
+same data, and reported as ratios (these machines are shared and noisy, so absolute numbers
+move; ratios measured side by side move much less):
+
+1. ``preprocess_speedup``: decode + Otsu-crop + resize through Ray Data
+   (`leukray.distributed.actors.preprocess_batch` in ``map_batches`` over
+   ``from_pandas(row_blocks(...))``, 1-CPU tasks on every local CPU) over a plain
+   single-process loop of `decode_image` + `preprocess_image`. Target >= 1.6x on 2 cores.
+2. ``extract_ratio``: ResNet50 features through the `FeatureExtractor` actor in Ray Data
+   over a plain torch loop (same trunk, batches of 32, `torch.inference_mode`, one torch
+   thread per core), on the same crops. images/s ratio; target >= 0.8. Model loading and a
+   first forward pass are left out of both and reported separately.
+3. ``sweep_time_ratio``: `run_sweep_tune` over all of Lazy Predict's classifiers, seconds
+   divided by Lazy Predict's own sequential ``LazyClassifier.fit`` on the same features
+   and the same integer labels. Target <= 0.65 on 2 cores.
+
+Preprocessing and extraction run several times, baseline and Ray interleaved (alternating
+which goes first), and the fastest run of each side counts (other load on a shared machine can only slow a run down).
+The sweep runs once per side. Ray's workers are started at niceness 0 like the baselines
+(Ray's default is 15, which on a shared machine hands the CPUs to everyone else first).
+
+The table goes to stdout (PASS/MISS per target) and everything to ``bench.json`` in the
+working directory. The exit status is 0 even when a target is missed: this is a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from leukray.config import AugmentConfig, PreprocessConfig
+from leukray.data.discovery import IMAGE_EXTENSIONS
+from leukray.distributed.actors import FeatureExtractor, preprocess_batch
+from leukray.distributed.streaming import row_blocks
+from leukray.distributed.tuning import run_sweep_tune
+from leukray.io import storage
+from leukray.models.classifiers import SweepData, class_order, select_classifiers
+from leukray.models.trunk import build_trunk, images_to_tensor, resolve_weights
+from leukray.ops.preprocess import decode_image, preprocess_image
+
+TARGETS = {
+    "preprocess_speedup": (">=", 1.6),
+    "extract_ratio": (">=", 0.8),
+    "sweep_time_ratio": ("<=", 0.65),
+}
+EXTRACT_SETUPS = ("one-actor-all-cpus", "fixed-pool-1cpu", "autoscaling-pool-1cpu")
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def machine_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under ``taskset``), else
+    `os.cpu_count()`."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def synthetic_images(out_dir: str, cells: int, seed: int = 0) -> pd.DataFrame:
+    """Write `cells` synthetic C-NMC-style images (`generate_dataset`, 12 subjects).
+
+    Returns:
+        Columns path, label.
+    """
+    from leukray.tools.synth import generate_dataset
+
+    frame = generate_dataset(out_dir, cells=cells, subjects=min(12, cells), seed=seed)
+    return frame[["path", "label"]].reset_index(drop=True)
+
+
+def folder_images(root: str, limit: int) -> pd.DataFrame:
+    """Images under a class-per-folder tree such as C-NMC's ``fold_0/{all,hem}``, read in
+    place (never copied).
+
+    Returns:
+        Columns path, label (the parent folder's name): at most `limit` rows, spread
+        evenly over the sorted file list when there are more.
+    """
+    paths = [p for p in storage.list_files(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
+        raise SystemExit(f"bench: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    if limit and len(paths) > limit:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
+    labels = [os.path.basename(os.path.dirname(p)).lower() for p in paths]
+    return pd.DataFrame({"path": paths, "label": labels})
+
+
+# -- 1. preprocessing -----------------------------------------------------------------------
+
+
+def preprocess_loop_seconds(paths: list[str], cfg: PreprocessConfig) -> tuple[float, np.ndarray]:
+    """The baseline: one process, one image after another, `decode_image` +
+    `preprocess_image` (reading with `storage.read_bytes`, as the Ray path does).
+
+    Returns:
+        (seconds, N x size x size x 3 crops).
+    """
+    start = time.perf_counter()
+    crops = [preprocess_image(decode_image(storage.read_bytes(p)), cfg) for p in paths]
+    seconds = time.perf_counter() - start
+    return seconds, np.stack(crops)
+
+
+def _stampedpreprocess_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+    """`preprocess_batch` plus the wall-clock span of the call (columns t_begin, t_end),
+    from which the benchmark tells how many tasks Ray Data kept busy at once."""
+    begin = time.time()
+    out = preprocess_batch(batch, **kwargs)
+    n = len(out["path"])
+    out["t_begin"] = np.full(n, begin)
+    out["t_end"] = np.full(n, time.time())
+    return out
+
+
+def preprocess_ray_seconds(
+    frame: pd.DataFrame, cfg: PreprocessConfig, rows_per_block: int, batch_size: int
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The Ray Data path of `leukray run`: ``from_pandas(row_blocks(...))`` ->
+    ``map_batches(preprocess_batch)`` in 1-CPU tasks, consumed in the driver with
+    ``iter_batches`` (so the crops end up where the loop's do).
+
+    Returns:
+        (seconds, mean number of batches being preprocessed at once, crops, labels), rows
+        in input order.
+    """
+    import ray
+
+    rows = frame[["path", "label"]].assign(n_aug=0, row=np.arange(len(frame)))
+    start = time.perf_counter()
+    ds = ray.data.from_pandas(row_blocks(rows, rows_per_block)).map_batches(
+        _stamped_preprocess_batch,
+        batch_format="numpy",
+        batch_size=batch_size,
+        fn_kwargs={"cfg": cfg, "augment": AugmentConfig(), "seed": 0},
+    )
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "image", "label", "error", "path", "t_begin", "t_end")}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for key, values in parts.items():
+            values.append(batch[key])
+    seconds = time.perf_counter() - start
+    got = {k: np.concatenate(v) for k, v in parts.items()}
+    failed = [f"{p}: {e}" for p, e in zip(got["path"], got["error"]) if e]
+    if failed:
+        raise SystemExit(f"bench: preprocessing failed for {len(failed)} image(s), e.g. {failed[:3]}")
+    spans = np.unique(np.stack([got["t_begin"], got["t_end"]], axis=1), axis=0)
+    busy_at_once = float((spans[:, 1] - spans[:, 0]).sum() / seconds)
+    order = np.argsort(got["row"])
+    return seconds, busy_at_once, got["image"][order], got["label"].astype(str)[order]
+
+
+def measure_preprocess(
+    frame: pd.DataFrame, cfg: PreprocessConfig, repeats: int, rows_per_block: int, batch_size: int
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Ray Data preprocessing vs the plain loop, best of `repeats` interleaved runs each.
+
+    Untimed first: every file is read once (both sides then find it in the page cache), a
+    small Ray Data run starts the workers and imports leukray in them, and the loop
+    preprocesses a few images.
+
+    Returns:
+        (results, crops, labels).
+    """
+    paths = frame["path"].tolist()
+    for p in paths:
+        storage.read_bytes(p)
+    preprocess_ray_seconds(frame.iloc[: 2 * rows_per_block], cfg, rows_per_block, batch_size)
+    preprocess_loop_seconds(paths[:8], cfg)
+    loop_runs, ray_runs, busy = [], [], []
+    loop_crops = crops = labels = None
+    for i in range(repeats):
+        for side in ("loop", "ray") if i % 2 == 0 else ("ray", "loop"):  # alternate who goes first
+            if side == "loop":
+                seconds, loop_crops = preprocess_loop_seconds(paths, cfg)
+                loop_runs.append(seconds)
+            else:
+                seconds, at_once, crops, labels = preprocess_ray_seconds(frame, cfg, rows_per_block, batch_size)
+                ray_runs.append(seconds)
+                busy.append(at_once)
+        log(
+            f"preprocess run {i + 1}/{repeats}: loop {loop_runs[-1]:.2f}s, ray {ray_runs[-1]:.2f}s "
+            f"({len(paths)} images; Ray tasks busy at once: {at_once:.2f} on average)"
+        )
+    if not np.array_equal(loop_crops, crops):
+        raise SystemExit("bench: the Ray Data crops differ from the loop's crops")
+    n = len(paths)
+    loop_s, ray_s = min(loop_runs), min(ray_runs)
+    results = {
+        "preprocess_images": n,
+        "preprocess_loop_s": round(loop_s, 3),
+        "preprocess_ray_s": round(ray_s, 3),
+        "preprocess_loop_images_per_s": round(n / loop_s, 1),
+        "preprocess_ray_images_per_s": round(n / ray_s, 1),
+        "preprocess_speedup": round(loop_s / ray_s, 3),
+        "preprocess_runs_s": {"loop": [round(s, 3) for s in loop_runs], "ray": [round(s, 3) for s in ray_runs]},
+        "preprocess_ray_tasks_busy_at_once": round(busy[int(np.argmin(ray_runs))], 2),
+        "preprocess_ray_setup": {
+            "rows_per_block": rows_per_block,
+            "batch_size": batch_size,
+            "num_cpus_per_task": 1,
+            "consumed_with": "iter_batches",
+            "warm_up": "one untimed Ray Data run (workers started, leukray imported); files pre-read into the page cache",
+        },
+    }
+    return results, crops, labels
+
+
+# -- 2. feature extraction ------------------------------------------------------------------
+
+
+def warm_up(extract: Callable[[np.ndarray], Any], size: int) -> None:
+    """One forward pass of two blank crops (allocator, kernels, thread pool)."""
+    extract(np.zeros((2, size, size, 3), dtype=np.uint8))
+
+
+def extract_loop_seconds(
+    crops: np.ndarray, weights: str, seed: int, batch_size: int, threads: int
+) -> tuple[float, float, np.ndarray]:
+    """The baseline: `build_trunk` + `images_to_tensor` in a plain torch loop, batches of
+    `batch_size`, `torch.inference_mode`, `threads` torch threads.
+
+    Returns:
+        (seconds for the crops, seconds to load the model and warm it up, N x 2048 features).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    state, _ = resolve_weights(weights, seed)
+    model = build_trunk(state, seed)
+
+    def extract(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(images_to_tensor(images, torch.device("cpu"), channels_last=False)).numpy()
+
+    warm_up(extract, crops.shape[1])
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = [extract(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
+    return time.perf_counter() - start, load_s, np.concatenate(out)
+
+
+class TimedFeatureExtractor(FeatureExtractor):
+    """`FeatureExtractor` unchanged, plus a warm-up forward pass in the constructor and
+    per-batch wall-clock stamps, so that the benchmark can leave model loading out."""
+
+    def __init__(self, weights: str, seed: int = 0, threads: int = 0):
+        start = time.perf_counter()
+        if threads:  # FeatureExtractor takes its torch thread count from OMP_NUM_THREADS
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        super().__init__(weights, seed, device="cpu")
+        warm_up(self.extract, 224)
+        self.load_s = time.perf_counter() - start
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        begin = time.time()
+        out = super().__call__(batch)
+        n = len(out["features"])
+        out["t_begin"] = np.full(n, begin)
+        out["load_s"] = np.full(n, self.load_s)
+        out["actor_pid"] = np.full(n, os.getpid())
+        out["torch_threads"] = np.full(n, torch.get_num_threads())
+        return out
+
+
+def crops_dataset(crops: np.ndarray, blocks: int):
+    """The crops as a materialised Ray dataset (columns row, image, error) of `blocks`
+    blocks, so that extraction starts from data already in the object store."""
+    import ray
+
+    items = [{"row": i, "image": crop, "error": ""} for i, crop in enumerate(crops)]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(blocks, len(crops)))).materialize()
+
+
+def extract_ray_seconds(crops_ds, weights: str, seed: int, batch_size: int, setup: str, cpus: int) -> dict[str, Any]:
+    """Feature extraction through `FeatureExtractor` in ``map_batches`` with an actor pool,
+    over a dataset of crops already in the object store.
+
+    Args:
+        setup: ``one-actor-all-cpus``: one actor holding every CPU, torch using as many
+            threads (the loop's shape); ``fixed-pool-1cpu``: one 1-CPU, 1-thread actor per
+            CPU, all started up front; ``autoscaling-pool-1cpu``: what `leukray run` does
+            on CPUs (1 to `cpus` such actors).
+
+    Returns:
+        seconds (from the first batch an actor starts to the last row reaching the driver:
+        model loading is left out), wall_s (everything, actor start-up included), load_s
+        (the slowest actor's load + warm-up), actors, torch_threads, features.
+    """
+    import ray
+
+    if setup == "one-actor-all-cpus":
+        pool, num_cpus, threads = ray.data.ActorPoolStrategy(size=1), cpus, cpus
+    elif setup == "fixed-pool-1cpu":
+        pool, num_cpus, threads = ray.data.ActorPoolStrategy(size=cpus), 1, 1
+    elif setup == "autoscaling-pool-1cpu":
+        pool, num_cpus, threads = ray.data.ActorPoolStrategy(min_size=1, max_size=cpus), 1, 1
+    else:
+        raise ValueError(f"unknown extract setup {setup!r}; choose from {', '.join(EXTRACT_SETUPS)}")
+    ds = crops_ds.map_batches(
+        TimedFeatureExtractor,
+        batch_format="numpy",
+        batch_size=batch_size,
+        fn_constructor_kwargs={"weights": weights, "seed": seed, "threads": threads},
+        compute=pool,
+        num_cpus=num_cpus,
+    )
+    start = time.perf_counter()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "features", "t_begin", "load_s", "actor_pid", "torch_threads")}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for key, values in parts.items():
+            values.append(batch[key])
+    end_wall, end_clock = time.perf_counter(), time.time()
+    got = {k: np.concatenate(v) for k, v in parts.items()}
+    return {
+        "seconds": end_clock - float(got["t_begin"].min()),
+        "wall_s": end_wall - start,
+        "load_s": float(got["load_s"].max()),
+        "actors": int(len(np.unique(got["actor_pid"]))),
+        "torch_threads": int(got["torch_threads"].max()),
+        "features": got["features"][np.argsort(got["row"])],
+    }
+
+
+def measure_extract(
+    crops: np.ndarray, weights: str, seed: int, batch_size: int, setups: list[str], repeats: int, cpus: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Ray Data actor extraction vs the plain torch loop, best of `repeats` interleaved runs.
+
+    With several `setups`, each runs in every round and the fastest is the headline (all
+    are listed under ``extract_setups_compared``).
+
+    Returns:
+        (results, N x 2048 features from the actor path).
+    """
+    crops_ds = crops_dataset(crops, blocks=max(2 * cpus, math.ceil(len(crops) / batch_size)))
+    loop_runs, loop_loads = [], []
+    runs: dict[str, list[dict[str, Any]]] = {setup: [] for setup in setups}
+    loop_features = None
+    for i in range(repeats):
+        done = []
+        order = ["loop", *setups] if i % 2 == 0 else [*setups, "loop"]  # alternate who goes first
+        for side in order:
+            if side == "loop":
+                seconds, load_s, loop_features = extract_loop_seconds(crops, weights, seed, batch_size, cpus)
+                loop_runs.append(seconds)
+                loop_loads.append(load_s)
+                done.append(f"loop {seconds:.2f}s")
+            else:
+                got = extract_ray_seconds(crops_ds, weights, seed, batch_size, side, cpus)
+                runs[side].append(got)
+                done.append(f"{side} {got['seconds']:.2f}s (wall {got['wall_s']:.2f}s with actor start-up, {got['actors']} actor(s))")
+        log(f"extract run {i + 1}/{repeats} ({len(crops)} crops): " + "; ".join(done))
+    best = {setup: min(r, key=lambda g: g["seconds"]) for setup, r in runs.items()}
+    setup = min(best, key=lambda k: best[k]["seconds"])
+    chosen = best[setup]
+    features = chosen["features"]
+    scale = max(1e-6, float(np.nanmax(np.abs(loop_features))))
+    gap = float(np.nanmax(np.abs(features - loop_features))) / scale
+    if not gap < 1e-3:
+        raise SystemExit(f"bench: actor features differ from the loop's (max relative difference {gap:.2e})")
+    n = len(crops)
+    loop_s, ray_s = min(loop_runs), chosen["seconds"]
+    results: dict[str, Any] = {
+        "extract_images": n,
+        "extract_loop_s": round(loop_s, 3),
+        "extract_ray_s": round(ray_s, 3),
+        "extract_loop_images_per_s": round(n / loop_s, 2),
+        "extract_ray_images_per_s": round(n / ray_s, 2),
+        "extract_ratio": round(loop_s / ray_s, 3),
+        "extract_ray_wall_s": round(chosen["wall_s"], 3),
+        "extract_loop_model_load_s": round(min(loop_loads), 3),
+        "extract_ray_model_load_s": round(chosen["load_s"], 3),
+        "extract_runs_s": {"loop": [round(s, 3) for s in loop_runs], setup: [round(g["seconds"], 3) for g in runs[setup]]},
+        "extract_actor_setup": {
+            "setup": setup,
+            "actors": chosen["actors"],
+            "num_cpus_per_actor": cpus if setup == "one-actor-all-cpus" else 1,
+            "torch_threads_per_actor": chosen["torch_threads"],
+            "batch_size": batch_size,
+            "loop_torch_threads": cpus,
+            "timed_from": "first batch an actor starts (model load and warm-up pass excluded) to the last row in the driver",
+            "model_load_note": "the actor's load time includes importing torch/torchvision in a fresh process; the loop's does not",
+            "chosen": "the only setup run" if len(setups) == 1 else "fastest of the setups compared",
+        },
+        "extract_weights": weights,
+    }
+    if len(setups) > 1:
+        results["extract_setups_compared"] = {
+            name: {
+                "ray_s": round(g["seconds"], 3),
+                "images_per_s": round(n / g["seconds"], 2),
+                "ratio": round(loop_s / g["seconds"], 3),
+                "wall_s": round(g["wall_s"], 3),
+                "runs_s": [round(r["seconds"], 3) for r in runs[name]],
+            }
+            for name, g in best.items()
+        }
+    return results, features
+
+
+# -- 3. classifier sweep --------------------------------------------------------------------
+
+
+def derive_sweep_features(
+    features: np.ndarray, labels: np.ndarray, rows: int, test_fraction: float, seed: int
+) -> tuple[SweepData, str]:
+    """A sweep-sized train/test set grown from a few hundred extracted feature vectors.
+
+    The extracted rows are split (stratified) into a train pool and a test pool; every new
+    row is a random convex combination of two same-class rows of its pool times
+    element-wise log-normal noise (sigma 0.1), so rows stay non-negative (like post-ReLU
+    average-pooled ResNet features), keep the class structure and the class balance, and
+    no test row is made from a training row. Labels are integer codes as in
+    `leukray.models.classifiers.sweep_data` (ALL, the positive class, is code 1).
+
+    Returns:
+        (SweepData with no validation split, a one-line description).
+    """
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(seed)
+    classes = class_order(labels, "all")
+    code = {name: i for i, name in enumerate(classes)}
+    codes = np.fromiter((code[str(v)] for v in labels), dtype=np.int64, count=len(labels))
+    train_idx, test_idx = train_test_split(np.arange(len(features)), test_size=test_fraction, random_state=seed, stratify=codes)
+    n_test = int(round(rows * test_fraction))
+
+    def grow(pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        picks = rng.choice(pool, size=n)
+        y = codes[picks]
+        partner = np.empty(n, dtype=np.int64)
+        for code in np.unique(y):
+            where = np.flatnonzero(y == code)
+            partner[where] = rng.choice(pool[codes[pool] == code], size=len(where))
+        w = rng.uniform(0.0, 1.0, size=(n, 1)).astype(np.float32)
+        noise = rng.lognormal(0.0, 0.1, size=(n, features.shape[1])).astype(np.float32)
+        return ((w * features[picks] + (1.0 - w) * features[partner]) * noise).astype(np.float32), y
+
+    X_train, y_train = grow(train_idx, rows - n_test)
+    X_test, y_test = grow(test_idx, n_test)
+    no_val = np.zeros((0, features.shape[1]), np.float32), np.zeros(0, dtype=y_train.dtype)
+    desc = (
+        f"derived: {len(X_train)} train + {len(X_test)} test rows, each a random convex mix of two same-class "
+        f"rows of the {len(features)} extracted {features.shape[1]}-d ResNet50 features (train and test pools "
+        f"split beforehand) times log-normal noise (sigma 0.1); non-negative; labels {classes} as codes 0..{len(classes) - 1}"
+    )
+    return SweepData(X_train, y_train, *no_val, X_test, y_test, classes=classes), desc
+
+
+def sweep_tune_seconds(data: SweepData, names: list[str], timeout_s: float, cpus_per_trial: float) -> tuple[float, pd.DataFrame]:
+    """`run_sweep_tune` over `names` (one Ray Tune trial each) into a temporary storage path."""
+    storage_path = tempfile.mkdtemp(prefix="leukray-bench-tune-")
+    try:
+        start = time.perf_counter()
+        board = run_sweep_tune(
+            data, names, seed=42, timeout_s=timeout_s, cpus_per_trial=cpus_per_trial, storage_path=storage_path
+        )
+        return time.perf_counter() - start, board
+    finally:
+        shutil.rmtree(storage_path, ignore_errors=True)
+
+
+def sweep_lazy_seconds(data: SweepData) -> tuple[float, pd.DataFrame, dict[str, str]]:
+    """The baseline: Lazy Predict's own sequential ``LazyClassifier.fit`` (its defaults).
+
+    Returns:
+        (seconds, its scores table, the errors of the classifiers it dropped).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from lazypredict.Supervised import LazyClassifier
+
+        logging.getLogger("lazypredict").setLevel(logging.ERROR)
+        clf = LazyClassifier(verbose=0, ignore_warnings=True)
+        start = time.perf_counter()
+        scores = clf.fit(data.X_train, data.X_test, data.y_train, data.y_test)
+        seconds = time.perf_counter() - start
+    if isinstance(scores, tuple):  # (scores, predictions)
+        scores = scores[0]
+    errors = {name: f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}" for name, exc in clf.errors.items()}
+    return seconds, scores, errors
+
+
+def measure_sweep(data: SweepData, timeout_s: float, cpus_per_trial: float) -> dict[str, Any]:
+    """Ray Tune sweep vs sequential Lazy Predict on the same features, once each."""
+    names = select_classifiers("all")
+    log(f"sweep: Lazy Predict, {len(names)} classifiers one after another on {len(data.y_train)} x {data.X_train.shape[1]} ...")
+    lazy_s, scores, lazy_errors = sweep_lazy_seconds(data)
+    log(f"sweep: Lazy Predict took {lazy_s:.1f}s ({len(scores)} classifiers scored); now Ray Tune ...")
+    tune_s, board = sweep_tune_seconds(data, names, timeout_s, cpus_per_trial)
+    log(f"sweep: Ray Tune took {tune_s:.1f}s ({int((board['status'] == 'ok').sum())} classifiers scored)")
+    lazy_times = scores["Time Taken"] if "Time Taken" in scores.columns else pd.Series(dtype=float)
+    tune_times = board.set_index("Model")["Time Taken"].dropna()
+    return {
+        "sweep_train_rows": int(len(data.y_train)),
+        "sweep_test_rows": int(len(data.y_test)),
+        "sweep_classifiers": len(names),
+        "sweep_tune_s": round(tune_s, 2),
+        "sweep_lazy_s": round(lazy_s, 2),
+        "sweep_time_ratio": round(tune_s / lazy_s, 3),
+        "sweep_tune_setup": {"cpus_per_trial": cpus_per_trial, "timeout_s_per_classifier": timeout_s, "order": "select_classifiers('all')"},
+        "sweep_tune_status": {str(k): int(v) for k, v in board["status"].value_counts().items()},
+        "sweep_tune_sum_of_fit_s": round(float(tune_times.sum()), 2),
+        "sweep_lazy_sum_of_fit_s": round(float(lazy_times.sum()), 2),
+        "sweep_tune_slowest_s": {str(k): round(float(v), 2) for k, v in tune_times.sort_values(ascending=False).head(6).items()},
+        "sweep_lazy_slowest_s": {str(k): round(float(v), 2) for k, v in lazy_times.sort_values(ascending=False).head(6).items()},
+        "sweep_lazy_scored": int(len(scores)),
+        "sweep_lazy_failed": lazy_errors,
+        "sweep_tune_failed": {str(r["Model"]): str(r["detail"])[:120] for _, r in board[board["status"] != "ok"].iterrows()},
+    }
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def verdict(key: str, value: float) -> str:
+    """PASS or MISS for a ratio against its target."""
+    op, target = TARGETS[key]
+    return "PASS" if (value >= target if op == ">=" else value <= target) else "MISS"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The three ratios with their targets, verdicts and the numbers behind them."""
+    rows = [
+        ("preprocess_speedup", "Ray Data preprocess / loop", "preprocess_ray_images_per_s", "preprocess_loop_images_per_s", "img/s"),
+        ("extract_ratio", "ResNet50 actor / torch loop", "extract_ray_images_per_s", "extract_loop_images_per_s", "img/s"),
+        ("sweep_time_ratio", "Ray Tune sweep / Lazy Predict", "sweep_tune_s", "sweep_lazy_s", "s"),
+    ]
+    lines = [f"{'ratio':<20} {'what':<30} {'value':>7} {'target':>7}  {'':<4}  ray vs baseline"]
+    for key, what, ray_key, base_key, unit in rows:
+        if key in results:
+            op, target = TARGETS[key]
+            lines.append(
+                f"{key:<20} {what:<30} {results[key]:>7.3f} {op + format(target, 'g'):>7}  {verdict(key, results[key]):<4}  "
+                f"{results[ray_key]:g} vs {results[base_key]:g} {unit}"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m leukray.bench", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--cells", type=int, default=400, help="synthetic images for preprocessing (default 400)")
+    parser.add_argument("--data", default="", help="preprocess the images under this folder instead (read in place; at most --cells of them)")
+    parser.add_argument("--extract-images", type=int, default=256, help="crops for extraction (default 256)")
+    parser.add_argument("--sweep-rows", type=int, default=2500, help="train + test rows for the sweep (default 2500: 2000 + 500)")
+    parser.add_argument("--weights", default="random", help="trunk weights (default random: nothing to download)")
+    parser.add_argument("--preprocess-repeats", type=int, default=5, help="interleaved preprocessing runs per side; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved extraction runs per side; the fastest counts")
+    parser.add_argument("--rows-per-block", type=int, default=0, help="preprocessing rows per input block (0: images / (4 x CPUs))")
+    parser.add_argument("--preprocess-batch-size", type=int, default=0, help="preprocessing map_batches batch size (0: rows per block)")
+    parser.add_argument("--extract-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--extract-setup", default="one-actor-all-cpus", choices=(*EXTRACT_SETUPS, "all"),
+        help="actor pool for extraction; 'all' runs every setup and reports the fastest (default one-actor-all-cpus)",
+    )
+    parser.add_argument("--sweep-timeout", type=float, default=3600.0, help="run_sweep_tune's per-classifier limit in seconds")
+    parser.add_argument("--skip", default="", help="comma-separated stages to leave out: preprocess, extract, sweep")
+    parser.add_argument("--quick", action="store_true", help="small and fast: 120 images, 64 crops, 400 sweep rows, 3 + 2 repeats")
+    parser.add_argument("--out", default="bench.json", help="where to write the results (default ./bench.json)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cells, args.extract_images, args.sweep_rows, args.preprocess_repeats, args.repeats = 120, 64, 400, 3, 2
+    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - {"preprocess", "extract", "sweep"}
+    if unknown:
+        parser.error(f"--skip: unknown stage(s) {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import ray
+    import torch
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    cpus = machine_cpus()
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m leukray.bench", *(sys.argv[1:] if argv is None else argv)]),
+        "cpus": cpus,
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "quick": args.quick,
+    }
+    os.environ.setdefault("RAY_worker_niceness", "0")  # see the module docstring
+    results["ray_worker_niceness"] = int(os.environ["RAY_worker_niceness"])
+    tmp = tempfile.mkdtemp(prefix="leukray-bench-")
+    # address="local": always a fresh single-node Ray on this machine, never a running
+    # cluster that `ray start` left behind (that one's CPUs and load are not this machine's).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        if args.data:
+            frame = folder_images(args.data, args.cells)
+            results["preprocess_data"] = f"{args.data}: {len(frame)} images, read in place"
+        else:
+            tick = time.perf_counter()
+            frame = synthetic_images(os.path.join(tmp, "data"), args.cells)
+            results["preprocess_data"] = f"synthetic: generate_dataset(cells={args.cells}, subjects=12, seed=0), 450x450 RGB BMP"
+            log(f"generated {len(frame)} synthetic images in {time.perf_counter() - tick:.1f}s")
+        rows_per_block = args.rows_per_block or max(1, math.ceil(len(frame) / (4 * cpus)))
+        batch_size = args.preprocess_batch_size or rows_per_block
+
+        # Later stages start from the crops (and their features), so a skipped stage still
+        # runs once, untimed in the report, when a later one needs its output.
+        pre, crops, labels = measure_preprocess(
+            frame, PreprocessConfig(), 1 if "preprocess" in skip else args.preprocess_repeats, rows_per_block, batch_size
+        )
+        if "preprocess" not in skip:
+            results.update(pre)
+
+        if not {"extract", "sweep"} <= skip:
+            pick = np.linspace(0, len(crops) - 1, min(args.extract_images, len(crops))).round().astype(int)
+            setups = list(EXTRACT_SETUPS) if args.extract_setup == "all" else [args.extract_setup]
+            ext, features = measure_extract(
+                crops[pick], args.weights, 0, args.extract_batch_size, setups,
+                1 if "extract" in skip else args.repeats, cpus,
+            )
+            if "extract" not in skip:
+                results.update(ext)
+
+            if "sweep" not in skip:
+                data, desc = derive_sweep_features(features, labels[pick], args.sweep_rows, 0.2, seed=0)
+                results["sweep_features"] = desc
+                results.update(measure_sweep(data, args.sweep_timeout, 1.0))
+    except ray.exceptions.RayError as exc:  # e.g. the raylet was killed by someone else's cleanup
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"bench: Ray failed mid-run ({type(exc).__name__}: {first}); nothing written, run it again", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    results["bench_seconds"] = round(time.perf_counter() - started, 1)
+    results["verdicts"] = {k: verdict(k, results[k]) for k in TARGETS if k in results}
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+        handle.write("\n")
+    print()
+    print(format_table(results))
+    missed = [k for k, v in results["verdicts"].items() if v == "MISS"]
+    summary = f"MISS: {', '.join(missed)}" if missed else "all targets met"
+    print(f"\n{summary}; details in {args.out} (took {results['bench_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
