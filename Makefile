@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.leukray-deps-$(shell (cat pyproject.toml; uname -m) | sha
 OUT ?= runs/demo
 JOB ?= pipeline
 
-.PHONY: setup demo test bench clean cluster-up cluster-down submit
+.PHONY: setup demo test lint format bench clean cluster-up cluster-down submit
 
 setup: $(DEPS_STAMP)
 	@$(PY) -c "import leukray, os, sys; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(leukray.__file__))) != os.getcwd())" 2>/dev/null \
@@ -24,6 +24,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# ruff, configured in pyproject.toml (line length 120; CI runs `make lint` before `make test`)
+lint: setup
+	$(PY) -m ruff check leukray tests jobs
+	$(PY) -m ruff format --check leukray tests jobs
+
+format: setup
+	$(PY) -m ruff format leukray tests jobs
+	$(PY) -m ruff check --fix leukray tests jobs
 
 bench: setup
 	$(PY) -m leukray.bench

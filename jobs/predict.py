@@ -1,7 +1,7 @@
 """`ray job submit` entry point for applying a model bundle (what `leukray predict` does).
 
-    ray job submit --working-dir . -- python jobs/predict.py --model RUN/model --data s3://... --out preds.parquet
-    python jobs/predict.py --model RUN/model --data DIR --out preds.parquet   # on a laptop
+ray job submit --working-dir . -- python jobs/predict.py --model RUN/model --data s3://... --out preds.parquet
+python jobs/predict.py --model RUN/model --data DIR --out preds.parquet   # on a laptop
 """
 
 import sys

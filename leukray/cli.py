@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from leukray import __version__
 from leukray.config import ScreenConfig, build_config, build_screen_config, field_types, load_yaml, sections
-from leukray.errors import ConfigError, LeukrayError
+from leukray.errors import LeukrayError
 
 # short option -> config key
 ALIASES = {
@@ -119,7 +119,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     extracted = extract_stage(cfg, start_ray=init_ray)
     counts = extracted.record["counts"]
     print(
-        f"extracted {counts['feature_rows']} feature rows ({counts['errors']} errors) with {extracted.record['weights']['name']} "
+        f"extracted {counts['feature_rows']} feature rows ({counts['errors']} errors) "
+        f"with {extracted.record['weights']['name']} "
         f"into {cfg.out}; next: `leukray train --out {cfg.out}` and/or `leukray tune --out {cfg.out}`"
     )
     return 0
@@ -132,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = run_train_job(cfg, start_ray=init_ray)
     facts = record["custom_model"]
     print(
-        f"trained the custom ResNet50 for {facts['epochs']} epochs: best epoch {facts['best_epoch']}, validation balanced "
+        f"trained the custom ResNet50 for {facts['epochs']} epochs: best epoch {facts['best_epoch']}, "
+        "validation balanced "
         f"accuracy {facts['best_val_balanced_accuracy']:.4f}; embeddings in {cfg.out}/custom_features.parquet; "
         f"next: `leukray tune --out {cfg.out}`"
     )
@@ -171,7 +173,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _screen_config(args: argparse.Namespace) -> tuple[ScreenConfig, dict[str, str]]:
     yaml_values = load_yaml(args.config) if args.config else {}
-    options = {k[len("cfg:screen.") :]: v for k, v in vars(args).items() if k.startswith("cfg:screen.") and v is not None}
+    options = {
+        k[len("cfg:screen.") :]: v for k, v in vars(args).items() if k.startswith("cfg:screen.") and v is not None
+    }
     places = {key: getattr(args, key) for key in ("model", "data", "out")}
     return build_screen_config(yaml_values, options, places, source=args.config)
 
@@ -223,30 +227,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(demo)
     demo.set_defaults(func=cmd_demo)
 
-    extract = sub.add_parser("extract", help="the first stage of `run`: discover, split, preprocess, extract ResNet50 features")
+    extract = sub.add_parser(
+        "extract", help="the first stage of `run`: discover, split, preprocess, extract ResNet50 features"
+    )
     extract.add_argument("--data", help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject])")
     _add_config_options(extract)
     extract.set_defaults(func=cmd_extract)
 
-    train = sub.add_parser("train", help="train the custom ResNet50 (Table II head) on a run folder that `extract` wrote")
+    train = sub.add_parser(
+        "train", help="train the custom ResNet50 (Table II head) on a run folder that `extract` wrote"
+    )
     _add_config_options(train)
     train.set_defaults(func=cmd_train)
 
     tune = sub.add_parser(
-        "tune", help="classifier sweeps (Tables III/IV), model choice, bundle and report on a run folder that `extract` wrote"
+        "tune",
+        help="classifier sweeps (Tables III/IV), model choice, bundle and report on a run folder that `extract` wrote",
     )
     _add_config_options(tune)
     tune.set_defaults(func=cmd_tune)
 
+    _add_model_commands(sub)
+    return parser
+
+
+def _add_model_commands(sub) -> None:
+    """`predict`, `screen` and `classifiers`: the commands that apply or list models."""
     pred = sub.add_parser("predict", help="apply a model bundle (RUN/model) to new images")
     pred.add_argument("--model", required=True, help="a model bundle folder, e.g. RUN/model")
     pred.add_argument("--data", required=True, help="folder, URI or CSV manifest of images (labels optional)")
     pred.add_argument("--out", required=True, help="predictions file (.parquet)")
     pred.set_defaults(func=cmd_predict)
 
-    scr = sub.add_parser("screen", help="find leukocytes in whole smear fields and screen each cell and slide with a model bundle")
+    scr = sub.add_parser(
+        "screen", help="find leukocytes in whole smear fields and screen each cell and slide with a model bundle"
+    )
     scr.add_argument("--model", help="a model bundle folder, e.g. RUN/model (or `model:` in --config)")
-    scr.add_argument("--data", help="folder or URI of smear-field images, searched recursively (or `data:` in --config)")
+    scr.add_argument(
+        "--data", help="folder or URI of smear-field images, searched recursively (or `data:` in --config)"
+    )
     scr.add_argument("--out", help="output folder: cells.parquet, slides.csv, screen.json (or `out:` in --config)")
     scr.add_argument("--config", help="YAML with model/data/out and a `screen:` section (overridden by options)")
     _add_section_options(scr.add_argument_group("screening settings (screen.field)"), "screen", ScreenConfig)
@@ -254,7 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     classifiers = sub.add_parser("classifiers", help="list the classifiers of the sweep (Lazy Predict's list)")
     classifiers.set_defaults(func=cmd_classifiers)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -426,7 +426,10 @@ SCREEN_TOP_KEYS = ("model", "data", "out")
 
 
 def build_screen_config(
-    yaml_values: Mapping[str, Any], options: Mapping[str, Any], places: Mapping[str, str | None], source: str | None = None
+    yaml_values: Mapping[str, Any],
+    options: Mapping[str, Any],
+    places: Mapping[str, str | None],
+    source: str | None = None,
 ) -> tuple[ScreenConfig, dict[str, str]]:
     """`leukray screen`'s ScreenConfig and (model, data, out) from a YAML file's `screen`
     section and top-level `model`/`data`/`out` keys, overridden by the options.
@@ -443,7 +446,8 @@ def build_screen_config(
     unknown = sorted(set(yaml_values) - {"screen", *SCREEN_TOP_KEYS})
     if unknown:
         raise ConfigError(
-            f"config file {source}: `leukray screen` reads model, data, out and a screen section; unknown: {', '.join(unknown)}"
+            f"config file {source}: `leukray screen` reads model, data, out and a screen section; "
+            f"unknown: {', '.join(unknown)}"
         )
     section = yaml_values.get("screen") or {}
     if not isinstance(section, dict):

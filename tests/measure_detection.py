@@ -16,7 +16,9 @@ from leukray.config import ScreenConfig  # noqa: E402
 if __name__ == "__main__":
     found, total = all_idb1_blasts_found(ScreenConfig())
     print(f"ALL-IDB1 blast centres in a detected cell: {found}/{total} = {found / total:.3f}")
-    hits, truth, false, detections, fields = bccd_white_cells_found(sorted((BCCD / "Annotations").glob("*.xml")), ScreenConfig())
+    hits, truth, false, detections, fields = bccd_white_cells_found(
+        sorted((BCCD / "Annotations").glob("*.xml")), ScreenConfig()
+    )
     print(
         f"BCCD: {fields} fields, WBC found {hits}/{truth} = {hits / truth:.3f}, {detections} detections, "
         f"{false} outside every WBC box = {false / fields:.3f} per field"

@@ -79,16 +79,36 @@ def cluster(tmp_path_factory):
     )  # fmt: skip
     address = f"127.0.0.1:{gcs_port}"
     ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", env=env)
-    ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--resources={json.dumps({ACCEL: 1})}", env=env)
+    ray_cli(
+        "start",
+        f"--address={address}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        f"--resources={json.dumps({ACCEL: 1})}",
+        env=env,
+    )
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.time() + 180
         while True:  # the job agents come up a little after `ray start` returns
-            probe = ray_cli("job", "submit", f"--address={url}", "--", "python", "-c", "print('ready')", env=env, check=False, timeout=120)
+            probe = ray_cli(
+                "job",
+                "submit",
+                f"--address={url}",
+                "--",
+                "python",
+                "-c",
+                "print('ready')",
+                env=env,
+                check=False,
+                timeout=120,
+            )
             if probe.returncode == 0 and "ready" in probe.stdout:
                 break
             if time.time() > deadline:
-                raise AssertionError(f"the job API never accepted a job:\n{probe.stdout[-2000:]}\n{probe.stderr[-2000:]}")
+                raise AssertionError(
+                    f"the job API never accepted a job:\n{probe.stdout[-2000:]}\n{probe.stderr[-2000:]}"
+                )
             time.sleep(3)
         yield {"env": env, "url": url, "address": address}
     finally:
@@ -142,7 +162,10 @@ def stop_cluster(gcs_port: int) -> None:
 
 
 def nodes(cluster) -> list[dict]:
-    code = "import json, ray; ray.init(address='auto', logging_level='ERROR'); print(json.dumps([{'id': n['NodeID'], 'res': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+    code = (
+        "import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+        "print(json.dumps([{'id': n['NodeID'], 'res': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+    )
     env = {**cluster["env"], "RAY_ADDRESS": cluster["address"]}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -162,7 +185,8 @@ def test_pipeline_job_runs_across_nodes(cluster, tiny_cells, tmp_path):
     result = ray_cli(
         "job", "submit", f"--address={cluster['url']}",
         "--", "python", str(REPO / "jobs" / "pipeline.py"), "--data", str(tiny_cells), "--out", str(out),
-        "--weights", "random", "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression,RidgeClassifier", "--sweep.tune_trials", "2",
+        "--weights", "random", "--preprocess.size", "64",
+        "--classifiers", "GaussianNB,LogisticRegression,RidgeClassifier", "--sweep.tune_trials", "2",
         "--train.epochs", "1", "--extract.accelerator_resource", ACCEL,
         env=cluster["env"], timeout=900,
     )  # fmt: skip
@@ -190,7 +214,9 @@ def test_submission_without_the_token_is_refused(cluster, tmp_path):
 def kill_node(node_manager_port: int) -> int:
     """SIGKILL one node: its raylet (found by its unique node-manager port) and everything
     under it — as a machine that loses power would. Returns how many processes died."""
-    killed = kill_process_trees(lambda cmdline: "raylet" in cmdline and f"--node_manager_port={node_manager_port} " in cmdline + " ")
+    killed = kill_process_trees(
+        lambda cmdline: "raylet" in cmdline and f"--node_manager_port={node_manager_port} " in cmdline + " "
+    )
     assert killed, f"no raylet with node manager port {node_manager_port}"
     return killed
 
@@ -253,7 +279,9 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
     next_status = time.time() + 10
     while not any(p.name.startswith(victim) for p in hook.glob("*")):
         if time.time() > next_status:  # `ray job status` takes a second or two: not every poll
-            assert job_status(cluster, job_id) in ("PENDING", "RUNNING"), "the job ended before the victim node extracted anything"
+            assert job_status(cluster, job_id) in ("PENDING", "RUNNING"), (
+                "the job ended before the victim node extracted anything"
+            )
             next_status = time.time() + 10
         assert time.time() < deadline, "no extractor batch ran on the victim node"
         time.sleep(0.2)
@@ -290,11 +318,17 @@ JOBS = ["pipeline", "extract", "train", "tune", "predict", "screen"]
 def test_each_job_entry_point_is_its_leukray_subcommand(job):
     from leukray.cli import build_parser
 
-    result = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     command = "run" if job == "pipeline" else job
     assert result.stdout.startswith(f"usage: leukray {command} ")
-    flags = {a for action in build_parser()._subparsers._group_actions[0].choices[command]._actions for a in action.option_strings}
+    flags = {
+        a
+        for action in build_parser()._subparsers._group_actions[0].choices[command]._actions
+        for a in action.option_strings
+    }
     assert flags and all(flag in result.stdout for flag in flags)  # the job takes exactly the subcommand's flags
 
 

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from leukray.config import RunConfig, build_config
-from leukray.errors import ConfigError, WeightsError
 from leukray.distributed.actors import FeatureExtractor
-from leukray.models.trunk import FEATURE_DIM, build_trunk, resolve_weights
+from leukray.errors import ConfigError, WeightsError
 from leukray.models.classifiers import (
     SweepData,
     lazypredict_classifiers,
@@ -16,11 +15,14 @@ from leukray.models.classifiers import (
     run_one,
     select_classifiers,
 )
+from leukray.models.trunk import FEATURE_DIM, build_trunk, resolve_weights
 
 
 class TestConfig:
     def test_yaml_then_overrides(self):
-        cfg = build_config({"sweep": {"timeout_s": 5}, "preprocess": {"size": 128}}, {"sweep.timeout_s": "9", "out": "r"})
+        cfg = build_config(
+            {"sweep": {"timeout_s": 5}, "preprocess": {"size": 128}}, {"sweep.timeout_s": "9", "out": "r"}
+        )
         assert cfg.sweep.timeout_s == 9.0 and cfg.preprocess.size == 128 and cfg.out == "r"
         assert cfg.split.mode == "subject"  # the default
 
@@ -90,7 +92,6 @@ class TestSweep:
         slow = run_one("SVC", slow_data, seed=0, timeout_s=0.3)
         assert slow["status"] == "timeout" and "timeout_s=0.3" in slow["detail"] and slow["Time Taken"] < 5
         assert np.isnan(slow["Balanced Accuracy"])
-
 
     def test_search_params_reach_the_classifier_and_keep_the_seed(self):
         from leukray.models.classifiers import make_pipeline
@@ -188,7 +189,12 @@ def test_example_configs_parse_and_point_at_object_storage():
     cnmc = build_config(load_yaml(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cnmc-s3.yaml"))
     assert cnmc.data.path.startswith("s3://") and cnmc.data.test_path.startswith("s3://")
     assert cnmc.train.storage_path.startswith("s3://")  # checkpoints where every node reaches them
-    args = Namespace(config=str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "slides-s3.yaml"), model=None, data=None, out=None)
+    args = Namespace(
+        config=str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "slides-s3.yaml"),
+        model=None,
+        data=None,
+        out=None,
+    )
     screen_cfg, places = _screen_config(args)
     assert all(places[k].startswith("s3://") for k in ("model", "data", "out"))
     assert screen_cfg.min_cells == 5

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from leukray.models.bundle import BundleError, load_bundle
 from leukray.cli import main
 from leukray.config import TrainConfig
-from leukray.models.trunk import build_trunk
+from leukray.distributed.training import train_head
+from leukray.models.bundle import BundleError, load_bundle
 from leukray.models.head import (
     TABLE_II_HEAD_PARAMETERS,
     CustomResNet50,
@@ -27,7 +27,7 @@ from leukray.models.head import (
     trunk_prefix,
     trunk_suffix,
 )
-from leukray.distributed.training import train_head
+from leukray.models.trunk import build_trunk
 from leukray.testing import KillWorkerOnce
 
 
@@ -157,14 +157,17 @@ class TestRunWithCustomModel:
             shutil.copy(path, target)
         (test_dir / "notes.txt").write_text("not an image")
         result = subprocess.run(
-            [sys.executable, "-m", "leukray.cli", "predict", "--model", str(trained_run / "model"), "--data", str(test_dir), "--out", str(out)],
+            [sys.executable, "-m", "leukray.cli", "predict",
+             "--model", str(trained_run / "model"), "--data", str(test_dir), "--out", str(out)],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
         fresh = pd.read_parquet(out)
         assert fresh.loc[fresh["path"].str.endswith("notes.txt"), "error"].str.contains("not an image").all()
         fresh = fresh[fresh["error"] == ""].assign(name=lambda f: f["path"].map(os.path.basename))
-        merged = predictions.assign(name=predictions["path"].map(os.path.basename)).merge(fresh, on="name", suffixes=("", "_new"))
+        merged = predictions.assign(name=predictions["path"].map(os.path.basename)).merge(
+            fresh, on="name", suffixes=("", "_new")
+        )
         assert len(merged) == len(predictions)
         # the same probabilities, up to float32 rounding of batched CPU convolutions (the images
         # are batched differently here than in the run)
@@ -184,7 +187,8 @@ class TestRunWithCustomModel:
         with pytest.raises(BundleError, match="was modified"):
             load_bundle(str(bundle))
         result = subprocess.run(
-            [sys.executable, "-m", "leukray.cli", "predict", "--model", str(bundle), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")],
+            [sys.executable, "-m", "leukray.cli", "predict",
+             "--model", str(bundle), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert result.returncode == 2 and "Traceback" not in result.stderr

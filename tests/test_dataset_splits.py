@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from leukray.data.discovery import assign_groups, discover, mark_duplicates, parse_cnmc_name
-from leukray.errors import DataError
 from leukray.data.splits import TEST, TRAIN, VAL, check_disjoint, leaking_groups, split_by_group, split_by_image
+from leukray.errors import DataError
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

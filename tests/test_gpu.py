@@ -26,7 +26,10 @@ def test_bf16_gpu_features_match_the_fp32_cpu_trunk():
     assert f_gpu.dtype == np.float32 and f_gpu.shape == (24, 2048) and maps_gpu.shape == (24, 2048, 7, 7)
     cosine = (f_gpu * f_cpu).sum(1) / (np.linalg.norm(f_gpu, axis=1) * np.linalg.norm(f_cpu, axis=1))
     assert cosine.min() > 0.99, cosine.min()  # bf16 autocast changes digits, not the features
-    rel = np.abs(maps_gpu.astype(np.float32) - maps_cpu.astype(np.float32)).mean() / np.abs(maps_cpu.astype(np.float32)).mean()
+    rel = (
+        np.abs(maps_gpu.astype(np.float32) - maps_cpu.astype(np.float32)).mean()
+        / np.abs(maps_cpu.astype(np.float32)).mean()
+    )
     assert rel < 0.05, rel
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import CNMC_DEV
 
 from leukray.config import PreprocessConfig
 from leukray.data.discovery import discover
-from leukray.ops.preprocess import crop_to_foreground, decode_image, preprocess_image
 from leukray.data.splits import check_disjoint, split_by_group
-
-from conftest import CNMC_DEV
+from leukray.ops.preprocess import crop_to_foreground, decode_image, preprocess_image
 
 pytestmark = pytest.mark.realdata
 

@@ -26,7 +26,15 @@ FAST = [
     "--sweep.tune_trials", "4",
     "--train.epochs", "2",
 ]  # fmt: skip
-OUTPUTS = ["config.yaml", "manifest.parquet", "features.parquet", "leaderboard.csv", "leaderboard.md", "errors.csv", "summary.json"]
+OUTPUTS = [
+    "config.yaml",
+    "manifest.parquet",
+    "features.parquet",
+    "leaderboard.csv",
+    "leaderboard.md",
+    "errors.csv",
+    "summary.json",
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,7 @@ def test_bad_input_is_recorded_and_good_input_used(ray_local, tiny_cells, tmp_pa
     shutil.copytree(tiny_cells, data)
     folder = data / "fold_0" / "all"
     good = cv2.imread(str(next(folder.glob("*.bmp"))))
-    gray16 = (cv2.cvtColor(good, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257)
+    gray16 = cv2.cvtColor(good, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257
     rgba = np.dstack([good, np.full(good.shape[:2], 255, np.uint8)])
     bmp = cv2.imencode(".bmp", good)[1].tobytes()
     bad = {
@@ -158,7 +166,9 @@ def test_duplicates_are_kept_once_before_the_split(ray_local, tiny_cells, tmp_pa
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "leukray.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "leukray.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 @pytest.mark.parametrize(

@@ -49,12 +49,20 @@ def test_run_from_and_to_s3(s3, ray_local, tiny_cells):
     code = main(
         [
             "run", "--data", "s3://cells/cnmc", "--out", "s3://cells/runs/r1", "--weights", "random",
-            "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression", "--train.epochs", "1", "--sweep.tune_trials", "2",
+            "--preprocess.size", "64", "--classifiers", "GaussianNB,LogisticRegression",
+            "--train.epochs", "1", "--sweep.tune_trials", "2",
         ]
     )  # fmt: skip
     assert code == 0
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="cells", Prefix="runs/r1/")["Contents"]}
-    for name in ["config.yaml", "manifest.parquet", "features.parquet", "leaderboard.csv", "errors.csv", "summary.json"]:
+    for name in [
+        "config.yaml",
+        "manifest.parquet",
+        "features.parquet",
+        "leaderboard.csv",
+        "errors.csv",
+        "summary.json",
+    ]:
         assert f"runs/r1/{name}" in keys
     assert not any(".tmp-" in k for k in keys)  # atomic writes leave no temporary objects
     # Ray Train checkpoints and the model bundle's weights went to the bucket too

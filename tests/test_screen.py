@@ -15,9 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SHARED_DATA
 
-from leukray.config import PreprocessConfig
+from leukray.config import PreprocessConfig, ScreenConfig
 from leukray.errors import ConfigError, DataError, LeukrayError
-from leukray.config import ScreenConfig
 from leukray.ops.smear import (
     NO_CELLS,
     CellBox,
@@ -64,9 +63,7 @@ def smear_field(seed: int = 0, leukocytes: bool = True) -> np.ndarray:
             continue
         placed.append((x, y))
         cv2.circle(image, (x, y), RED_CELL_D // 2, RED_CELL, -1)
-        cv2.circle(
-            image, (x, y), RED_CELL_D // 6, (222, 190, 186), -1
-        )  # central pallor
+        cv2.circle(image, (x, y), RED_CELL_D // 6, (222, 190, 186), -1)  # central pallor
     if leukocytes:
         for x, y, r in ROUND_CELLS:
             cv2.circle(image, (x, y), int(r * 1.5), CYTOPLASM, -1)
@@ -82,9 +79,7 @@ def smear_field(seed: int = 0, leukocytes: bool = True) -> np.ndarray:
 
 
 def lobed_centre() -> tuple[float, float]:
-    return LOBED_CELL[0] + float(np.mean([d[0] for d in LOBES])), LOBED_CELL[1] + float(
-        np.mean([d[1] for d in LOBES])
-    )
+    return LOBED_CELL[0] + float(np.mean([d[0] for d in LOBES])), LOBED_CELL[1] + float(np.mean([d[1] for d in LOBES]))
 
 
 def encode(image: np.ndarray, ext: str = ".png") -> bytes:
@@ -108,9 +103,7 @@ class TestConfig:
 
 class TestDetection:
     def test_red_cell_diameter_is_estimated(self):
-        assert estimate_red_cell_diameter(smear_field()) == pytest.approx(
-            RED_CELL_D, rel=0.15
-        )
+        assert estimate_red_cell_diameter(smear_field()) == pytest.approx(RED_CELL_D, rel=0.15)
 
     def test_finds_exactly_the_leukocytes_and_merges_lobes(self):
         cells = detect_leukocytes(smear_field(), ScreenConfig())
@@ -122,14 +115,10 @@ class TestDetection:
             assert nearest.contains(x, y)
         lobed = min(
             cells,
-            key=lambda c: math.hypot(
-                c.cx - lobed_centre()[0], c.cy - lobed_centre()[1]
-            ),
+            key=lambda c: math.hypot(c.cx - lobed_centre()[0], c.cy - lobed_centre()[1]),
         )
         lobe_area = math.pi * 9**2
-        assert (
-            2.5 * lobe_area < lobed.area < 3.6 * lobe_area
-        )  # all three lobes, one cell
+        assert 2.5 * lobe_area < lobed.area < 3.6 * lobe_area  # all three lobes, one cell
         big = min(cells, key=lambda c: math.hypot(c.cx - 90, c.cy - 80))
         assert big.area == pytest.approx(math.pi * 22**2, rel=0.15)
         # the box holds the nucleus plus the cytoplasm ring (margin 0.5 x radius)
@@ -148,9 +137,7 @@ class TestDetection:
         cfg = ScreenConfig(red_cell_diameter_px=40)
         cells = detect_leukocytes(image, cfg)
         assert sorted(round(c.cx) for c in cells) == pytest.approx([150, 185], abs=3)
-        merged = detect_leukocytes(
-            image, ScreenConfig(red_cell_diameter_px=40, split_depth=0)
-        )
+        merged = detect_leukocytes(image, ScreenConfig(red_cell_diameter_px=40, split_depth=0))
         assert len(merged) == 1
 
     def test_size_filter_is_relative_to_the_red_cell(self):
@@ -166,24 +153,17 @@ class TestDetection:
             key=lambda c: math.hypot(c.cx - 90, c.cy - 80),
         )
         crop = cell_crop(image, cell, cfg)
-        assert (
-            crop.shape == (cell.y1 - cell.y0, cell.x1 - cell.x0, 3)
-            and crop.dtype == np.uint8
-        )
+        assert crop.shape == (cell.y1 - cell.y0, cell.x1 - cell.x0, 3) and crop.dtype == np.uint8
         for corner in (crop[0, 0], crop[0, -1], crop[-1, 0], crop[-1, -1]):
             assert not corner.any()
         centre = crop[round(cell.cy) - cell.y0, round(cell.cx) - cell.x0]
         assert np.abs(centre.astype(int) - NUCLEUS).max() < 20  # the nucleus is kept
         kept = crop.any(axis=2)
-        assert (
-            math.pi * 22**2 < kept.sum() < math.pi * (22 * 1.5 + 4) ** 2
-        )  # nucleus + ring
+        assert math.pi * 22**2 < kept.sum() < math.pi * (22 * 1.5 + 4) ** 2  # nucleus + ring
 
     def test_hand_made_box_keeps_the_inscribed_ellipse(self):
         image = smear_field()
-        crop = cell_crop(
-            image, CellBox(60, 50, 121, 111, 90.0, 80.0, 0), ScreenConfig()
-        )
+        crop = cell_crop(image, CellBox(60, 50, 121, 111, 90.0, 80.0, 0), ScreenConfig())
         assert crop.shape == (61, 61, 3) and not crop[0, 0].any() and crop[30, 30].any()
 
     @pytest.mark.parametrize(
@@ -199,9 +179,7 @@ class TestDetection:
             lambda: detect_leukocytes(bad, ScreenConfig()),
             lambda: leukocyte_mask(bad, ScreenConfig()),
         ):
-            with pytest.raises(
-                ValueError, match=r"expected HxWx3 uint8 RGB, got \(50, 50"
-            ):
+            with pytest.raises(ValueError, match=r"expected HxWx3 uint8 RGB, got \(50, 50"):
                 call()
         with pytest.raises(ValueError, match="expected HxWx3 uint8"):
             cell_crop(bad, CellBox(0, 0, 10, 10, 5.0, 5.0, 1), ScreenConfig())
@@ -211,9 +189,7 @@ class TestDetection:
             CellBox(0, 0, 10, 10, 5.0, 5.0, 1),
             CellBox(20, 20, 30, 30, 25.0, 25.0, 1),
         ]
-        assert detection_recall(boxes, [(5, 5), (25, 25), (50, 50)]) == pytest.approx(
-            2 / 3
-        )
+        assert detection_recall(boxes, [(5, 5), (25, 25), (50, 50)]) == pytest.approx(2 / 3)
         assert detection_recall(boxes[:1], [(4, 4), (6, 6)]) == pytest.approx(1 / 2)
         assert math.isnan(detection_recall(boxes, []))
 
@@ -226,30 +202,16 @@ class TestBatchAndReport:
             "broken.jpg": b"not an image at all",
         }
         batch = {"path": np.asarray(list(files), dtype=object)}
-        out = detect_and_crop(
-            batch, ScreenConfig(), PreprocessConfig(size=64), files.__getitem__
-        )
+        out = detect_and_crop(batch, ScreenConfig(), PreprocessConfig(size=64), files.__getitem__)
         frame = pd.DataFrame({k: v for k, v in out.items() if k != "image"})
-        assert (
-            out["image"].shape == (len(frame), 64, 64, 3)
-            and out["image"].dtype == np.uint8
-        )
+        assert out["image"].shape == (len(frame), 64, 64, 3) and out["image"].dtype == np.uint8
         cells = frame[frame["slide"] == "a.png"]
-        assert (
-            cells["cell_index"].tolist() == [0, 1, 2] and (cells["error"] == "").all()
-        )
-        assert (
-            out["image"][cells.index].reshape(3, -1).max(axis=1).min() > 0
-        )  # real crops
+        assert cells["cell_index"].tolist() == [0, 1, 2] and (cells["error"] == "").all()
+        assert out["image"][cells.index].reshape(3, -1).max(axis=1).min() > 0  # real crops
         empty = frame[frame["slide"] == "empty.png"]
-        assert empty["cell_index"].tolist() == [-1] and empty["error"].tolist() == [
-            NO_CELLS
-        ]
+        assert empty["cell_index"].tolist() == [-1] and empty["error"].tolist() == [NO_CELLS]
         broken = frame[frame["slide"] == "broken.jpg"]
-        assert (
-            broken["cell_index"].tolist() == [-1]
-            and "not a decodable image" in broken["error"].item()
-        )
+        assert broken["cell_index"].tolist() == [-1] and "not a decodable image" in broken["error"].item()
         assert not out["image"][broken.index].any()
 
     def test_slide_statuses(self):
@@ -287,11 +249,7 @@ class TestBatchAndReport:
             "bad": "error",
         }
         pos = slides.set_index("slide").loc["pos"]
-        assert (
-            pos["cells"] == 3
-            and pos["flagged_cells"] == 2
-            and pos["blast_fraction"] == pytest.approx(2 / 3)
-        )
+        assert pos["cells"] == 3 and pos["flagged_cells"] == 2 and pos["blast_fraction"] == pytest.approx(2 / 3)
         assert pos["mean_prob_all"] == pytest.approx(0.6)
         assert slides.set_index("slide").loc["none", "error"] == NO_CELLS
 
@@ -304,9 +262,7 @@ def read_rgb(path) -> np.ndarray:
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(
-    not ALL_IDB1.is_dir(), reason=f"ALL-IDB1 fields not found at {ALL_IDB1}"
-)
+@pytest.mark.skipif(not ALL_IDB1.is_dir(), reason=f"ALL-IDB1 fields not found at {ALL_IDB1}")
 def test_all_idb1_blasts_are_detected():
     """12 ALL-IDB1 fields, 59 annotated blasts. Measured with the defaults: 53 of 59 blast
     centres inside a detected box (0.90); the misses are blasts in tight clumps."""
@@ -335,11 +291,7 @@ def voc_boxes(xml_path, name: str) -> list[tuple[int, int, int, int]]:
     for obj in root.findall("object"):
         if obj.findtext("name", "").strip() == name:
             b = obj.find("bndbox")
-            boxes.append(
-                tuple(
-                    int(float(b.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")
-                )
-            )
+            boxes.append(tuple(int(float(b.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")))
     return boxes
 
 
@@ -397,9 +349,7 @@ def tiny_bundle(tmp_path_factory):
 
     state, info = resolve_weights("random", 0)
     rng = np.random.default_rng(0)
-    classifier = LogisticRegression(max_iter=500).fit(
-        rng.normal(size=(40, 2048)), np.arange(40) % 2
-    )
+    classifier = LogisticRegression(max_iter=500).fit(rng.normal(size=(40, 2048)), np.arange(40) % 2)
     model_dir = tmp_path_factory.mktemp("bundle") / "model"
     save_bundle(
         str(model_dir),
@@ -432,9 +382,7 @@ def slides_dir(tmp_path):
 @pytest.mark.slow
 def test_screen_end_to_end(ray_local, tiny_bundle, slides_dir, tmp_path):
     out = tmp_path / "screen"
-    summary = screen(
-        str(tiny_bundle), str(slides_dir), str(out), ScreenConfig(min_cells=2)
-    )
+    summary = screen(str(tiny_bundle), str(slides_dir), str(out), ScreenConfig(min_cells=2))
 
     cells = pd.read_parquet(out / "cells.parquet")
     assert list(cells.columns) == CELL_COLUMNS
@@ -450,14 +398,10 @@ def test_screen_end_to_end(ray_local, tiny_bundle, slides_dir, tmp_path):
     slides = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide")
     assert list(slides.reset_index().columns) == SLIDE_COLUMNS
     assert len(slides) == 4  # notes.txt is not a slide; nothing else is dropped
-    assert (
-        slides.loc[str(slides_dir / "no-cells.png"), "status"] == "insufficient cells"
-    )
+    assert slides.loc[str(slides_dir / "no-cells.png"), "status"] == "insufficient cells"
     assert slides.loc[str(slides_dir / "no-cells.png"), "error"] == NO_CELLS
     assert slides.loc[str(slides_dir / "broken.jpg"), "status"] == "error"
-    assert (
-        "not a decodable image" in slides.loc[str(slides_dir / "broken.jpg"), "error"]
-    )
+    assert "not a decodable image" in slides.loc[str(slides_dir / "broken.jpg"), "error"]
     assert slides.loc[str(slides_dir / "field-1.png"), "status"] in (
         "flagged",
         "not flagged",
@@ -466,25 +410,15 @@ def test_screen_end_to_end(ray_local, tiny_bundle, slides_dir, tmp_path):
 
     written = json.loads((out / "screen.json").read_text())
     bundle_json = (tiny_bundle / "bundle.json").read_bytes()
-    assert (
-        written["model"]["bundle_json_sha256"]
-        == hashlib.sha256(bundle_json).hexdigest()
-    )
+    assert written["model"]["bundle_json_sha256"] == hashlib.sha256(bundle_json).hexdigest()
     assert written["model"]["weights"]["kind"] == "random"
-    assert (
-        written["model"]["weights"]["name"]
-        == json.loads(bundle_json)["weights"]["name"]
-    )
+    assert written["model"]["weights"]["name"] == json.loads(bundle_json)["weights"]["name"]
     assert written["model"]["training_data_fingerprint"] == "f" * 64
     assert written["config"]["min_cells"] == 2
     assert written["counts"]["cells"] == 6 and written["counts"]["slides"] == 4
-    assert (
-        written["counts"]["error"] == 1 and written["counts"]["insufficient cells"] == 1
-    )
+    assert written["counts"]["error"] == 1 and written["counts"]["insufficient cells"] == 1
     assert "not a diagnosis" in written["caveat"]
-    assert (
-        written["ray"]["node_ids"]["detect"] and written["ray"]["node_ids"]["classify"]
-    )
+    assert written["ray"]["node_ids"]["detect"] and written["ray"]["node_ids"]["classify"]
     assert summary["counts"] == written["counts"]
     meta = json.loads(pq.read_schema(out / "cells.parquet").metadata[b"leukray"])
     assert meta["bundle_sha256"] == written["model"]["bundle_json_sha256"]
@@ -521,7 +455,11 @@ def test_screen_user_mistakes_are_one_line(tiny_bundle, tmp_path, capsys, argv, 
     from leukray.cli import main
 
     (tmp_path / "empty").mkdir()
-    places = {"MISSING": str(tmp_path / "no-model"), "EMPTY": str(tmp_path / "empty"), "NOWHERE": str(tmp_path / "nowhere")}
+    places = {
+        "MISSING": str(tmp_path / "no-model"),
+        "EMPTY": str(tmp_path / "empty"),
+        "NOWHERE": str(tmp_path / "nowhere"),
+    }
     argv = [places.get(a, a) for a in argv]
     base = {"--model": str(tiny_bundle), "--data": str(tmp_path / "empty"), "--out": str(tmp_path / "out")}
     for flag, value in base.items():

@@ -71,8 +71,8 @@ def test_tune_without_train_sweeps_trunk_features_only(extracted, tmp_path):
 
 
 def test_tune_fine_tunes_the_best_classifier_with_ray_tune_and_chooses_on_validation(extracted, tmp_path):
-    from leukray.models.bundle import load_bundle
     from leukray.distributed.tuning import search_space
+    from leukray.models.bundle import load_bundle
 
     out = tmp_path / "run"
     shutil.copytree(extracted, out)

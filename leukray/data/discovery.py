@@ -17,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from leukray.io import storage
 from leukray.errors import DataError
+from leukray.io import storage
 
 IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
-CNMC_NAME = re.compile(r"^UID_(?P<subject>[A-Za-z]*\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<label>all|hem)$", re.IGNORECASE)
+CNMC_NAME = re.compile(
+    r"^UID_(?P<subject>[A-Za-z]*\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<label>all|hem)$", re.IGNORECASE
+)
 CNMC_CLASSES = ("all", "hem")
 NO_SUBJECT = ""
 
@@ -120,7 +122,9 @@ def _discover_tree(root: str, cnmc: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
                 continue
             parsed = parse_cnmc_name(path)
             if parsed is not None and cnmc and parsed.label != label:
-                skipped.append((path, "discover", f"label in the file name ({parsed.label}) contradicts its folder ({label})"))
+                skipped.append(
+                    (path, "discover", f"label in the file name ({parsed.label}) contradicts its folder ({label})")
+                )
                 continue
             rows.append((path, label, parsed.subject if parsed else NO_SUBJECT))
     if not class_dirs:
@@ -138,18 +142,26 @@ def _discover_csv(manifest: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     try:
         table = pd.read_csv(io.BytesIO(storage.read_bytes(manifest)), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"cannot read manifest {manifest}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DataError(
+            f"cannot read manifest {manifest}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     missing = {"path", "label"} - set(table.columns)
     if missing:
-        raise DataError(f"manifest {manifest} lacks column(s) {', '.join(sorted(missing))} (needs path,label[,subject])")
+        raise DataError(
+            f"manifest {manifest} lacks column(s) {', '.join(sorted(missing))} (needs path,label[,subject])"
+        )
     base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+
     def absolute(p: str) -> str:
         if storage.is_uri(p) or p.startswith("/"):
             return p
         return storage.join(base, p) if storage.is_uri(base) else str(storage.resolve(storage.join(base, p))[1])
+
     paths = table["path"].map(absolute)
-    subjects = table["subject"].str.upper() if "subject" in table.columns else paths.map(
-        lambda p: (parse_cnmc_name(p).subject if parse_cnmc_name(p) else NO_SUBJECT)
+    subjects = (
+        table["subject"].str.upper()
+        if "subject" in table.columns
+        else paths.map(lambda p: parse_cnmc_name(p).subject if parse_cnmc_name(p) else NO_SUBJECT)
     )
     images = pd.DataFrame({"path": paths, "label": table["label"].str.strip(), "subject": subjects.fillna(NO_SUBJECT)})
     bad = images["label"] == ""
@@ -174,7 +186,11 @@ def hash_files(batch: dict[str, np.ndarray], read_bytes) -> dict[str, np.ndarray
         except OSError as exc:
             hashes.append("")
             errors.append(f"could not read: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    return {"path": batch["path"], "sha256": np.asarray(hashes, dtype=object), "read_error": np.asarray(errors, dtype=object)}
+    return {
+        "path": batch["path"],
+        "sha256": np.asarray(hashes, dtype=object),
+        "read_error": np.asarray(errors, dtype=object),
+    }
 
 
 def mark_duplicates(images: pd.DataFrame) -> pd.Series:
@@ -202,8 +218,15 @@ def assign_groups(images: pd.DataFrame) -> tuple[pd.Series, str]:
     if has_subject.all():
         return groups, "subject IDs"
     if not has_subject.any():
-        return groups, "none: no subject IDs found, each image is its own group (a subject-level split cannot be guaranteed)"
-    return groups, f"subject IDs for {int(has_subject.sum())} images; the other {int((~has_subject).sum())} are each their own group"
+        return (
+            groups,
+            "none: no subject IDs found, each image is its own group (a subject-level split cannot be guaranteed)",
+        )
+    return (
+        groups,
+        f"subject IDs for {int(has_subject.sum())} images; "
+        f"the other {int((~has_subject).sum())} are each their own group",
+    )
 
 
 def list_images(root: str, known_labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -235,6 +258,8 @@ def list_images(root: str, known_labels: list[str]) -> tuple[pd.DataFrame, pd.Da
     if not rows:
         raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return (
-        pd.DataFrame(rows, columns=["path", "label", "subject"]).sort_values("path", kind="stable").reset_index(drop=True),
+        pd.DataFrame(rows, columns=["path", "label", "subject"])
+        .sort_values("path", kind="stable")
+        .reset_index(drop=True),
         pd.DataFrame(skipped, columns=["path", "stage", "reason"]),
     )

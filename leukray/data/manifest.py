@@ -48,7 +48,9 @@ def build_manifest(
     read_error = images["path"].map(hashed["read_error"]).fillna("not hashed")
     images["duplicate_of"] = mark_duplicates(images)
     unreadable = read_error != ""
-    read_errors = pd.DataFrame({"path": images.loc[unreadable, "path"], "stage": "read", "reason": read_error[unreadable]})
+    read_errors = pd.DataFrame(
+        {"path": images.loc[unreadable, "path"], "stage": "read", "reason": read_error[unreadable]}
+    )
     usable = (~unreadable) & (images["duplicate_of"] == "")
     groups, group_source = assign_groups(images)
     images["split"] = _split(cfg, images, usable, groups)
@@ -78,7 +80,9 @@ def _split(cfg: RunConfig, images: pd.DataFrame, usable: pd.Series, groups: pd.S
         raise DataError(f"need at least two classes of usable images in {cfg.data.path}; found {found}")
     labels = images.loc[primary, "label"]
     if cfg.split.mode == "subject":
-        split.loc[primary] = split_by_group(labels, groups[primary], test_fraction, cfg.split.val_fraction, cfg.split.seed)
+        split.loc[primary] = split_by_group(
+            labels, groups[primary], test_fraction, cfg.split.val_fraction, cfg.split.seed
+        )
     else:
         split.loc[primary] = split_by_image(labels, test_fraction, cfg.split.val_fraction, cfg.split.seed)
     split.loc[usable & (images["dataset"] == "test-data")] = TEST

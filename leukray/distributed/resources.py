@@ -58,7 +58,11 @@ def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -
         pool = ray.data.ActorPoolStrategy(size=actors or max(1, count))
         return False, pool, {"num_cpus": 1, "resources": {accelerator_resource: 1}}
     if wants_gpu(use_gpu):
-        return True, ray.data.ActorPoolStrategy(size=actors or max(1, int(cluster_gpus()))), {"num_gpus": 1, "num_cpus": 1}
+        return (
+            True,
+            ray.data.ActorPoolStrategy(size=actors or max(1, int(cluster_gpus()))),
+            {"num_gpus": 1, "num_cpus": 1},
+        )
     if actors:  # asked for: exactly that many
         return False, ray.data.ActorPoolStrategy(size=actors), {"num_cpus": 1}
     # CPU-only: 1-CPU actors scale from one up to one per CPU, so the pool uses every core.

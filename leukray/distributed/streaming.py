@@ -16,7 +16,14 @@ import numpy as np
 import pandas as pd
 
 from leukray.config import AugmentConfig, RunConfig, ScreenConfig
-from leukray.distributed.actors import BundlePredictor, CustomEmbedder, FeatureExtractor, detect_batch, hash_batch, preprocess_batch
+from leukray.distributed.actors import (
+    BundlePredictor,
+    CustomEmbedder,
+    FeatureExtractor,
+    detect_batch,
+    hash_batch,
+    preprocess_batch,
+)
 from leukray.distributed.resources import plan_actor_pool
 from leukray.io.features import FeatureFileWriter, error_mask
 from leukray.io.tables import ERROR_COLUMNS
@@ -60,7 +67,9 @@ class Streamed:
 def _features_dataset(rows: pd.DataFrame, cfg: RunConfig, maps_stage: int) -> tuple[Any, bool]:
     import ray
 
-    use_gpu, pool, actor_resources = plan_actor_pool(cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource)
+    use_gpu, pool, actor_resources = plan_actor_pool(
+        cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource
+    )
     ds = ray.data.from_pandas(row_blocks(rows[STREAM_COLUMNS], ROWS_PER_BLOCK))
     ds = ds.map_batches(
         preprocess_batch,
@@ -97,7 +106,9 @@ def extract_features(
     if features_path is None:
         columns = ["path", "error", "preprocess_node", "node_id"]
     rows_written = 0
-    writer_context = FeatureFileWriter(features_path, FEATURE_DIM, provenance) if features_path else contextlib.nullcontext()
+    writer_context = (
+        FeatureFileWriter(features_path, FEATURE_DIM, provenance) if features_path else contextlib.nullcontext()
+    )
     with writer_context as writer:
         for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256):
             nodes["preprocess"].update(map(str, batch["preprocess_node"]))
@@ -110,15 +121,24 @@ def extract_features(
         "node_ids": {k: sorted(v) for k, v in nodes.items()},
         "feature_rows": rows_written,
     }
-    maps_ds = ds.select_columns(["path", "label", "subject", "split", "aug_index", "error", "maps"]) if keep_maps else None
+    maps_ds = (
+        ds.select_columns(["path", "label", "subject", "split", "aug_index", "error", "maps"]) if keep_maps else None
+    )
     if writer is None:
-        return Streamed(pd.DataFrame(), np.zeros((0, FEATURE_DIM), np.float32), pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds)
+        return Streamed(
+            pd.DataFrame(), np.zeros((0, FEATURE_DIM), np.float32), pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds
+        )
     meta, matrix = writer.sorted_rows()
     return Streamed(meta, matrix, writer.errors, facts, maps_ds)
 
 
 def embed_maps(
-    maps_ds: Any, cfg: RunConfig, state_path: str, head_config: dict[str, Any], features_path: str, provenance: dict[str, str]
+    maps_ds: Any,
+    cfg: RunConfig,
+    state_path: str,
+    head_config: dict[str, Any],
+    features_path: str,
+    provenance: dict[str, str],
 ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
     """The trained custom model over every map: its penultimate activations written to
     `features_path` (Table IV's features) and its own probabilities of the original images.
@@ -175,11 +195,15 @@ def predict_stream(images: pd.DataFrame, bundle: Bundle, model_dir: str, columns
         fn_kwargs={"cfg": bundle.preprocess, "augment": AugmentConfig(oversample=0.0), "seed": 0},
     )
     ds, _ = _bundle_stream(ds, bundle, model_dir)
-    parts = [pd.DataFrame({c: batch[c] for c in columns}) for batch in ds.iter_batches(batch_format="numpy", batch_size=256)]
+    parts = [
+        pd.DataFrame({c: batch[c] for c in columns}) for batch in ds.iter_batches(batch_format="numpy", batch_size=256)
+    ]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
-def screen_stream(slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str]) -> tuple[pd.DataFrame, bool]:
+def screen_stream(
+    slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str]
+) -> tuple[pd.DataFrame, bool]:
     """Smear fields -> detected, cropped and classified cells (one row each, `columns`),
     and whether the classifier ran on GPUs."""
     import ray

@@ -70,7 +70,9 @@ def _all_reduce(counts: EpochCounts, num_classes: int) -> EpochCounts:
         flat = flat.cuda()
     dist.all_reduce(flat)
     flat = flat.cpu().numpy()
-    return EpochCounts(float(flat[0]), int(flat[1]), int(flat[2]), flat[3:].astype(np.int64).reshape(num_classes, num_classes))
+    return EpochCounts(
+        float(flat[0]), int(flat[1]), int(flat[2]), flat[3:].astype(np.int64).reshape(num_classes, num_classes)
+    )
 
 
 def build_model(config: dict[str, Any]):
@@ -80,91 +82,128 @@ def build_model(config: dict[str, Any]):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: trains on the "train" shard, validates on the "val" shard."""
+    """Ray Train worker: trains on the "train" shard, validates on the "val" shard, reports
+    every epoch's metrics with a checkpoint."""
     import ray.train
     import ray.train.torch
     import torch
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"] + rank)
     model = build_model(config)
     groups = [{"params": model.head.parameters(), "lr": config["lr"]}]
     if config["unfreeze_stages"]:
         groups.append({"params": model.suffix.parameters(), "lr": config["finetune_lr"]})
     optimizer = torch.optim.Adam(groups)
-    start_epoch, history = 0, []
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        if rank == 0:
-            print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+    start_epoch, history = _restore(model, optimizer, rank)
 
     model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
-    num_classes = config["num_classes"]
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    batch_size = config["batch_size"]
-
+    if device.type == "cpu" and config.get("cpu_threads"):
+        # Ray gives the worker one CPU's worth of threads; the maps are already in memory and
+        # the head's matrix products are the whole cost, so use the cores the node has.
+        torch.set_num_threads(min(int(config["cpu_threads"]), os.cpu_count() or 1))
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
     for epoch in range(start_epoch, config["epochs"]):
-        model.train()
-        counts = EpochCounts()
-        for batch in train_shard.iter_torch_batches(
-            batch_size=batch_size,
-            local_shuffle_buffer_size=max(8 * batch_size, 256),
-            local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank,
-            device=device,
-            dtypes={"maps": torch.float32, "label_code": torch.int64},
-        ):
-            maps, target = batch["maps"], batch["label_code"]
-            if len(target) < 2:
-                continue  # BatchNorm cannot train on a single sample
-            logits = model(maps)
-            loss = core.head.loss(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            pred = core.head.probabilities(logits.detach()).argmax(dim=1)
-            counts.add(float(loss.detach()), target.cpu().numpy(), pred.cpu().numpy(), num_classes)
-        metrics = _all_reduce(counts, num_classes).metrics("train")
-
-        model.eval()
-        counts = EpochCounts()
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(
-                batch_size=max(batch_size, 64), device=device, dtypes={"maps": torch.float32, "label_code": torch.int64}
-            ):
-                logits = model(batch["maps"])
-                loss = core.head.loss(logits, batch["label_code"])
-                pred = core.head.probabilities(logits).argmax(dim=1)
-                counts.add(float(loss), batch["label_code"].cpu().numpy(), pred.cpu().numpy(), num_classes)
-        metrics.update(_all_reduce(counts, num_classes).metrics("val"))
+        metrics = _train_epoch(model, optimizer, shards["train"], config, epoch, rank, device)
+        metrics.update(_validate(model, shards["val"], config, device))
         metrics["epoch"] = epoch + 1
         history.append(metrics)
-
-        with tempfile.TemporaryDirectory() as directory:
-            if rank == 0:
-                torch.save(
-                    {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
-                    os.path.join(directory, STATE_FILE),
-                )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
+        _report(model, optimizer, metrics, history, epoch, rank)
         if rank == 0:
             print(
-                f"[train] epoch {epoch + 1}/{config['epochs']}  loss {metrics['train_loss']:.4f}/{metrics['val_loss']:.4f}  "
+                f"[train] epoch {epoch + 1}/{config['epochs']}  "
+                f"loss {metrics['train_loss']:.4f}/{metrics['val_loss']:.4f}  "
                 f"acc {metrics['train_accuracy']:.3f}/{metrics['val_accuracy']:.3f}  "
                 f"bal.acc {metrics['train_balanced_accuracy']:.3f}/{metrics['val_balanced_accuracy']:.3f} (train/val)",
                 flush=True,
             )
         if config.get("on_epoch_end") is not None:
             config["on_epoch_end"](epoch + 1, rank)
+
+
+def _core(model):
+    """The model inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _restore(model, optimizer, rank: int) -> tuple[int, list[dict[str, float]]]:
+    """Load the last reported checkpoint (a restarted worker or a rerun); returns the epoch
+    to start at and the history so far."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as directory:
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if rank == 0:
+        print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+    return state["epoch"] + 1, state["history"]
+
+
+def _train_epoch(model, optimizer, shard, config: dict[str, Any], epoch: int, rank: int, device) -> dict[str, float]:
+    import torch
+
+    head, num_classes, batch_size = _core(model).head, config["num_classes"], config["batch_size"]
+    model.train()
+    counts = EpochCounts()
+    for batch in shard.iter_torch_batches(
+        batch_size=batch_size,
+        local_shuffle_buffer_size=max(8 * batch_size, 256),
+        local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank,
+        device=device,
+        dtypes={"maps": torch.float32, "label_code": torch.int64},
+    ):
+        maps, target = batch["maps"], batch["label_code"]
+        if len(target) < 2:
+            continue  # BatchNorm cannot train on a single sample
+        logits = model(maps)
+        loss = head.loss(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        pred = head.probabilities(logits.detach()).argmax(dim=1)
+        counts.add(float(loss.detach()), target.cpu().numpy(), pred.cpu().numpy(), num_classes)
+    return _all_reduce(counts, num_classes).metrics("train")
+
+
+def _validate(model, shard, config: dict[str, Any], device) -> dict[str, float]:
+    import torch
+
+    head, num_classes = _core(model).head, config["num_classes"]
+    model.eval()
+    counts = EpochCounts()
+    dtypes = {"maps": torch.float32, "label_code": torch.int64}
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=max(config["batch_size"], 64), device=device, dtypes=dtypes):
+            logits = model(batch["maps"])
+            loss = head.loss(logits, batch["label_code"])
+            pred = head.probabilities(logits).argmax(dim=1)
+            counts.add(float(loss), batch["label_code"].cpu().numpy(), pred.cpu().numpy(), num_classes)
+    return _all_reduce(counts, num_classes).metrics("val")
+
+
+def _report(
+    model, optimizer, metrics: dict[str, float], history: list[dict[str, float]], epoch: int, rank: int
+) -> None:
+    """The epoch's metrics to Ray Train, with rank 0's checkpoint (model, optimizer, history)."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as directory:
+        if rank == 0:
+            state = {
+                "model": _core(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "history": history,
+            }
+            torch.save(state, os.path.join(directory, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
 
 
 @dataclass
@@ -205,9 +244,8 @@ def train_head(
             reported (picklable; e.g. `leukray.testing.KillWorkerOnce`).
     """
     import ray.data
-    import ray.train
-    import torch
-    from ray.train.torch import TorchTrainer
+
+    from leukray.distributed.resources import cluster_cpus
 
     loop_config = {
         "epochs": cfg.epochs,
@@ -222,8 +260,31 @@ def train_head(
         "weights": weights,
         "weights_seed": weights_seed,
         "on_epoch_end": on_epoch_end,
+        "cpu_threads": max(1, int(cluster_cpus()) // max(cfg.workers, 1)),
     }
-    trainer = TorchTrainer(
+    trainer = _trainer(loop_config, cfg, train_ds, val_ds, storage_path=storage_path, name=name, use_gpu=use_gpu)
+    # Ray Data's per-epoch progress bars inside the trainer would drown the epoch lines.
+    context = ray.data.DataContext.get_current()
+    saved = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        result = trainer.fit()
+    finally:
+        context.enable_progress_bars = saved
+    if result.error is not None:
+        raise result.error
+    return _best_result(result, loop_config)
+
+
+def _trainer(
+    loop_config: dict[str, Any], cfg: TrainConfig, train_ds, val_ds, *, storage_path: str, name: str, use_gpu: bool
+):
+    """A TorchTrainer that keeps the best epoch's checkpoint (by validation balanced
+    accuracy) under storage_path/name, and restarts dead workers up to train.max_failures."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
@@ -239,16 +300,12 @@ def train_head(
         ),
         datasets={"train": train_ds, "val": val_ds},
     )
-    # Ray Data's per-epoch progress bars inside the trainer would drown the epoch lines.
-    context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars
-    context.enable_progress_bars = False
-    try:
-        result = trainer.fit()
-    finally:
-        context.enable_progress_bars = saved
-    if result.error is not None:
-        raise result.error
+
+
+def _best_result(result, loop_config: dict[str, Any]) -> TrainResult:
+    """The best epoch's model (by validation balanced accuracy) and the full history."""
+    import torch
+
     best_ckpt, best_metrics = max(
         result.best_checkpoints, key=lambda cm: (cm[1].get("val_balanced_accuracy", -1), -cm[1].get("epoch", 0))
     )
@@ -265,7 +322,9 @@ def train_head(
     )
 
 
-def _with_codes(batch: dict[str, np.ndarray], codes: dict[str, int], split: str, originals_only: bool) -> dict[str, np.ndarray]:
+def _with_codes(
+    batch: dict[str, np.ndarray], codes: dict[str, int], split: str, originals_only: bool
+) -> dict[str, np.ndarray]:
     keep = (batch["split"] == split) & np.asarray([not e for e in batch["error"]], dtype=bool)
     if originals_only:
         keep &= batch["aug_index"] == 0

@@ -17,9 +17,9 @@ from leukray.errors import ConfigError
 from leukray.models.classifiers import (
     LEADERBOARD_COLUMNS,
     SweepData,
-    plain_json_value,
     best_row,
     leaderboard_frame,
+    plain_json_value,
     run_one,
 )
 
@@ -106,7 +106,9 @@ def run_sweep_tune(
         data, fit_row, {"classifier": tune.grid_search(names)}, tune.TuneConfig(reuse_actors=True),
         run_name=name, storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
         columns=LEADERBOARD_COLUMNS,
-        failed_row=lambda config, detail: {"Model": config.get("classifier", "?"), "status": "failed", "detail": detail},
+        failed_row=lambda config, detail: {
+            "Model": config.get("classifier", "?"), "status": "failed", "detail": detail,
+        },
     )  # fmt: skip
     return leaderboard_frame(rows)
 
@@ -153,7 +155,10 @@ def search_space(name: str) -> dict[str, Any] | None:
         "QuadraticDiscriminantAnalysis": {"reg_param": tune.uniform(0.0, 1.0)},
         "GaussianNB": {"var_smoothing": tune.loguniform(1e-12, 1e-3)},
         "BernoulliNB": {"alpha": tune.loguniform(1e-3, 10.0), "binarize": tune.uniform(0.0, 1.0)},
-        "AdaBoostClassifier": {"n_estimators": tune.choice([50, 100, 200]), "learning_rate": tune.loguniform(0.01, 2.0)},
+        "AdaBoostClassifier": {
+            "n_estimators": tune.choice([50, 100, 200]),
+            "learning_rate": tune.loguniform(0.01, 2.0),
+        },
         "BaggingClassifier": {
             "n_estimators": tune.choice([10, 20, 50]),
             "max_samples": tune.uniform(0.5, 1.0),
@@ -206,12 +211,11 @@ def run_search_tune(
         run_name=run_name, storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
         columns=[*LEADERBOARD_COLUMNS, "params"],
         failed_row=lambda config, detail: {
-            "Model": name, "status": "failed", "detail": detail, "params": json.dumps(config, sort_keys=True, default=str),
+            "Model": name, "status": "failed", "detail": detail,
+            "params": json.dumps(config, sort_keys=True, default=str),
         },
     )  # fmt: skip
     frame = pd.DataFrame(rows).reindex(columns=[*LEADERBOARD_COLUMNS, "params"])
     frame["_ok"] = frame["status"] == "ok"
     frame = frame.sort_values(["_ok", "Val Balanced Accuracy", "params"], ascending=[False, False, True])
     return frame.drop(columns="_ok").reset_index(drop=True)
-
-

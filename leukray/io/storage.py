@@ -28,7 +28,7 @@ def _filesystem_for(scheme_and_host: str) -> pafs.FileSystem:
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """Return (filesystem, path inside it) for a local path or URI."""
     if path.startswith("file://"):
-        path = path[len("file://"):]
+        path = path[len("file://") :]
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
     scheme, rest = path.split("://", 1)

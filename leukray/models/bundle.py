@@ -151,40 +151,8 @@ def load_bundle(model_dir: str) -> Bundle:
     Raises:
         BundleError: missing bundle, missing file or hash mismatch (one line).
     """
-    path = storage.join(model_dir, BUNDLE_FILE)
-    if not storage.exists(path):
-        raise BundleError(f"not a leukray model bundle: {path} not found")
-    try:
-        manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise BundleError(f"{path}: unsupported bundle format {manifest.get('format')!r} (this leukray reads {FORMAT_VERSION})")
-    blobs: dict[str, bytes] = {}
-    for name, digest in manifest["files"].items():
-        file_path = storage.join(model_dir, name)
-        if not storage.exists(file_path):
-            raise BundleError(f"model bundle {model_dir} is incomplete: {name} is missing")
-        data = storage.read_bytes(file_path)
-        if sha256_bytes(data) != digest:
-            raise BundleError(f"model bundle {model_dir} was modified: {name} does not match its sha256 in {BUNDLE_FILE}; refusing to load it")
-        blobs[name] = data
-
-    weights = manifest["weights"]
-    if weights["kind"] == "imagenet":
-        from leukray.models.trunk import imagenet_cache_file, sha256_file
-
-        spec = "imagenet:" + weights["name"].split(".")[-1]
-        cached = imagenet_cache_file(spec)
-        if os.path.exists(cached) and sha256_file(cached) != weights["sha256"]:
-            raise BundleError(f"the ImageNet weights at {cached} differ from the ones this model was trained with (sha256)")
-    elif storage.is_uri(model_dir):
-        # FeatureExtractor loads weights from a local file: keep a verified local copy.
-        spec = os.path.join(tempfile.gettempdir(), f"leukray-trunk-{manifest['files']['trunk.pt'][:16]}.pt")
-        if not os.path.exists(spec):
-            storage.write_bytes(spec, blobs["trunk.pt"])
-    else:
-        spec = os.path.join(model_dir, "trunk.pt")
+    manifest = _read_manifest(storage.join(model_dir, BUNDLE_FILE))
+    blobs = _verified_files(model_dir, manifest)
     head_config = manifest.get("head_config")
     custom_model = None
     if manifest["feature_source"] in ("custom", "head"):
@@ -202,8 +170,61 @@ def load_bundle(model_dir: str) -> Bundle:
         classes=list(manifest["classes"]),
         positive_label=manifest["positive_label"],
         feature_source=manifest["feature_source"],
-        trunk_weights=spec,
+        trunk_weights=_trunk_spec(model_dir, manifest, blobs),
         maps_stage=head_config["unfreeze_stages"] if head_config and manifest["feature_source"] != "trunk" else -1,
         custom_model=custom_model,
         classifier=classifier,
     )
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    if not storage.exists(path):
+        raise BundleError(f"not a leukray model bundle: {path} not found")
+    try:
+        manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format")
+        raise BundleError(f"{path}: unsupported bundle format {found!r} (this leukray reads {FORMAT_VERSION})")
+    return manifest
+
+
+def _verified_files(model_dir: str, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Every file bundle.json lists, read once and checked against its sha256."""
+    blobs: dict[str, bytes] = {}
+    for name, digest in manifest["files"].items():
+        file_path = storage.join(model_dir, name)
+        if not storage.exists(file_path):
+            raise BundleError(f"model bundle {model_dir} is incomplete: {name} is missing")
+        data = storage.read_bytes(file_path)
+        if sha256_bytes(data) != digest:
+            raise BundleError(
+                f"model bundle {model_dir} was modified: {name} does not match its sha256 in {BUNDLE_FILE}; "
+                "refusing to load it"
+            )
+        blobs[name] = data
+    return blobs
+
+
+def _trunk_spec(model_dir: str, manifest: dict[str, Any], blobs: dict[str, bytes]) -> str:
+    """The `weights` spec the trunk extractor loads: imagenet:VARIANT (checked against the
+    cached file's sha256) or a verified local copy of trunk.pt."""
+    weights = manifest["weights"]
+    if weights["kind"] == "imagenet":
+        from leukray.models.trunk import imagenet_cache_file, sha256_file
+
+        spec = "imagenet:" + weights["name"].split(".")[-1]
+        cached = imagenet_cache_file(spec)
+        if os.path.exists(cached) and sha256_file(cached) != weights["sha256"]:
+            raise BundleError(
+                f"the ImageNet weights at {cached} differ from the ones this model was trained with (sha256)"
+            )
+        return spec
+    if storage.is_uri(model_dir):
+        # The extractor loads weights from a local file: keep a verified local copy.
+        spec = os.path.join(tempfile.gettempdir(), f"leukray-trunk-{manifest['files']['trunk.pt'][:16]}.pt")
+        if not os.path.exists(spec):
+            storage.write_bytes(spec, blobs["trunk.pt"])
+        return spec
+    return os.path.join(model_dir, "trunk.pt")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
-import os
 import time
 import traceback
 import warnings
@@ -53,10 +52,24 @@ LEADERBOARD_COLUMNS = [
 # The classifiers Lazy Predict lists that cannot be built without arguments fail at once, so
 # their place does not matter.
 _SLOW_FIRST = [
-    "BaggingClassifier", "AdaBoostClassifier", "LGBMClassifier", "XGBClassifier", "NuSVC", "SVC",
-    "LinearDiscriminantAnalysis", "RandomForestClassifier", "CalibratedClassifierCV", "DecisionTreeClassifier",
-    "LabelSpreading", "LabelPropagation", "RidgeClassifierCV", "ExtraTreesClassifier", "LinearSVC",
-    "RidgeClassifier", "SGDClassifier", "KNeighborsClassifier",
+    "BaggingClassifier",
+    "AdaBoostClassifier",
+    "LGBMClassifier",
+    "XGBClassifier",
+    "NuSVC",
+    "SVC",
+    "LinearDiscriminantAnalysis",
+    "RandomForestClassifier",
+    "CalibratedClassifierCV",
+    "DecisionTreeClassifier",
+    "LabelSpreading",
+    "LabelPropagation",
+    "RidgeClassifierCV",
+    "ExtraTreesClassifier",
+    "LinearSVC",
+    "RidgeClassifier",
+    "SGDClassifier",
+    "KNeighborsClassifier",
 ]
 
 
@@ -145,7 +158,9 @@ def roc_auc_from_scores(y_true: np.ndarray, scores: np.ndarray | None, classes: 
     return math.nan
 
 
-def classification_metrics(y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, classes: np.ndarray) -> dict[str, float]:
+def classification_metrics(
+    y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, classes: np.ndarray
+) -> dict[str, float]:
     """Accuracy, balanced accuracy, ROC AUC (from `scores`, see `roc_auc_from_scores`) and
     weighted F1 of predictions `pred` against the truth `y` (both integer codes, (N,))."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
@@ -220,7 +235,9 @@ def sweep_data(meta: pd.DataFrame, matrix: np.ndarray, positive: str = "all") ->
     )  # fmt: skip
 
 
-def fit_and_score(name: str, data: SweepData, seed: int, n_jobs: int = 1, params: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit_and_score(
+    name: str, data: SweepData, seed: int, n_jobs: int = 1, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Fit one classifier on train, score it on val and test. Raises what the fit raises."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

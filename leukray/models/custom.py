@@ -14,7 +14,9 @@ from leukray.models.head import CustomResNet50, PaperHead, trunk_suffix
 from leukray.models.trunk import build_trunk
 
 
-def head_config_of(in_features: int, num_classes: int, dropout: float, unfreeze_stages: int, embedding: int) -> dict[str, Any]:
+def head_config_of(
+    in_features: int, num_classes: int, dropout: float, unfreeze_stages: int, embedding: int
+) -> dict[str, Any]:
     """What rebuilds a trained model (recorded in train.json and the bundle)."""
     return {
         "in_features": in_features,

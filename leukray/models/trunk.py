@@ -145,12 +145,15 @@ def _load_file(path: str) -> tuple[dict[str, Any], WeightsInfo]:
     prefix = HASH_PREFIX.search(os.path.basename(path))
     if prefix and not digest.startswith(prefix.group(1)):
         raise WeightsError(
-            f"weights file {path} fails its hash check: name says sha256 {prefix.group(1)}…, file has {digest[:len(prefix.group(1))]}…"
+            f"weights file {path} fails its hash check: name says sha256 {prefix.group(1)}…, "
+            f"file has {digest[: len(prefix.group(1))]}…"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"weights file {path} is not a readable PyTorch state dict: {str(exc).splitlines()[0][:200]}") from None
+        raise WeightsError(
+            f"weights file {path} is not a readable PyTorch state dict: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

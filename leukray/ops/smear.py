@@ -78,12 +78,7 @@ class CellBox:
 
 def check_rgb(image: np.ndarray, what: str = "image") -> None:
     """Raise ValueError unless `image` is HxWx3 uint8 (the pipeline's one convention)."""
-    if (
-        not isinstance(image, np.ndarray)
-        or image.ndim != 3
-        or image.shape[2] != 3
-        or image.dtype != np.uint8
-    ):
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         shape = getattr(image, "shape", None)
         dtype = getattr(image, "dtype", type(image).__name__)
         raise ValueError(f"{what}: expected HxWx3 uint8 RGB, got {shape} {dtype}")
@@ -111,7 +106,6 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float:
     """
     from scipy import ndimage
 
-
     check_rgb(image)
     h, w = image.shape[:2]
     scale = min(1.0, 800.0 / max(h, w))
@@ -126,9 +120,7 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float:
     )
     green = cv2.GaussianBlur(small[:, :, 1], (3, 3), 0)
     cells = (green <= otsu_threshold(green)).astype(np.uint8)
-    cells = _fill_holes(
-        cv2.morphologyEx(cells, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    )
+    cells = _fill_holes(cv2.morphologyEx(cells, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)))
     count, labels = cv2.connectedComponents(cells, connectivity=8)
     if count <= 1:
         return w / 25.0
@@ -142,9 +134,7 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float:
     # would otherwise outvote the cells that cover most of the field.
     order = np.argsort(radii[keep])
     cumulative = np.cumsum(areas[keep][order])
-    median_radius = radii[keep][order][
-        np.searchsorted(cumulative, cumulative[-1] / 2.0)
-    ]
+    median_radius = radii[keep][order][np.searchsorted(cumulative, cumulative[-1] / 2.0)]
     return float(2.0 * median_radius / scale)
 
 
@@ -152,9 +142,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill the holes of a 0/1 uint8 mask (flood the background from the border)."""
     padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     flood = padded.copy()
-    cv2.floodFill(
-        flood, np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8), (0, 0), 1
-    )
+    cv2.floodFill(flood, np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8), (0, 0), 1)
     holes = (flood == 0)[1:-1, 1:-1]
     return (mask.astype(bool) | holes).astype(np.uint8)
 
@@ -170,9 +158,7 @@ def _working_scale(image: np.ndarray, cfg: ScreenConfig) -> tuple[float, float]:
     return diameter, min(1.0, WORK_RED_CELL_PX / diameter)
 
 
-def _nucleus_mask(
-    image: np.ndarray, cfg: ScreenConfig, red_cell_px: float
-) -> np.ndarray:
+def _nucleus_mask(image: np.ndarray, cfg: ScreenConfig, red_cell_px: float) -> np.ndarray:
     """The nucleus mask (HxW uint8 0/1) at the scale where a red cell is `red_cell_px` wide."""
 
     stain = cv2.GaussianBlur(stain_channel(image), (3, 3), 0)
@@ -253,24 +239,15 @@ def detect_leukocytes(image: np.ndarray, cfg: ScreenConfig) -> list[CellBox]:
         return []
     pieces = split_touching_nuclei(mask, cfg.split_depth * red_px)
     red_area = math.pi * (red_px / 2.0) ** 2
-    groups = group_lobes(
-        pieces, cfg.lobe_area_fraction * red_area, cfg.merge_distance * red_px
-    )
+    groups = group_lobes(pieces, cfg.lobe_area_fraction * red_area, cfg.merge_distance * red_px)
     wh, ww = mask.shape
     cells: list[CellBox] = []
     for g in range(1, int(groups.max()) + 1):
         ys, xs = np.nonzero(groups == g)
         area = len(xs)
-        if (
-            area == 0
-            or not cfg.min_area_fraction * red_area
-            <= area
-            <= cfg.max_area_fraction * red_area
-        ):
+        if area == 0 or not cfg.min_area_fraction * red_area <= area <= cfg.max_area_fraction * red_area:
             continue
-        touches_edge = (
-            xs.min() == 0 or ys.min() == 0 or xs.max() == ww - 1 or ys.max() == wh - 1
-        )
+        touches_edge = xs.min() == 0 or ys.min() == 0 or xs.max() == ww - 1 or ys.max() == wh - 1
         if touches_edge and area < cfg.edge_fraction * red_area:
             continue
         points = np.stack([xs, ys], axis=1).astype(np.float32)
@@ -326,9 +303,7 @@ def split_touching_nuclei(mask: np.ndarray, depth: float) -> np.ndarray:
         reconstruction = grown
     tops = (dist - reconstruction >= depth - 1e-3) & (mask > 0)
     n_tops, markers = cv2.connectedComponents(tops.astype(np.uint8), connectivity=8)
-    if n_tops - 1 <= len(
-        np.unique(labels[tops])
-    ):  # at most one top per blob: nothing to split
+    if n_tops - 1 <= len(np.unique(labels[tops])):  # at most one top per blob: nothing to split
         return labels.astype(np.int32)
     # Flood from the tops downhill, one distance level at a time (the immersion watershed of
     # Vincent & Soille 1991), so the basins meet at the necks. At equal distance a pixel
@@ -417,9 +392,7 @@ def cell_crop(image: np.ndarray, box: CellBox, cfg: ScreenConfig) -> np.ndarray:
     h, w = image.shape[:2]
     x0, y0, x1, y1 = max(0, box.x0), max(0, box.y0), min(w, box.x1), min(h, box.y1)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(
-            f"cell box ({box.x0}, {box.y0}, {box.x1}, {box.y1}) is empty or outside the {w}x{h} image"
-        )
+        raise ValueError(f"cell box ({box.x0}, {box.y0}, {box.x1}, {box.y1}) is empty or outside the {w}x{h} image")
     keep = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
     if box.hull is None or len(box.hull) < 3:
         centre = ((x1 - x0 - 1) / 2.0, (y1 - y0 - 1) / 2.0)
@@ -443,9 +416,7 @@ def cell_crop(image: np.ndarray, box: CellBox, cfg: ScreenConfig) -> np.ndarray:
     return crop
 
 
-def detection_recall(
-    boxes: Sequence[CellBox], centres: np.ndarray | Sequence[tuple[float, float]]
-) -> float:
+def detection_recall(boxes: Sequence[CellBox], centres: np.ndarray | Sequence[tuple[float, float]]) -> float:
     """Share of annotated cell centres (N x 2, x y) that fall inside a detected box; each box
     may claim one centre (so one box over two cells counts once). NaN without centres."""
     centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
@@ -457,9 +428,7 @@ def detection_recall(
         inside = [i for i in free if boxes[i].contains(x, y)]
         if inside:
             # the box whose nucleus centroid is nearest claims the centre
-            best = min(
-                inside, key=lambda i: (boxes[i].cx - x) ** 2 + (boxes[i].cy - y) ** 2
-            )
+            best = min(inside, key=lambda i: (boxes[i].cx - x) ** 2 + (boxes[i].cy - y) ** 2)
             free.remove(best)
             hit += 1
     return hit / len(centres)
@@ -493,57 +462,47 @@ def detect_and_crop(
     """
     size = preprocess_cfg.size
     blank = np.zeros((size, size, 3), dtype=np.uint8)
-    rows: list[tuple[str, int, tuple[float, ...], np.ndarray, str]] = []
-    no_box = (0, 0, 0, 0, math.nan, math.nan, 0)
+    rows: list[CellRow] = []
     for path in map(str, batch["path"]):
-        try:
-            field_image = decode_image(read_bytes(path))
-            cells = detect_leukocytes(field_image, cfg)
-        except (*READ_ERRORS, ValueError) as exc:  # ValueError: check_rgb's shape check
-            rows.append((path, -1, no_box, blank, read_error_reason(exc)))
-            continue
-        if not cells:
-            rows.append((path, -1, no_box, blank, NO_CELLS))
-            continue
-        for index, cell in enumerate(cells):
-            coords = (cell.x0, cell.y0, cell.x1, cell.y1, cell.cx, cell.cy, cell.area)
-            try:
-                rows.append(
-                    (
-                        path,
-                        index,
-                        coords,
-                        preprocess_image(
-                            cell_crop(field_image, cell, cfg), preprocess_cfg
-                        ),
-                        "",
-                    )
-                )
-            except ImageError as exc:
-                rows.append(
-                    (
-                        path,
-                        index,
-                        coords,
-                        blank,
-                        f"crop rejected by preprocessing: {exc}",
-                    )
-                )
+        rows.extend(_slide_rows(path, cfg, preprocess_cfg, read_bytes, blank))
     out: dict[str, np.ndarray] = {
         "slide": np.asarray([r[0] for r in rows], dtype=object),
         "cell_index": np.asarray([r[1] for r in rows], dtype=np.int64),
     }
-    coords = np.asarray([r[2] for r in rows], dtype=np.float64).reshape(
-        -1, len(BOX_COLUMNS)
-    )
+    coords = np.asarray([r[2] for r in rows], dtype=np.float64).reshape(-1, len(BOX_COLUMNS))
     for k, name in enumerate(BOX_COLUMNS):
-        out[name] = (
-            coords[:, k] if name in ("cx", "cy") else coords[:, k].astype(np.int64)
-        )
-    out["image"] = (
-        np.stack([r[3] for r in rows])
-        if rows
-        else np.zeros((0, size, size, 3), np.uint8)
-    )
+        out[name] = coords[:, k] if name in ("cx", "cy") else coords[:, k].astype(np.int64)
+    out["image"] = np.stack([r[3] for r in rows]) if rows else np.zeros((0, size, size, 3), np.uint8)
     out["error"] = np.asarray([r[4] for r in rows], dtype=object)
     return out
+
+
+# slide, cell index (-1: the slide itself), box (BOX_COLUMNS), preprocessed crop, error
+CellRow = tuple[str, int, tuple[float, ...], np.ndarray, str]
+NO_BOX = (0, 0, 0, 0, math.nan, math.nan, 0)
+
+
+def _slide_rows(
+    path: str,
+    cfg: ScreenConfig,
+    preprocess_cfg: PreprocessConfig,
+    read_bytes: Callable[[str], bytes],
+    blank: np.ndarray,
+) -> list[CellRow]:
+    """The rows of one slide (see `detect_and_crop`)."""
+    try:
+        field_image = decode_image(read_bytes(path))
+        cells = detect_leukocytes(field_image, cfg)
+    except (*READ_ERRORS, ValueError) as exc:  # ValueError: check_rgb's shape check
+        return [(path, -1, NO_BOX, blank, read_error_reason(exc))]
+    if not cells:
+        return [(path, -1, NO_BOX, blank, NO_CELLS)]
+    rows: list[CellRow] = []
+    for index, cell in enumerate(cells):
+        coords = (cell.x0, cell.y0, cell.x1, cell.y1, cell.cx, cell.cy, cell.area)
+        try:
+            crop = preprocess_image(cell_crop(field_image, cell, cfg), preprocess_cfg)
+            rows.append((path, index, coords, crop, ""))
+        except ImageError as exc:
+            rows.append((path, index, coords, blank, f"crop rejected by preprocessing: {exc}"))
+    return rows

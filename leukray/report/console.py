@@ -29,7 +29,12 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
     that qualify them: weights, split, chosen model, counts."""
     tables = [("leaderboard.csv", "Table III — classifiers on ResNet50 trunk features")]
     if summary.get("custom_model"):
-        tables.append(("custom_leaderboard.csv", f"Table IV — classifiers on custom-model features ({summary['custom_model']['embedding']}-d)"))
+        tables.append(
+            (
+                "custom_leaderboard.csv",
+                f"Table IV — classifiers on custom-model features ({summary['custom_model']['embedding']}-d)",
+            )
+        )
     for name, title in tables:
         board = read_csv(storage.join(out, name))
         shown = board.drop(columns=["detail", "weights", "node_id"], errors="ignore")
@@ -51,9 +56,11 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
     tuned = summary.get("tuned_model")
     if tuned and tuned.get("params") is not None:
         print(
-            f"Fine-tuned {tuned['name']} on {tuned['feature_source']} features ({tuned['ok_trials']}/{tuned['trials']} Ray Tune "
+            f"Fine-tuned {tuned['name']} on {tuned['feature_source']} features "
+            f"({tuned['ok_trials']}/{tuned['trials']} Ray Tune "
             f"trials, tuning.csv): validation balanced accuracy {_fmt(tuned['val_balanced_accuracy'])} "
-            f"(untuned {_fmt(tuned['untuned_val_balanced_accuracy'])}), test {_fmt(tuned['test']['Balanced Accuracy'])}; {tuned['params']}"
+            f"(untuned {_fmt(tuned['untuned_val_balanced_accuracy'])}), "
+            f"test {_fmt(tuned['test']['Balanced Accuracy'])}; {tuned['params']}"
         )
     chosen = summary.get("chosen_model") or summary.get("best_model")
     if chosen:

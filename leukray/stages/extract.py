@@ -81,7 +81,8 @@ def extract_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, k
     write_parquet(storage.join(cfg.out, runfolder.MANIFEST_FILE), manifest[runfolder.MANIFEST_COLUMNS], provenance)
     usable = manifest[manifest["split"] != ""]
     log(
-        f"{len(usable)} usable images ({facts['duplicates']} duplicates kept once, {len(errors)} unreadable or skipped); "
+        f"{len(usable)} usable images ({facts['duplicates']} duplicates kept once, "
+        f"{len(errors)} unreadable or skipped); "
         f"split: " + ", ".join(f"{k} {v}" for k, v in usable["split"].value_counts().items())
     )
 

@@ -33,7 +33,18 @@ def predict(model_dir: str, data: str, out: str, start_ray: Callable[[], None] |
     preds = predict_stream(images, bundle, model_dir, PREDICTION_COLUMNS)
     if not skipped.empty:
         preds = pd.concat(
-            [preds, pd.DataFrame({"path": skipped["path"], "label": "", "predicted_label": "", "prob_all": np.nan, "error": skipped["reason"]})],
+            [
+                preds,
+                pd.DataFrame(
+                    {
+                        "path": skipped["path"],
+                        "label": "",
+                        "predicted_label": "",
+                        "prob_all": np.nan,
+                        "error": skipped["reason"],
+                    }
+                ),
+            ],
             ignore_index=True,
         )
     preds = preds.sort_values("path", kind="stable").reset_index(drop=True)[PREDICTION_COLUMNS]

@@ -28,7 +28,7 @@ from leukray.distributed.streaming import screen_stream
 from leukray.errors import ConfigError, DataError
 from leukray.io import storage
 from leukray.io.tables import log, write_csv, write_json, write_parquet
-from leukray.models.bundle import BUNDLE_FILE, load_bundle, sha256_bytes
+from leukray.models.bundle import BUNDLE_FILE, Bundle, load_bundle, sha256_bytes
 from leukray.ops.smear import BOX_COLUMNS, NO_CELLS
 
 CELL_COLUMNS = [
@@ -45,6 +45,8 @@ SLIDE_COLUMNS = [
     "error",
 ]
 SLIDE_STATUSES = ("flagged", "not flagged", "insufficient cells", "error")
+# What the screening stream keeps of each cell row.
+STREAM_COLUMNS = ["slide", "cell_index", *BOX_COLUMNS, "prob_all", "predicted_label", "error", "detect_node", "node_id"]
 CAVEAT = (
     "The classifier was trained on single-cell crops (C-NMC 2019) and is applied here to cells cut out of "
     "smear fields by an automatic detector; cell-level probabilities on such crops are a screening aid to "
@@ -55,9 +57,7 @@ CAVEAT = (
 # -- per-slide report -------------------------------------------------------------------------
 
 
-def summarise_slides(
-    rows: pd.DataFrame, cfg: ScreenConfig
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summarise_slides(rows: pd.DataFrame, cfg: ScreenConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split classified rows into (cells, slides).
 
     Args:
@@ -71,21 +71,15 @@ def summarise_slides(
     """
     rows = rows.copy()
     rows["error"] = rows["error"].astype(str)
-    is_cell = (
-        (rows["cell_index"] >= 0) & (rows["error"] == "") & rows["prob_all"].notna()
-    )
+    is_cell = (rows["cell_index"] >= 0) & (rows["error"] == "") & rows["prob_all"].notna()
     cells = rows[is_cell].copy()
     cells["flagged"] = cells["prob_all"] >= cfg.blast_threshold
-    cells = cells.sort_values(["slide", "cell_index"], kind="stable").reset_index(
-        drop=True
-    )[CELL_COLUMNS]
+    cells = cells.sort_values(["slide", "cell_index"], kind="stable").reset_index(drop=True)[CELL_COLUMNS]
     records = []
     for slide, group in rows.groupby("slide", sort=True):
         own = cells[cells["slide"] == slide]
         slide_errors = group.loc[group["cell_index"] < 0, "error"]
-        cell_errors = group.loc[
-            (group["cell_index"] >= 0) & (group["error"] != ""), "error"
-        ]
+        cell_errors = group.loc[(group["cell_index"] >= 0) & (group["error"] != ""), "error"]
         n, flagged = len(own), int(own["flagged"].sum())
         error = "; ".join(sorted(set(slide_errors) | set(cell_errors)))
         fraction = flagged / n if n else math.nan
@@ -122,9 +116,7 @@ def list_slides(data: str) -> list[str]:
         DataError: `data` is missing or holds no image files.
     """
     if not data:
-        raise DataError(
-            "no data given: pass --data DIR (a folder of smear images, or a URI)"
-        )
+        raise DataError("no data given: pass --data DIR (a folder of smear images, or a URI)")
     info = storage.file_info(data)
     if info.type.name == "NotFound":
         raise DataError(f"data path not found: {data}")
@@ -132,16 +124,9 @@ def list_slides(data: str) -> list[str]:
         paths = [data]
     else:
         paths = storage.list_files(data)
-    slides = [
-        p
-        for p in paths
-        if p.lower().endswith(IMAGE_EXTENSIONS)
-        and not p.rsplit("/", 1)[-1].startswith(".")
-    ]
+    slides = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS) and not p.rsplit("/", 1)[-1].startswith(".")]
     if not slides:
-        raise DataError(
-            f"no images found in {data} (looked for {', '.join(IMAGE_EXTENSIONS)})"
-        )
+        raise DataError(f"no images found in {data} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return slides
 
 
@@ -177,9 +162,7 @@ def screen(
         raise ConfigError("no output folder: pass --out DIR")
     t0 = time.perf_counter()
     bundle = load_bundle(model_dir)  # verify before anything else runs
-    bundle_sha256 = sha256_bytes(
-        storage.read_bytes(storage.join(model_dir, BUNDLE_FILE))
-    )
+    bundle_sha256 = sha256_bytes(storage.read_bytes(storage.join(model_dir, BUNDLE_FILE)))
     slides = list_slides(data)
     if start_ray is not None:
         start_ray()
@@ -188,17 +171,7 @@ def screen(
         f"screening {len(slides)} smear fields: leukocyte detection -> {bundle.feature_source} features -> "
         f"{bundle.manifest['classifier']} (trunk {weights['name']})"
     )
-    keep = [
-        "slide",
-        "cell_index",
-        *BOX_COLUMNS,
-        "prob_all",
-        "predicted_label",
-        "error",
-        "detect_node",
-        "node_id",
-    ]
-    rows, use_gpu = screen_stream(slides, cfg, bundle, model_dir, keep)
+    rows, use_gpu = screen_stream(slides, cfg, bundle, model_dir, STREAM_COLUMNS)
     cells, slide_table = summarise_slides(rows, cfg)
     provenance = {
         "model": model_dir,
@@ -212,14 +185,33 @@ def screen(
     storage.makedirs(out)
     write_parquet(storage.join(out, "cells.parquet"), cells, provenance)
     write_csv(storage.join(out, "slides.csv"), slide_table)
+    summary = _screen_summary(bundle, bundle_sha256, data, cfg, len(slides), rows, cells, slide_table, use_gpu)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(storage.join(out, "screen.json"), summary)
+    log(f"wrote {out}: {summary['counts']}")
+    return summary
+
+
+def _screen_summary(
+    bundle: Bundle,
+    bundle_sha256: str,
+    data: str,
+    cfg: ScreenConfig,
+    n_slides: int,
+    rows: pd.DataFrame,
+    cells: pd.DataFrame,
+    slide_table: pd.DataFrame,
+    use_gpu: bool,
+) -> dict[str, Any]:
+    """screen.json's content: provenance, resolved config, counts, where it ran, the caveat."""
     status_counts = slide_table["status"].value_counts()
-    summary = {
+    return {
         "leukray_version": __version__,
         "caveat": CAVEAT,
         "model": {
-            "bundle": model_dir,
+            "bundle": bundle.model_dir,
             "bundle_json_sha256": bundle_sha256,
-            "weights": weights,
+            "weights": bundle.manifest["weights"],
             "classifier": bundle.manifest["classifier"],
             "feature_source": bundle.feature_source,
             "training_data_fingerprint": bundle.manifest.get("data_fingerprint", ""),
@@ -228,12 +220,12 @@ def screen(
         "data": data,
         "config": dataclasses.asdict(cfg),
         "counts": {
-            "slides": len(slides),
+            "slides": n_slides,
             "cells": len(cells),
             "flagged_cells": int(cells["flagged"].sum()),
             **{status: int(status_counts.get(status, 0)) for status in SLIDE_STATUSES},
         },
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": None,
         "ray": {
             "classify_device": "gpu" if use_gpu else "cpu",
             "node_ids": {
@@ -244,6 +236,3 @@ def screen(
             "cluster_gpus": cluster_gpus(),
         },
     }
-    write_json(storage.join(out, "screen.json"), summary)
-    log(f"wrote {out}: {summary['counts']}")
-    return summary

@@ -50,7 +50,9 @@ class Trained:
         return self.state if self.state is not None else load_model_state(self.record["state_path"])
 
 
-def train_stage(extracted: Extracted, start_ray: Callable[[], None] | None = None, write_config: bool = True) -> Trained:
+def train_stage(
+    extracted: Extracted, start_ray: Callable[[], None] | None = None, write_config: bool = True
+) -> Trained:
     """Train the custom ResNet50 and embed every image with it (see the module docstring)."""
     cfg, record = extracted.cfg, extracted.record
     classes = class_order(extracted.meta["label"].to_numpy().astype(str), cfg.data.positive_label)
@@ -69,7 +71,11 @@ def train_stage(extracted: Extracted, start_ray: Callable[[], None] | None = Non
     tick = time.perf_counter()
     result = _train(cfg, maps_ds, classes, record["fingerprint"])
     head_config = head_config_of(
-        head_in_features(cfg.preprocess.size), len(classes), cfg.train.dropout, cfg.train.unfreeze_stages, cfg.train.embedding
+        head_in_features(cfg.preprocess.size),
+        len(classes),
+        cfg.train.dropout,
+        cfg.train.unfreeze_stages,
+        cfg.train.embedding,
     )
     state_path = storage.join(cfg.out, "model", "custom_resnet50.pt")
     save_model_state(state_path, result.state_dict)
@@ -77,7 +83,9 @@ def train_stage(extracted: Extracted, start_ray: Callable[[], None] | None = Non
     meta, matrix, head_probs = embed_maps(maps_ds, cfg, state_path, head_config, features_path, record["provenance"])
     head_probs_table = head_probs.assign(head_prob=head_probs["head_prob"].map(list))
     write_parquet(storage.join(cfg.out, runfolder.HEAD_PROBS), head_probs_table, record["provenance"])
-    train_record = _train_record(cfg, record, classes, head_config, state_path, result, node_ids, time.perf_counter() - tick)
+    train_record = _train_record(
+        cfg, record, classes, head_config, state_path, result, node_ids, time.perf_counter() - tick
+    )
     write_json(storage.join(cfg.out, runfolder.TRAIN_RECORD), train_record)
     return Trained(train_record, meta, matrix, head_probs, result.state_dict)
 
@@ -91,8 +99,10 @@ def _train(cfg: RunConfig, maps_ds: Any, classes: list[str], fingerprint: str) -
     storage_path = runfolder.local_or_uri(cfg.train.storage_path or storage.join(cfg.out, "train"))
     name = run_name(cfg.train, fingerprint, cfg.extract.weights, in_features, len(classes))
     log(
-        f"training the custom ResNet50 head (Table II) with Ray Train: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, "
-        f"{cfg.train.workers} worker(s){' on GPU' if use_gpu else ''}; maps {c}x{h}x{w}; checkpoints in {storage_path}/{name}"
+        "training the custom ResNet50 head (Table II) with Ray Train: "
+        f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, "
+        f"{cfg.train.workers} worker(s){' on GPU' if use_gpu else ''}; maps {c}x{h}x{w}; "
+        f"checkpoints in {storage_path}/{name}"
     )
     result = train_head(
         train_ds,
@@ -154,7 +164,9 @@ def load_trained(out: str, fingerprint: str, weights_name: str) -> Trained | Non
         return None
     record = read_json(path)
     if record["fingerprint"] != fingerprint or record["weights"] != weights_name:
-        raise DataError(f"{path} belongs to other features (data or weights changed): run `leukray train --out {out}` again")
+        raise DataError(
+            f"{path} belongs to other features (data or weights changed): run `leukray train --out {out}` again"
+        )
     meta, matrix = load_features(storage.join(out, runfolder.CUSTOM_FEATURES_FILE))
     head_probs = read_parquet(storage.join(out, runfolder.HEAD_PROBS))
     head_probs["head_prob"] = head_probs["head_prob"].map(np.asarray)

@@ -44,7 +44,7 @@ from leukray.models.classifiers import (
     sweep_data,
 )
 from leukray.models.custom import build_custom_model
-from leukray.models.trunk import TrunkExtractor, WeightsInfo, build_trunk, resolve_weights
+from leukray.models.trunk import TrunkExtractor, build_trunk, resolve_weights
 from leukray.ops.preprocess import load_and_preprocess
 from leukray.report.console import leaderboard_markdown
 from leukray.stages.extract import Extracted
@@ -139,12 +139,18 @@ def run_sweeps(extracted: Extracted, trained: Trained | None, names: list[str], 
     for split_name, y in ((TRAIN, data.y_train), (TEST, data.y_test)):
         if len(np.unique(y)) < 2:
             single = [data.classes[c] for c in set(y)]
-            raise DataError(f"after preprocessing, the {split_name} split holds a single class ({single}); see errors.csv")
+            raise DataError(
+                f"after preprocessing, the {split_name} split holds a single class ({single}); see errors.csv"
+            )
     has_val = len(data.y_val) > 0
     tick = time.perf_counter()
-    board = sweep_and_write(data, names, extracted, stem="leaderboard", title="ResNet50 trunk features (the paper's Table III)")
+    board = sweep_and_write(
+        data, names, extracted, stem="leaderboard", title="ResNet50 trunk features (the paper's Table III)"
+    )
     seconds["sweep"] = time.perf_counter() - tick
-    sweeps = Sweeps({"trunk": data}, {"trunk": board}, [("trunk", best_row(board, has_val, seed=cfg.sweep.seed))], has_val)
+    sweeps = Sweeps(
+        {"trunk": data}, {"trunk": board}, [("trunk", best_row(board, has_val, seed=cfg.sweep.seed))], has_val
+    )
     if trained is None:
         return sweeps
     custom_data = sweep_data(trained.meta, trained.matrix, cfg.data.positive_label)
@@ -173,7 +179,10 @@ def _head_row(trained: Trained, classes: list[str]) -> pd.Series:
 def sweep_and_write(data: SweepData, names: list[str], extracted: Extracted, *, stem: str, title: str) -> pd.DataFrame:
     """Run one Tune sweep and write RUN/<stem>.csv and .md."""
     cfg = extracted.cfg
-    log(f"sweeping {len(names)} classifiers on {title} (one Ray Tune trial each; limit {cfg.sweep.timeout_s:g}s per classifier)")
+    log(
+        f"sweeping {len(names)} classifiers on {title} "
+        f"(one Ray Tune trial each; limit {cfg.sweep.timeout_s:g}s per classifier)"
+    )
     board = run_sweep_tune(
         data,
         names,
@@ -190,7 +199,9 @@ def sweep_and_write(data: SweepData, names: list[str], extracted: Extracted, *, 
     data_desc = _describe_data(cfg, extracted.record["fingerprint"])
     split_desc = describe_split(cfg, extracted.record["facts"])
     shown = board.drop(columns=["weights", "node_id"])
-    storage.write_text(storage.join(cfg.out, f"{stem}.md"), leaderboard_markdown(shown, weights, data_desc, split_desc, title))
+    storage.write_text(
+        storage.join(cfg.out, f"{stem}.md"), leaderboard_markdown(shown, weights, data_desc, split_desc, title)
+    )
     return board
 
 
@@ -276,7 +287,9 @@ def write_model_bundle(extracted: Extracted, trained: Trained | None, chosen: Ch
     cfg, weights = extracted.cfg, extracted.weights
     trunk_state = None
     if weights.kind != "imagenet":
-        trunk_state = build_trunk(resolve_weights(cfg.extract.weights, cfg.extract.seed)[0], cfg.extract.seed).state_dict()
+        trunk_state = build_trunk(
+            resolve_weights(cfg.extract.weights, cfg.extract.seed)[0], cfg.extract.seed
+        ).state_dict()
     model_dir = storage.join(cfg.out, "model")
     save_bundle(
         model_dir,
@@ -300,7 +313,9 @@ def write_model_bundle(extracted: Extracted, trained: Trained | None, chosen: Ch
     return model_dir
 
 
-def measure_inference(paths: list[str], extracted: Extracted, trained: Trained | None, chosen: Chosen) -> dict[str, float]:
+def measure_inference(
+    paths: list[str], extracted: Extracted, trained: Trained | None, chosen: Chosen
+) -> dict[str, float]:
     """Seconds per image of each stage of the chosen model, measured in this process on up
     to 32 test images (after one warm-up batch): decode + preprocess, trunk, head, classifier."""
     if not paths:
@@ -315,7 +330,9 @@ def measure_inference(paths: list[str], extracted: Extracted, trained: Trained |
         return timing
     custom = chosen.source in ("custom", "head") and trained is not None
     head_config = trained.record["head_config"] if custom else None
-    extractor = TrunkExtractor(cfg.extract.weights, seed=cfg.extract.seed, maps_stage=head_config["unfreeze_stages"] if custom else -1)
+    extractor = TrunkExtractor(
+        cfg.extract.weights, seed=cfg.extract.seed, maps_stage=head_config["unfreeze_stages"] if custom else -1
+    )
     extractor.extract(images[:2])  # warm-up
     tick = time.perf_counter()
     features, maps = extractor.extract(images)

@@ -123,7 +123,7 @@ def preprocess_loop_seconds(paths: list[str], cfg: PreprocessConfig) -> tuple[fl
     return seconds, np.stack(crops)
 
 
-def _stampedpreprocess_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+def _stamped_preprocess_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
     """`preprocess_batch` plus the wall-clock span of the call (columns t_begin, t_end),
     from which the benchmark tells how many tasks Ray Data kept busy at once."""
     begin = time.time()
@@ -220,7 +220,9 @@ def measure_preprocess(
             "batch_size": batch_size,
             "num_cpus_per_task": 1,
             "consumed_with": "iter_batches",
-            "warm_up": "one untimed Ray Data run (workers started, leukray imported); files pre-read into the page cache",
+            "warm_up": (
+                "one untimed Ray Data run (workers started, leukray imported); files pre-read into the page cache"
+            ),
         },
     }
     return results, crops, labels
@@ -329,7 +331,9 @@ def extract_ray_seconds(crops_ds, weights: str, seed: int, batch_size: int, setu
         num_cpus=num_cpus,
     )
     start = time.perf_counter()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "features", "t_begin", "load_s", "actor_pid", "torch_threads")}
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("row", "features", "t_begin", "load_s", "actor_pid", "torch_threads")
+    }
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for key, values in parts.items():
             values.append(batch[key])
@@ -372,17 +376,37 @@ def measure_extract(
             else:
                 got = extract_ray_seconds(crops_ds, weights, seed, batch_size, side, cpus)
                 runs[side].append(got)
-                done.append(f"{side} {got['seconds']:.2f}s (wall {got['wall_s']:.2f}s with actor start-up, {got['actors']} actor(s))")
+                done.append(
+                    f"{side} {got['seconds']:.2f}s "
+                    f"(wall {got['wall_s']:.2f}s with actor start-up, {got['actors']} actor(s))"
+                )
         log(f"extract run {i + 1}/{repeats} ({len(crops)} crops): " + "; ".join(done))
     best = {setup: min(r, key=lambda g: g["seconds"]) for setup, r in runs.items()}
     setup = min(best, key=lambda k: best[k]["seconds"])
-    chosen = best[setup]
-    features = chosen["features"]
+    features = best[setup]["features"]
     scale = max(1e-6, float(np.nanmax(np.abs(loop_features))))
     gap = float(np.nanmax(np.abs(features - loop_features))) / scale
     if not gap < 1e-3:
         raise SystemExit(f"bench: actor features differ from the loop's (max relative difference {gap:.2e})")
-    n = len(crops)
+    return _extract_results(
+        len(crops), weights, batch_size, cpus, setups, setup, best, runs, loop_runs, loop_loads
+    ), features
+
+
+def _extract_results(
+    n: int,
+    weights: str,
+    batch_size: int,
+    cpus: int,
+    setups: list[str],
+    setup: str,
+    best: dict[str, dict[str, Any]],
+    runs: dict[str, list[dict[str, Any]]],
+    loop_runs: list[float],
+    loop_loads: list[float],
+) -> dict[str, Any]:
+    """bench.json's extraction figures from the timed runs."""
+    chosen = best[setup]
     loop_s, ray_s = min(loop_runs), chosen["seconds"]
     results: dict[str, Any] = {
         "extract_images": n,
@@ -394,7 +418,10 @@ def measure_extract(
         "extract_ray_wall_s": round(chosen["wall_s"], 3),
         "extract_loop_model_load_s": round(min(loop_loads), 3),
         "extract_ray_model_load_s": round(chosen["load_s"], 3),
-        "extract_runs_s": {"loop": [round(s, 3) for s in loop_runs], setup: [round(g["seconds"], 3) for g in runs[setup]]},
+        "extract_runs_s": {
+            "loop": [round(s, 3) for s in loop_runs],
+            setup: [round(g["seconds"], 3) for g in runs[setup]],
+        },
         "extract_actor_setup": {
             "setup": setup,
             "actors": chosen["actors"],
@@ -402,8 +429,12 @@ def measure_extract(
             "torch_threads_per_actor": chosen["torch_threads"],
             "batch_size": batch_size,
             "loop_torch_threads": cpus,
-            "timed_from": "first batch an actor starts (model load and warm-up pass excluded) to the last row in the driver",
-            "model_load_note": "the actor's load time includes importing torch/torchvision in a fresh process; the loop's does not",
+            "timed_from": (
+                "first batch an actor starts (model load and warm-up pass excluded) to the last row in the driver"
+            ),
+            "model_load_note": (
+                "the actor's load time includes importing torch/torchvision in a fresh process; the loop's does not"
+            ),
             "chosen": "the only setup run" if len(setups) == 1 else "fastest of the setups compared",
         },
         "extract_weights": weights,
@@ -419,7 +450,7 @@ def measure_extract(
             }
             for name, g in best.items()
         }
-    return results, features
+    return results
 
 
 # -- 3. classifier sweep --------------------------------------------------------------------
@@ -446,7 +477,9 @@ def derive_sweep_features(
     classes = class_order(labels, "all")
     code = {name: i for i, name in enumerate(classes)}
     codes = np.fromiter((code[str(v)] for v in labels), dtype=np.int64, count=len(labels))
-    train_idx, test_idx = train_test_split(np.arange(len(features)), test_size=test_fraction, random_state=seed, stratify=codes)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(features)), test_size=test_fraction, random_state=seed, stratify=codes
+    )
     n_test = int(round(rows * test_fraction))
 
     def grow(pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -466,12 +499,15 @@ def derive_sweep_features(
     desc = (
         f"derived: {len(X_train)} train + {len(X_test)} test rows, each a random convex mix of two same-class "
         f"rows of the {len(features)} extracted {features.shape[1]}-d ResNet50 features (train and test pools "
-        f"split beforehand) times log-normal noise (sigma 0.1); non-negative; labels {classes} as codes 0..{len(classes) - 1}"
+        "split beforehand) times log-normal noise (sigma 0.1); non-negative; "
+        f"labels {classes} as codes 0..{len(classes) - 1}"
     )
     return SweepData(X_train, y_train, *no_val, X_test, y_test, classes=classes), desc
 
 
-def sweep_tune_seconds(data: SweepData, names: list[str], timeout_s: float, cpus_per_trial: float) -> tuple[float, pd.DataFrame]:
+def sweep_tune_seconds(
+    data: SweepData, names: list[str], timeout_s: float, cpus_per_trial: float
+) -> tuple[float, pd.DataFrame]:
     """`run_sweep_tune` over `names` (one Ray Tune trial each) into a temporary storage path."""
     storage_path = tempfile.mkdtemp(prefix="leukray-bench-tune-")
     try:
@@ -501,14 +537,20 @@ def sweep_lazy_seconds(data: SweepData) -> tuple[float, pd.DataFrame, dict[str, 
         seconds = time.perf_counter() - start
     if isinstance(scores, tuple):  # (scores, predictions)
         scores = scores[0]
-    errors = {name: f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}" for name, exc in clf.errors.items()}
+    errors = {
+        name: f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        for name, exc in clf.errors.items()
+    }
     return seconds, scores, errors
 
 
 def measure_sweep(data: SweepData, timeout_s: float, cpus_per_trial: float) -> dict[str, Any]:
     """Ray Tune sweep vs sequential Lazy Predict on the same features, once each."""
     names = select_classifiers("all")
-    log(f"sweep: Lazy Predict, {len(names)} classifiers one after another on {len(data.y_train)} x {data.X_train.shape[1]} ...")
+    log(
+        f"sweep: Lazy Predict, {len(names)} classifiers one after another "
+        f"on {len(data.y_train)} x {data.X_train.shape[1]} ..."
+    )
     lazy_s, scores, lazy_errors = sweep_lazy_seconds(data)
     log(f"sweep: Lazy Predict took {lazy_s:.1f}s ({len(scores)} classifiers scored); now Ray Tune ...")
     tune_s, board = sweep_tune_seconds(data, names, timeout_s, cpus_per_trial)
@@ -522,15 +564,25 @@ def measure_sweep(data: SweepData, timeout_s: float, cpus_per_trial: float) -> d
         "sweep_tune_s": round(tune_s, 2),
         "sweep_lazy_s": round(lazy_s, 2),
         "sweep_time_ratio": round(tune_s / lazy_s, 3),
-        "sweep_tune_setup": {"cpus_per_trial": cpus_per_trial, "timeout_s_per_classifier": timeout_s, "order": "select_classifiers('all')"},
+        "sweep_tune_setup": {
+            "cpus_per_trial": cpus_per_trial,
+            "timeout_s_per_classifier": timeout_s,
+            "order": "select_classifiers('all')",
+        },
         "sweep_tune_status": {str(k): int(v) for k, v in board["status"].value_counts().items()},
         "sweep_tune_sum_of_fit_s": round(float(tune_times.sum()), 2),
         "sweep_lazy_sum_of_fit_s": round(float(lazy_times.sum()), 2),
-        "sweep_tune_slowest_s": {str(k): round(float(v), 2) for k, v in tune_times.sort_values(ascending=False).head(6).items()},
-        "sweep_lazy_slowest_s": {str(k): round(float(v), 2) for k, v in lazy_times.sort_values(ascending=False).head(6).items()},
+        "sweep_tune_slowest_s": {
+            str(k): round(float(v), 2) for k, v in tune_times.sort_values(ascending=False).head(6).items()
+        },
+        "sweep_lazy_slowest_s": {
+            str(k): round(float(v), 2) for k, v in lazy_times.sort_values(ascending=False).head(6).items()
+        },
         "sweep_lazy_scored": int(len(scores)),
         "sweep_lazy_failed": lazy_errors,
-        "sweep_tune_failed": {str(r["Model"]): str(r["detail"])[:120] for _, r in board[board["status"] != "ok"].iterrows()},
+        "sweep_tune_failed": {
+            str(r["Model"]): str(r["detail"])[:120] for _, r in board[board["status"] != "ok"].iterrows()
+        },
     }
 
 
@@ -546,8 +598,20 @@ def verdict(key: str, value: float) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """The three ratios with their targets, verdicts and the numbers behind them."""
     rows = [
-        ("preprocess_speedup", "Ray Data preprocess / loop", "preprocess_ray_images_per_s", "preprocess_loop_images_per_s", "img/s"),
-        ("extract_ratio", "ResNet50 actor / torch loop", "extract_ray_images_per_s", "extract_loop_images_per_s", "img/s"),
+        (
+            "preprocess_speedup",
+            "Ray Data preprocess / loop",
+            "preprocess_ray_images_per_s",
+            "preprocess_loop_images_per_s",
+            "img/s",
+        ),
+        (
+            "extract_ratio",
+            "ResNet50 actor / torch loop",
+            "extract_ray_images_per_s",
+            "extract_loop_images_per_s",
+            "img/s",
+        ),
         ("sweep_time_ratio", "Ray Tune sweep / Lazy Predict", "sweep_tune_s", "sweep_lazy_s", "s"),
     ]
     lines = [f"{'ratio':<20} {'what':<30} {'value':>7} {'target':>7}  {'':<4}  ray vs baseline"]
@@ -555,7 +619,8 @@ def format_table(results: dict[str, Any]) -> str:
         if key in results:
             op, target = TARGETS[key]
             lines.append(
-                f"{key:<20} {what:<30} {results[key]:>7.3f} {op + format(target, 'g'):>7}  {verdict(key, results[key]):<4}  "
+                f"{key:<20} {what:<30} {results[key]:>7.3f} {op + format(target, 'g'):>7}  "
+                f"{verdict(key, results[key]):<4}  "
                 f"{results[ray_key]:g} vs {results[base_key]:g} {unit}"
             )
     return "\n".join(lines)
@@ -564,22 +629,42 @@ def format_table(results: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m leukray.bench", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=400, help="synthetic images for preprocessing (default 400)")
-    parser.add_argument("--data", default="", help="preprocess the images under this folder instead (read in place; at most --cells of them)")
+    parser.add_argument(
+        "--data",
+        default="",
+        help="preprocess the images under this folder instead (read in place; at most --cells of them)",
+    )
     parser.add_argument("--extract-images", type=int, default=256, help="crops for extraction (default 256)")
-    parser.add_argument("--sweep-rows", type=int, default=2500, help="train + test rows for the sweep (default 2500: 2000 + 500)")
+    parser.add_argument(
+        "--sweep-rows", type=int, default=2500, help="train + test rows for the sweep (default 2500: 2000 + 500)"
+    )
     parser.add_argument("--weights", default="random", help="trunk weights (default random: nothing to download)")
-    parser.add_argument("--preprocess-repeats", type=int, default=5, help="interleaved preprocessing runs per side; the fastest counts")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved extraction runs per side; the fastest counts")
-    parser.add_argument("--rows-per-block", type=int, default=0, help="preprocessing rows per input block (0: images / (4 x CPUs))")
-    parser.add_argument("--preprocess-batch-size", type=int, default=0, help="preprocessing map_batches batch size (0: rows per block)")
+    parser.add_argument(
+        "--preprocess-repeats", type=int, default=5, help="interleaved preprocessing runs per side; the fastest counts"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved extraction runs per side; the fastest counts"
+    )
+    parser.add_argument(
+        "--rows-per-block", type=int, default=0, help="preprocessing rows per input block (0: images / (4 x CPUs))"
+    )
+    parser.add_argument(
+        "--preprocess-batch-size", type=int, default=0, help="preprocessing map_batches batch size (0: rows per block)"
+    )
     parser.add_argument("--extract-batch-size", type=int, default=32)
     parser.add_argument(
-        "--extract-setup", default="one-actor-all-cpus", choices=(*EXTRACT_SETUPS, "all"),
+        "--extract-setup",
+        default="one-actor-all-cpus",
+        choices=(*EXTRACT_SETUPS, "all"),
         help="actor pool for extraction; 'all' runs every setup and reports the fastest (default one-actor-all-cpus)",
     )
-    parser.add_argument("--sweep-timeout", type=float, default=3600.0, help="run_sweep_tune's per-classifier limit in seconds")
+    parser.add_argument(
+        "--sweep-timeout", type=float, default=3600.0, help="run_sweep_tune's per-classifier limit in seconds"
+    )
     parser.add_argument("--skip", default="", help="comma-separated stages to leave out: preprocess, extract, sweep")
-    parser.add_argument("--quick", action="store_true", help="small and fast: 120 images, 64 crops, 400 sweep rows, 3 + 2 repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="small and fast: 120 images, 64 crops, 400 sweep rows, 3 + 2 repeats"
+    )
     parser.add_argument("--out", default="bench.json", help="where to write the results (default ./bench.json)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -588,6 +673,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--skip: unknown stage(s) {', '.join(sorted(unknown))}")
     return args
+
+
+def _run_sections(args: argparse.Namespace, skip: set[str], cpus: int, tmp: str, results: dict[str, Any]) -> None:
+    """Preprocessing, extraction and the sweep, each into `results` unless skipped."""
+    if args.data:
+        frame = folder_images(args.data, args.cells)
+        results["preprocess_data"] = f"{args.data}: {len(frame)} images, read in place"
+    else:
+        tick = time.perf_counter()
+        frame = synthetic_images(os.path.join(tmp, "data"), args.cells)
+        results["preprocess_data"] = (
+            f"synthetic: generate_dataset(cells={args.cells}, subjects=12, seed=0), 450x450 RGB BMP"
+        )
+        log(f"generated {len(frame)} synthetic images in {time.perf_counter() - tick:.1f}s")
+    rows_per_block = args.rows_per_block or max(1, math.ceil(len(frame) / (4 * cpus)))
+    batch_size = args.preprocess_batch_size or rows_per_block
+
+    # Later stages start from the crops (and their features), so a skipped stage still
+    # runs once, untimed in the report, when a later one needs its output.
+    pre, crops, labels = measure_preprocess(
+        frame,
+        PreprocessConfig(),
+        1 if "preprocess" in skip else args.preprocess_repeats,
+        rows_per_block,
+        batch_size,
+    )
+    if "preprocess" not in skip:
+        results.update(pre)
+
+    if not {"extract", "sweep"} <= skip:
+        pick = np.linspace(0, len(crops) - 1, min(args.extract_images, len(crops))).round().astype(int)
+        setups = list(EXTRACT_SETUPS) if args.extract_setup == "all" else [args.extract_setup]
+        ext, features = measure_extract(
+            crops[pick],
+            args.weights,
+            0,
+            args.extract_batch_size,
+            setups,
+            1 if "extract" in skip else args.repeats,
+            cpus,
+        )
+        if "extract" not in skip:
+            results.update(ext)
+
+        if "sweep" not in skip:
+            data, desc = derive_sweep_features(features, labels[pick], args.sweep_rows, 0.2, seed=0)
+            results["sweep_features"] = desc
+            results.update(measure_sweep(data, args.sweep_timeout, 1.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -616,42 +749,12 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        if args.data:
-            frame = folder_images(args.data, args.cells)
-            results["preprocess_data"] = f"{args.data}: {len(frame)} images, read in place"
-        else:
-            tick = time.perf_counter()
-            frame = synthetic_images(os.path.join(tmp, "data"), args.cells)
-            results["preprocess_data"] = f"synthetic: generate_dataset(cells={args.cells}, subjects=12, seed=0), 450x450 RGB BMP"
-            log(f"generated {len(frame)} synthetic images in {time.perf_counter() - tick:.1f}s")
-        rows_per_block = args.rows_per_block or max(1, math.ceil(len(frame) / (4 * cpus)))
-        batch_size = args.preprocess_batch_size or rows_per_block
-
-        # Later stages start from the crops (and their features), so a skipped stage still
-        # runs once, untimed in the report, when a later one needs its output.
-        pre, crops, labels = measure_preprocess(
-            frame, PreprocessConfig(), 1 if "preprocess" in skip else args.preprocess_repeats, rows_per_block, batch_size
-        )
-        if "preprocess" not in skip:
-            results.update(pre)
-
-        if not {"extract", "sweep"} <= skip:
-            pick = np.linspace(0, len(crops) - 1, min(args.extract_images, len(crops))).round().astype(int)
-            setups = list(EXTRACT_SETUPS) if args.extract_setup == "all" else [args.extract_setup]
-            ext, features = measure_extract(
-                crops[pick], args.weights, 0, args.extract_batch_size, setups,
-                1 if "extract" in skip else args.repeats, cpus,
-            )
-            if "extract" not in skip:
-                results.update(ext)
-
-            if "sweep" not in skip:
-                data, desc = derive_sweep_features(features, labels[pick], args.sweep_rows, 0.2, seed=0)
-                results["sweep_features"] = desc
-                results.update(measure_sweep(data, args.sweep_timeout, 1.0))
+        _run_sections(args, skip, cpus, tmp, results)
     except ray.exceptions.RayError as exc:  # e.g. the raylet was killed by someone else's cleanup
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        print(f"bench: Ray failed mid-run ({type(exc).__name__}: {first}); nothing written, run it again", file=sys.stderr)
+        print(
+            f"bench: Ray failed mid-run ({type(exc).__name__}: {first}); nothing written, run it again", file=sys.stderr
+        )
         return 1
     finally:
         ray.shutdown()

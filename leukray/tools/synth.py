@@ -430,6 +430,20 @@ def generate_dataset(
         ValueError: On invalid ``cells``, ``subjects`` or ``folds``.
     """
     cells, subjects, folds = int(cells), int(subjects), int(folds)
+    _check_sizes(cells, subjects, folds)
+    root = Path(out_dir).resolve()
+    layout_seq, *subject_seqs = np.random.SeedSequence(int(seed)).spawn(subjects + 1)
+    plan = _plan_subjects(np.random.default_rng(layout_seq), cells, subjects)
+    fold_of = _assign_folds(plan, folds)
+    rows = []
+    for (label, sid, count), seq in zip(plan, subject_seqs):
+        rows.extend(_write_subject(root / f"fold_{fold_of[sid]}" / label, np.random.default_rng(seq), label, sid, count))
+    df = pd.DataFrame(rows, columns=["path", "label", "subject"])
+    df["fold"] = df["subject"].map(fold_of).astype(int)
+    return df.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _check_sizes(cells: int, subjects: int, folds: int) -> None:
     if cells < 4:
         raise ValueError(f"cells must be at least 4, got {cells}")
     if subjects < 2:
@@ -439,26 +453,27 @@ def generate_dataset(
     if folds < 1 or folds > subjects:
         raise ValueError(f"folds must be between 1 and subjects ({subjects}), got {folds}")
 
-    root = Path(out_dir).resolve()
-    layout_seq, *subject_seqs = np.random.SeedSequence(int(seed)).spawn(subjects + 1)
-    layout = np.random.default_rng(layout_seq)
 
+def _plan_subjects(layout: np.random.Generator, cells: int, subjects: int) -> list[tuple[str, str, int]]:
+    """(label, subject id, cells) per subject: about two thirds of the subjects and cells are
+    ALL; ids are numbers for ALL and "H" + number for normal (like C-NMC)."""
     n_subj = {"all": min(subjects - 1, max(1, round(subjects * 2 / 3)))}
     n_subj["hem"] = subjects - n_subj["all"]
     n_all_cells = min(cells - n_subj["hem"], max(n_subj["all"], round(cells * 2 / 3)))
     n_cells = {"all": n_all_cells, "hem": cells - n_all_cells}
-
-    # Subject ids: numbers for ALL, "H" + number for normal (like C-NMC).
     pool = max(60, 3 * subjects)
-    plan: list[tuple[str, str, int]] = []  # (label, subject id, n cells)
+    plan: list[tuple[str, str, int]] = []
     for label in _LABELS:
         ids = np.sort(layout.choice(np.arange(1, pool + 1), size=n_subj[label], replace=False))
         counts = _split_counts(layout, n_cells[label], n_subj[label])
         prefix = "H" if label == "hem" else ""
         plan.extend((label, f"{prefix}{i}", c) for i, c in zip(ids, counts))
+    return plan
 
-    # Folds: greedy by class, largest subjects first, into the fold with the
-    # fewest cells of that class (ties: fewest cells overall, lowest index).
+
+def _assign_folds(plan: list[tuple[str, str, int]], folds: int) -> dict[str, int]:
+    """Greedy by class, largest subjects first, into the fold with the fewest cells of that
+    class (ties: fewest cells overall, lowest index)."""
     fold_of: dict[str, int] = {}
     class_load = {lab: [0] * folds for lab in _LABELS}
     total_load = [0] * folds
@@ -469,29 +484,24 @@ def generate_dataset(
             fold_of[sid] = f
             class_load[label][f] += count
             total_load[f] += count
+    return fold_of
 
-    rows = []
-    for (label, sid, count), seq in zip(plan, subject_seqs):
-        rng = np.random.default_rng(seq)
-        style = SubjectStyle.draw(rng)
-        folder = root / f"fold_{fold_of[sid]}" / label
-        folder.mkdir(parents=True, exist_ok=True)
-        image_idx = int(rng.integers(1, 20))
-        done = 0
-        while done < count:
-            per_image = min(count - done, int(rng.integers(1, 6)))
-            image_style = dataclasses.replace(
-                style, brightness=style.brightness * float(np.exp(rng.normal(0.0, 0.02)))
-            )
-            for cell_idx in range(1, per_image + 1):
-                rgb = render_cell(rng, label, image_style)
-                path = folder / f"UID_{sid}_{image_idx}_{cell_idx}_{label}.bmp"
-                if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1])):
-                    raise OSError(f"could not write {path}")
-                rows.append((str(path), label, sid, fold_of[sid]))
-            done += per_image
-            image_idx += int(rng.integers(1, 3))
 
-    df = pd.DataFrame(rows, columns=["path", "label", "subject", "fold"])
-    df["fold"] = df["fold"].astype(int)
-    return df.sort_values("path", kind="stable").reset_index(drop=True)
+def _write_subject(folder: Path, rng: np.random.Generator, label: str, sid: str, count: int) -> list[tuple[str, str, str]]:
+    """One subject's cells, a few per "image" (as C-NMC names them), as BMP files."""
+    style = SubjectStyle.draw(rng)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_idx = int(rng.integers(1, 20))
+    done, rows = 0, []
+    while done < count:
+        per_image = min(count - done, int(rng.integers(1, 6)))
+        image_style = dataclasses.replace(style, brightness=style.brightness * float(np.exp(rng.normal(0.0, 0.02))))
+        for cell_idx in range(1, per_image + 1):
+            rgb = render_cell(rng, label, image_style)
+            path = folder / f"UID_{sid}_{image_idx}_{cell_idx}_{label}.bmp"
+            if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1])):
+                raise OSError(f"could not write {path}")
+            rows.append((str(path), label, sid))
+        done += per_image
+        image_idx += int(rng.integers(1, 3))
+    return rows
