@@ -1,8 +1,8 @@
 """Reports: what a run prints (`console`) and the run report, report.md + report.html +
 figures (`document`), both made from a finished run folder.
 
-May import: pandas, matplotlib, scikit-learn's metrics, `leukray.io`. Nothing imports it but
-the stages and the CLI.
+May import: pandas, matplotlib, scikit-learn's metrics, jinja2, `leukray.io`. Nothing imports
+it but the stages and the CLI.
 """
 
 from leukray.report.console import leaderboard_markdown, print_leaderboard

@@ -3,11 +3,17 @@ self-contained RUN/report.html and RUN/figures/*.png (the paper's Tables III-IV 
 Figures 4-6, plus the chosen model's confusion matrix, ROC curve and a subject-level
 bootstrap interval of its balanced accuracy).
 
-May import: pandas, matplotlib, scikit-learn's metrics, `leukray.io`.
+The report is built once as data (sections of paragraphs, warnings, item lists, tables and
+figures) and rendered twice: report.md in Python, report.html through the Jinja2 template
+templates/report.html.j2 shipped in this package, so the two cannot drift apart in content.
+
+May import: pandas, matplotlib, scikit-learn's metrics, jinja2, `leukray.io`.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import html
 import json
 import math
@@ -68,6 +74,20 @@ def subject_bootstrap_ci(
     """
     import numpy as np
 
+    y_true, y_pred, subjects = _bootstrap_inputs(y_true, y_pred, subjects, alpha)
+    totals, correct = _counts_by_subject(y_true, y_pred, subjects)
+    point = float(np.mean(correct.sum(axis=0) / totals.sum(axis=0)))
+    values = _bootstrap_values(totals, correct, n_boot, seed)
+    if len(values) == 0:
+        return point, math.nan, math.nan, 0
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return point, float(low), float(high), int(len(values))
+
+
+def _bootstrap_inputs(y_true: Any, y_pred: Any, subjects: Any, alpha: float) -> tuple[Any, Any, Any]:
+    """The bootstrap's inputs as 1-D arrays of one length (subjects as strings), or ValueError."""
+    import numpy as np
+
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     subjects = np.asarray(subjects).astype(str)
@@ -79,18 +99,32 @@ def subject_bootstrap_ci(
         raise ValueError("no cells to evaluate")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return y_true, y_pred, subjects
+
+
+def _counts_by_subject(y_true: Any, y_pred: Any, subjects: Any) -> tuple[Any, Any]:
+    """(subjects, classes) arrays: cells per subject and true class, and how many predicted correctly.
+
+    A resample is then a vector of subject multiplicities, and its confusion counts are
+    matrix products.
+    """
+    import numpy as np
 
     _, true_code = np.unique(y_true, return_inverse=True)
     _, subject_code = np.unique(subjects, return_inverse=True)
     n_subjects, n_classes = int(subject_code.max()) + 1, int(true_code.max()) + 1
-    # Per subject and true class: how many cells, how many predicted correctly. A resample is
-    # then a vector of subject multiplicities, and its confusion counts are matrix products.
     totals = np.zeros((n_subjects, n_classes))
     correct = np.zeros((n_subjects, n_classes))
     np.add.at(totals, (subject_code, true_code), 1.0)
     np.add.at(correct, (subject_code, true_code), (y_true == y_pred).astype(float))
-    point = float(np.mean(correct.sum(axis=0) / totals.sum(axis=0)))
+    return totals, correct
 
+
+def _bootstrap_values(totals: Any, correct: Any, n_boot: int, seed: int) -> Any:
+    """Balanced accuracy of each usable resample of subjects (those with every class)."""
+    import numpy as np
+
+    n_subjects = totals.shape[0]
     rng = np.random.default_rng(seed)
     block = max(1, min(n_boot, 2_000_000 // max(n_subjects, 1)))  # bounds memory for many subjects
     stats = []
@@ -103,15 +137,15 @@ def subject_bootstrap_ci(
         cor = multiplicity @ correct
         usable = (tot > 0).all(axis=1)
         stats.append((cor[usable] / tot[usable]).mean(axis=1))
-    values = np.concatenate(stats) if stats else np.empty(0)
-    if len(values) == 0:
-        return point, math.nan, math.nan, 0
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return point, float(low), float(high), int(len(values))
+    return np.concatenate(stats) if stats else np.empty(0)
 
 
-# The report is built once as a list of blocks and rendered twice, so report.md and
-# report.html cannot drift apart in content.
+# The report is built once as data, a list of sections of blocks, and rendered twice, so
+# report.md and report.html cannot drift apart in content.
+
+REPORT_HEADING = "leukray run report: ALL vs normal cells (Narendra & Negi, customised ResNet50)"
+HTML_TEMPLATE = "report.html.j2"  # in leukray/report/templates/
+SCROLL_ROWS = 15  # a single table longer than this scrolls inside the HTML page
 
 
 @dataclass
@@ -124,19 +158,17 @@ class _Table:
 
 @dataclass
 class _Block:
-    kind: str  # h1 | h2 | p | warning | items | table | tables | figure
+    kind: str  # p | warning | items | table | tables | figure
     text: str = ""
     items: list[str] = field(default_factory=list)
     tables: list[_Table] = field(default_factory=list)
     figure: str = ""  # file name under figures/
 
 
-def _h1(text: str) -> _Block:
-    return _Block("h1", text)
-
-
-def _h2(text: str) -> _Block:
-    return _Block("h2", text)
+@dataclass
+class _Section:
+    title: str  # "" for the part right under the page heading
+    blocks: list[_Block]
 
 
 def _p(text: str) -> _Block:
@@ -288,12 +320,13 @@ def _split_statement(summary: dict[str, Any], manifest: pd.DataFrame | None) -> 
     return f"The split is {NOT_AVAILABLE} (summary.json does not record it); treat the numbers with care.", False
 
 
-def _header(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame | None) -> list[_Block]:
+def _header(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame | None) -> _Section:
+    """The part under the page heading: warnings, then the run's facts."""
     from leukray import __version__
 
     weights = summary.get("weights")
     split = summary.get("split") if isinstance(summary.get("split"), dict) else {}
-    blocks = [_h1("leukray run report: ALL vs normal cells (Narendra & Negi, customised ResNet50)")]
+    blocks = []
     if not summary:
         blocks.append(_warning(f"summary.json is {folder.why('summary.json')}; the facts below are incomplete."))
     if isinstance(weights, dict) and weights.get("is_pretrained") is False:
@@ -326,7 +359,7 @@ def _header(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame 
             ]
         )
     )
-    return blocks
+    return _Section("", blocks)
 
 
 def _counts_table(summary: dict[str, Any]) -> _Table | None:
@@ -362,78 +395,74 @@ def _subject_table(manifest: pd.DataFrame) -> _Table:
     return _Table(["subject", "label", *map(str, counts.columns)], rows, "Images per subject, class and split (manifest.parquet)", note)
 
 
-def _data_section(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame | None) -> list[_Block]:
-    blocks = [_h2("Data")]
+def _data_section(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame | None) -> _Section:
     counts = summary.get("counts") if isinstance(summary.get("counts"), dict) else {}
-    if counts:
-        blocks.append(
-            _items(
-                [
-                    f"Images found: {counts.get('found', NOT_AVAILABLE)}; used: {counts.get('usable', NOT_AVAILABLE)}; "
-                    f"duplicates removed: {counts.get('duplicates_removed', NOT_AVAILABLE)}; "
-                    f"in errors.csv: {counts.get('errors', NOT_AVAILABLE)}",
-                    "Subjects per split: "
-                    + (
-                        ", ".join(f"{k} {v}" for k, v in counts["subjects_by_split"].items())
-                        if isinstance(counts.get("subjects_by_split"), dict)
-                        else NOT_AVAILABLE
-                    ),
-                ]
-            )
-        )
+    blocks = [_items(_count_lines(counts))] if counts else []
     table = _counts_table(summary)
     blocks.append(_table(table) if table else _p(f"Counts per split and class: {NOT_AVAILABLE}."))
-
-    augmented = counts.get("augmented_copies_by_class")
-    if isinstance(augmented, dict):
-        text = ", ".join(f"{label} {n}" for label, n in sorted(augmented.items())) or "none"
-        blocks.append(_p(f"Augmented copies (training split only, to balance the classes): {text}."))
-    elif manifest is not None and {"n_aug", "label"} <= set(manifest.columns):
-        per = manifest.groupby("label")["n_aug"].sum()
-        blocks.append(_p("Augmented copies planned (manifest.parquet): " + ", ".join(f"{k} {int(v)}" for k, v in per.items()) + "."))
-    else:
-        blocks.append(_p(f"Augmented copies: {NOT_AVAILABLE}."))
-
+    blocks.append(_augmented_block(counts, manifest))
     if manifest is not None and {"path", "label", "subject", "split"} <= set(manifest.columns):
         blocks.append(_table(_subject_table(manifest)))
     else:
         blocks.append(_p(f"Images per subject: {folder.why('manifest.parquet')}."))
+    blocks.append(_duplicates_block(summary.get("duplicates"), counts))
+    blocks += _errors_blocks(folder)
+    return _Section("Data", blocks)
 
-    duplicates = summary.get("duplicates")
-    if isinstance(duplicates, list):
-        if duplicates:
-            rows = [[str(d.get("path", "")), str(d.get("duplicate_of", ""))] for d in duplicates[:FIRST_ROWS] if isinstance(d, dict)]
-            blocks.append(
-                _table(
-                    _Table(
-                        ["path (removed)", "duplicate of (kept)"],
-                        rows,
-                        f"Byte-identical duplicates removed: {counts.get('duplicates_removed', len(duplicates))}",
-                        f"First {len(rows)} shown." if len(duplicates) > FIRST_ROWS else "",
-                    )
-                )
-            )
-        else:
-            blocks.append(_p("Byte-identical duplicates removed: none."))
-    else:
-        blocks.append(_p(f"Duplicates: {NOT_AVAILABLE}."))
 
+def _count_lines(counts: dict[str, Any]) -> list[str]:
+    subjects = counts.get("subjects_by_split")
+    return [
+        f"Images found: {counts.get('found', NOT_AVAILABLE)}; used: {counts.get('usable', NOT_AVAILABLE)}; "
+        f"duplicates removed: {counts.get('duplicates_removed', NOT_AVAILABLE)}; "
+        f"in errors.csv: {counts.get('errors', NOT_AVAILABLE)}",
+        "Subjects per split: "
+        + (", ".join(f"{k} {v}" for k, v in subjects.items()) if isinstance(subjects, dict) else NOT_AVAILABLE),
+    ]
+
+
+def _augmented_block(counts: dict[str, Any], manifest: pd.DataFrame | None) -> _Block:
+    augmented = counts.get("augmented_copies_by_class")
+    if isinstance(augmented, dict):
+        text = ", ".join(f"{label} {n}" for label, n in sorted(augmented.items())) or "none"
+        return _p(f"Augmented copies (training split only, to balance the classes): {text}.")
+    if manifest is not None and {"n_aug", "label"} <= set(manifest.columns):
+        per = manifest.groupby("label")["n_aug"].sum()
+        return _p("Augmented copies planned (manifest.parquet): " + ", ".join(f"{k} {int(v)}" for k, v in per.items()) + ".")
+    return _p(f"Augmented copies: {NOT_AVAILABLE}.")
+
+
+def _duplicates_block(duplicates: Any, counts: dict[str, Any]) -> _Block:
+    if not isinstance(duplicates, list):
+        return _p(f"Duplicates: {NOT_AVAILABLE}.")
+    if not duplicates:
+        return _p("Byte-identical duplicates removed: none.")
+    rows = [[str(d.get("path", "")), str(d.get("duplicate_of", ""))] for d in duplicates[:FIRST_ROWS] if isinstance(d, dict)]
+    return _table(
+        _Table(
+            ["path (removed)", "duplicate of (kept)"],
+            rows,
+            f"Byte-identical duplicates removed: {counts.get('duplicates_removed', len(duplicates))}",
+            f"First {len(rows)} shown." if len(duplicates) > FIRST_ROWS else "",
+        )
+    )
+
+
+def _errors_blocks(folder: _RunFolder) -> list[_Block]:
     errors = folder.csv("errors.csv")
     if errors is None:
-        blocks.append(_p(f"Errors: {folder.why('errors.csv')}."))
-    elif errors.empty:
-        blocks.append(_p("Errors: none (errors.csv is empty)."))
-    else:
-        errors = errors.reindex(columns=["path", "stage", "reason"]).fillna("")
-        per = errors.groupby(["stage", "reason"]).size().sort_values(ascending=False)
-        rows = [[str(stage), str(reason), str(int(n))] for (stage, reason), n in per.items()]
-        note = f"The {REASON_ROWS_SHOWN} most frequent of {len(rows)} reasons shown." if len(rows) > REASON_ROWS_SHOWN else ""
-        blocks.append(
-            _table(_Table(["stage", "reason", "images"], rows[:REASON_ROWS_SHOWN], f"Errors by stage and reason ({len(errors)} images)", note))
-        )
-        first = [[str(v) for v in row] for row in errors.head(FIRST_ROWS).itertuples(index=False)]
-        blocks.append(_table(_Table(["path", "stage", "reason"], first, f"errors.csv, first {len(first)} rows")))
-    return blocks
+        return [_p(f"Errors: {folder.why('errors.csv')}.")]
+    if errors.empty:
+        return [_p("Errors: none (errors.csv is empty).")]
+    errors = errors.reindex(columns=["path", "stage", "reason"]).fillna("")
+    per = errors.groupby(["stage", "reason"]).size().sort_values(ascending=False)
+    rows = [[str(stage), str(reason), str(int(n))] for (stage, reason), n in per.items()]
+    note = f"The {REASON_ROWS_SHOWN} most frequent of {len(rows)} reasons shown." if len(rows) > REASON_ROWS_SHOWN else ""
+    first = [[str(v) for v in row] for row in errors.head(FIRST_ROWS).itertuples(index=False)]
+    return [
+        _table(_Table(["stage", "reason", "images"], rows[:REASON_ROWS_SHOWN], f"Errors by stage and reason ({len(errors)} images)", note)),
+        _table(_Table(["path", "stage", "reason"], first, f"errors.csv, first {len(first)} rows")),
+    ]
 
 
 def _leaderboard_table(board: pd.DataFrame | None, title: str, why: str) -> _Table:
@@ -454,7 +483,7 @@ def _leaderboard_table(board: pd.DataFrame | None, title: str, why: str) -> _Tab
     return _Table(LEADERBOARD_COLUMNS, rows, title, "Test split; ROC AUC from predicted scores; Time Taken in seconds (fit + predict).")
 
 
-def _leaderboards_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, folder: _RunFolder) -> list[_Block]:
+def _leaderboards_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, folder: _RunFolder) -> _Section:
     tables = [
         _leaderboard_table(trunk, "Table III: classifiers on ResNet50 trunk features (leaderboard.csv)", folder.why("leaderboard.csv")),
         _leaderboard_table(
@@ -463,18 +492,18 @@ def _leaderboards_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | Non
             f"{folder.why('custom_leaderboard.csv')}: the custom model was not trained in this run.",
         ),
     ]
-    return [_h2("Classifier sweeps (the paper's Tables III and IV)"), _Block("tables", tables=tables)]
+    return _Section("Classifier sweeps (the paper's Tables III and IV)", [_Block("tables", tables=tables)])
 
 
-def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: dict[str, bytes]) -> list[_Block]:
-    blocks = [_h2("Training of the custom model (the paper's Figures 4 and 5)")]
+def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: dict[str, bytes]) -> _Section:
+    section = _Section("Training of the custom model (the paper's Figures 4 and 5)", [])
     if history is None:
-        blocks.append(_p(f"Training was not run: history.csv is {folder.why('history.csv')}."))
-        return blocks
+        section.blocks.append(_p(f"Training was not run: history.csv is {folder.why('history.csv')}."))
+        return section
     missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
     if history.empty or missing:
-        blocks.append(_p(f"Training curves: {NOT_AVAILABLE} (history.csv is empty or lacks {', '.join(missing) or 'rows'})."))
-        return blocks
+        section.blocks.append(_p(f"Training curves: {NOT_AVAILABLE} (history.csv is empty or lacks {', '.join(missing) or 'rows'})."))
+        return section
     figures["accuracy_per_epoch.png"] = _plot_history(
         history,
         [("train_accuracy", "train accuracy", "C0", "-"), ("val_accuracy", "validation accuracy", "C1", "-"),
@@ -492,7 +521,7 @@ def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: 
         None,
     )
     last = history.iloc[-1]
-    blocks += [
+    section.blocks += [
         _p(
             f"{len(history)} epochs. Last epoch: train accuracy {_num(last['train_accuracy'])}, validation accuracy "
             f"{_num(last['val_accuracy'])}, validation balanced accuracy {_num(last['val_balanced_accuracy'])}, "
@@ -501,11 +530,11 @@ def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: 
         _figure("accuracy_per_epoch.png", "Figure 4: train and validation accuracy per epoch; dashed: balanced accuracy."),
         _figure("loss_per_epoch.png", "Figure 5: train and validation loss per epoch."),
     ]
-    return blocks
+    return section
 
 
-def _top_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, top_n: int, figures: dict[str, bytes]) -> list[_Block]:
-    blocks = [_h2(f"Top {top_n} classifiers: trunk vs custom-model features (the paper's Figure 6)")]
+def _top_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, top_n: int, figures: dict[str, bytes]) -> _Section:
+    section = _Section(f"Top {top_n} classifiers: trunk vs custom-model features (the paper's Figure 6)", [])
     boards = {name: board for name, board in (("trunk features", trunk), ("custom-model features", custom)) if board is not None}
     ranked: dict[str, float] = {}
     for board in boards.values():
@@ -515,19 +544,19 @@ def _top_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, top_n:
             if not pd.isna(value):
                 ranked[model] = max(ranked.get(model, -1.0), float(value))
     if not ranked:
-        blocks.append(_p(f"Figure 6: {NOT_AVAILABLE} (no leaderboard with test metrics)."))
-        return blocks
+        section.blocks.append(_p(f"Figure 6: {NOT_AVAILABLE} (no leaderboard with test metrics)."))
+        return section
     models = sorted(ranked, key=lambda m: -ranked[m])[:top_n]
     figures["top_classifiers.png"] = _plot_top(models, boards)
     absent = "" if custom is not None else " The custom model was not trained in this run, so only trunk features are shown."
-    blocks += [
+    section.blocks += [
         _p(
             f"The {len(models)} classifiers with the highest test balanced accuracy on either feature set; bars "
             f"show test accuracy and balanced accuracy.{absent}"
         ),
         _figure("top_classifiers.png", "Figure 6: test accuracy (solid) and balanced accuracy (hatched) per classifier and feature set."),
     ]
-    return blocks
+    return section
 
 
 def _tuned_lines(tuned: Any) -> list[str]:
@@ -544,110 +573,151 @@ def _tuned_lines(tuned: Any) -> list[str]:
 
 def _chosen_section(
     summary: dict[str, Any], folder: _RunFolder, n_boot: int, seed: int, figures: dict[str, bytes]
-) -> tuple[list[_Block], str]:
-    """Blocks on the chosen model, and one sentence for the conclusions."""
+) -> tuple[_Section, str]:
+    """The section on the chosen model, and one sentence for the conclusions."""
+    chosen = _chosen_model(summary)
+    section = _Section("The chosen model on the test split", [])
+    conclusion = _chosen_facts(summary, chosen, section)
+    recorded = chosen.get("test") if chosen and isinstance(chosen.get("test"), dict) else {}
+    predictions = _test_predictions(folder.parquet("predictions.parquet"))
+    if predictions is None or not {"label", "predicted_label"} <= set(predictions.columns) or predictions.empty:
+        return section, conclusion + _without_predictions(folder, predictions, recorded, section)
+
+    cells = _Cells.of(predictions, str(summary.get("positive_label", "all")))
+    computed, (point, low, high, used) = _test_metrics(cells, n_boot, seed)
+    rows = [[m, _num(recorded.get(m)) if recorded else NOT_AVAILABLE, _num(computed[m])] for m in METRIC_COLUMNS]
+    section.blocks += [
+        _table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, f"Test metrics ({len(cells.y_true)} cells)")),
+        _bootstrap_paragraph(point, low, high, used, len(set(cells.subjects)), n_boot, seed),
+    ]
+    section.blocks += _confusion_and_roc(cells, computed["ROC AUC"], figures)
+    return section, conclusion + f" Test balanced accuracy {_num(point)} ({_ci_text(low, high, used)}, subject bootstrap, {used} resamples)."
+
+
+def _chosen_facts(summary: dict[str, Any], chosen: dict[str, Any] | None, section: _Section) -> str:
+    """Adds what the run records about the chosen model to `section`; returns the conclusion's start."""
+    if chosen is None:
+        section.blocks.append(_p(f"Chosen model: {NOT_AVAILABLE} (summary.json records none)."))
+        return f"Chosen model: {NOT_AVAILABLE}."
+    section.blocks.append(
+        _items(
+            [
+                f"Model: {chosen.get('name', NOT_AVAILABLE)}",
+                f"Features: {chosen.get('feature_source') or ('trunk' if 'chosen_model' not in summary else NOT_AVAILABLE)}",
+                f"Chosen by: {chosen.get('chosen_by', NOT_AVAILABLE)}",
+                *_tuned_lines(summary.get("tuned_model")),
+            ]
+        )
+    )
+    return f"Chosen model: {chosen.get('name', NOT_AVAILABLE)}, chosen by {chosen.get('chosen_by', NOT_AVAILABLE)}."
+
+
+def _test_predictions(predictions: pd.DataFrame | None) -> pd.DataFrame | None:
+    if predictions is not None and "split" in predictions.columns:
+        return predictions[predictions["split"] == "test"]
+    return predictions
+
+
+def _without_predictions(folder: _RunFolder, predictions: pd.DataFrame | None, recorded: dict[str, Any], section: _Section) -> str:
+    """Adds the recorded test metrics to `section`; returns the conclusion's addition (may be "")."""
+    why = folder.why("predictions.parquet") if predictions is None else f"{NOT_AVAILABLE} (predictions.parquet is empty or lacks label/predicted_label)"
+    rows = [[m, _num(recorded.get(m)), NOT_AVAILABLE] for m in METRIC_COLUMNS]
+    section.blocks.append(_table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, "Test metrics")))
+    section.blocks.append(_p(f"Confusion matrix, ROC curve and bootstrap interval: {why}."))
+    if not recorded:
+        return ""
+    return f" Test balanced accuracy {_num(recorded.get('Balanced Accuracy'))} (no confidence interval: predictions not available)."
+
+
+@dataclass
+class _Cells:
+    """The chosen model's test predictions, one entry per cell."""
+
+    y_true: Any
+    y_pred: Any
+    subjects: Any  # the bootstrap's clusters
+    classes: list[str]  # the positive label last
+    positive: str
+    score_column: str | None
+    scores: Any  # of the positive label, or None
+
+    @classmethod
+    def of(cls, predictions: pd.DataFrame, positive: str) -> _Cells:
+        y_true = predictions["label"].astype(str).to_numpy()
+        y_pred = predictions["predicted_label"].astype(str).to_numpy()
+        # Cells without a subject ID are their own cluster, as in the split (dataset.assign_groups).
+        cell_ids = "cell:" + pd.Series(range(len(predictions)), index=predictions.index).astype(str)
+        subject = predictions["subject"].fillna("").astype(str) if "subject" in predictions.columns else pd.Series("", index=predictions.index)
+        classes = sorted(set(y_true) | set(y_pred))
+        if positive in classes:
+            classes = [c for c in classes if c != positive] + [positive]
+        score_column = next((c for c in (f"prob_{positive}", "prob_all") if c in predictions.columns), None)
+        scores = pd.to_numeric(predictions[score_column], errors="coerce").to_numpy() if score_column else None
+        subjects = subject.where(subject != "", cell_ids).to_numpy()
+        return cls(y_true, y_pred, subjects, classes, positive, score_column, scores)
+
+    @property
+    def has_roc(self) -> bool:
+        """Two true classes, one of them the positive label, and a score for every cell."""
+        binary = len(set(self.y_true)) == 2 and self.positive in set(self.y_true)
+        return self.scores is not None and binary and not pd.isna(self.scores).any()
+
+
+def _test_metrics(cells: _Cells, n_boot: int, seed: int) -> tuple[dict[str, float], tuple[float, float, float, int]]:
+    """The test metrics from the predictions, and the subject bootstrap of balanced accuracy."""
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-    chosen = _chosen_model(summary)
-    blocks = [_h2("The chosen model on the test split")]
-    if chosen is None:
-        blocks.append(_p(f"Chosen model: {NOT_AVAILABLE} (summary.json records none)."))
-        conclusion = f"Chosen model: {NOT_AVAILABLE}."
-    else:
-        blocks.append(
-            _items(
-                [
-                    f"Model: {chosen.get('name', NOT_AVAILABLE)}",
-                    f"Features: {chosen.get('feature_source') or ('trunk' if 'chosen_model' not in summary else NOT_AVAILABLE)}",
-                    f"Chosen by: {chosen.get('chosen_by', NOT_AVAILABLE)}",
-                    *_tuned_lines(summary.get("tuned_model")),
-                ]
-            )
-        )
-        conclusion = f"Chosen model: {chosen.get('name', NOT_AVAILABLE)}, chosen by {chosen.get('chosen_by', NOT_AVAILABLE)}."
-    recorded = chosen.get("test") if chosen and isinstance(chosen.get("test"), dict) else {}
-
-    positive = str(summary.get("positive_label", "all"))
-    predictions = folder.parquet("predictions.parquet")
-    needed = {"label", "predicted_label"}
-    if predictions is not None and "split" in predictions.columns:
-        predictions = predictions[predictions["split"] == "test"]
-    if predictions is None or not needed <= set(predictions.columns) or predictions.empty:
-        why = folder.why("predictions.parquet") if predictions is None else f"{NOT_AVAILABLE} (predictions.parquet is empty or lacks label/predicted_label)"
-        rows = [[m, _num(recorded.get(m)), NOT_AVAILABLE] for m in METRIC_COLUMNS]
-        blocks.append(_table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, "Test metrics")))
-        blocks.append(_p(f"Confusion matrix, ROC curve and bootstrap interval: {why}."))
-        if recorded:
-            conclusion += f" Test balanced accuracy {_num(recorded.get('Balanced Accuracy'))} (no confidence interval: predictions not available)."
-        return blocks, conclusion
-
-    y_true = predictions["label"].astype(str).to_numpy()
-    y_pred = predictions["predicted_label"].astype(str).to_numpy()
-    # Cells without a subject ID are their own cluster, as in the split (dataset.assign_groups).
-    cell_ids = "cell:" + pd.Series(range(len(predictions)), index=predictions.index).astype(str)
-    subject = predictions["subject"].fillna("").astype(str) if "subject" in predictions.columns else pd.Series("", index=predictions.index)
-    subjects = subject.where(subject != "", cell_ids).to_numpy()
-    classes = sorted(set(y_true) | set(y_pred))
-    if positive in classes:
-        classes = [c for c in classes if c != positive] + [positive]
-    score_column = next((c for c in (f"prob_{positive}", "prob_all") if c in predictions.columns), None)
-    scores = pd.to_numeric(predictions[score_column], errors="coerce").to_numpy() if score_column else None
-    binary = len(set(y_true)) == 2 and positive in set(y_true)
-    auc = math.nan
-    if scores is not None and binary and not pd.isna(scores).any():
-        auc = float(roc_auc_score(y_true == positive, scores))
+    auc = float(roc_auc_score(cells.y_true == cells.positive, cells.scores)) if cells.has_roc else math.nan
+    bootstrap = subject_bootstrap_ci(cells.y_true, cells.y_pred, cells.subjects, n_boot=n_boot, seed=seed)
     computed = {
-        "Accuracy": float(accuracy_score(y_true, y_pred)),
-        "Balanced Accuracy": math.nan,
+        "Accuracy": float(accuracy_score(cells.y_true, cells.y_pred)),
+        "Balanced Accuracy": bootstrap[0],
         "ROC AUC": auc,
-        "F1 Score": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "F1 Score": float(f1_score(cells.y_true, cells.y_pred, average="weighted", zero_division=0)),
     }
-    point, low, high, used = subject_bootstrap_ci(y_true, y_pred, subjects, n_boot=n_boot, seed=seed)
-    computed["Balanced Accuracy"] = point
-    rows = [[m, _num(recorded.get(m)) if recorded else NOT_AVAILABLE, _num(computed[m])] for m in METRIC_COLUMNS]
-    blocks.append(_table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, f"Test metrics ({len(y_true)} cells)")))
-    n_subjects = len(set(subjects))
-    ci_text = (
-        f"95% confidence interval {_num(low)} to {_num(high)}" if used else f"95% confidence interval {NOT_AVAILABLE}"
-    )
-    blocks.append(
-        _p(
-            f"Balanced accuracy {_num(point)}, {ci_text}, from a bootstrap that resamples the {n_subjects} test "
-            f"subject(s) with replacement and takes all their cells ({used} of {n_boot} resamples used; resamples "
-            f"missing a class are skipped; seed {seed}). Resampling subjects rather than cells reflects that cells of "
-            "one patient are not independent."
-            + (f" With only {n_subjects} test subjects the interval itself is very uncertain." if n_subjects < SMALL_TEST_SUBJECTS else "")
-        )
-    )
-    conclusion += f" Test balanced accuracy {_num(point)} ({ci_text}, subject bootstrap, {used} resamples)."
+    return computed, bootstrap
 
-    figures["confusion_matrix.png"] = _plot_confusion(y_true, y_pred, classes)
-    counts = pd.crosstab(pd.Series(y_true, name="true"), pd.Series(y_pred, name="predicted")).reindex(index=classes, columns=classes, fill_value=0)
-    blocks.append(
-        _table(
-            _Table(
-                ["true \\ predicted", *classes],
-                [[label, *(str(int(v)) for v in counts.loc[label])] for label in classes],
-                "Confusion matrix (test split)",
-            )
-        )
+
+def _ci_text(low: float, high: float, used: int) -> str:
+    return f"95% confidence interval {_num(low)} to {_num(high)}" if used else f"95% confidence interval {NOT_AVAILABLE}"
+
+
+def _bootstrap_paragraph(point: float, low: float, high: float, used: int, n_subjects: int, n_boot: int, seed: int) -> _Block:
+    return _p(
+        f"Balanced accuracy {_num(point)}, {_ci_text(low, high, used)}, from a bootstrap that resamples the {n_subjects} test "
+        f"subject(s) with replacement and takes all their cells ({used} of {n_boot} resamples used; resamples "
+        f"missing a class are skipped; seed {seed}). Resampling subjects rather than cells reflects that cells of "
+        "one patient are not independent."
+        + (f" With only {n_subjects} test subjects the interval itself is very uncertain." if n_subjects < SMALL_TEST_SUBJECTS else "")
     )
-    blocks.append(_figure("confusion_matrix.png", "Confusion matrix of the chosen model on the test split."))
-    if scores is not None and binary and not pd.isna(scores).any():
-        figures["roc_curve.png"] = _plot_roc(y_true == positive, scores, auc, positive)
-        blocks.append(_figure("roc_curve.png", f"ROC curve of the chosen model on the test split ({positive} positive; from {score_column})."))
+
+
+def _confusion_and_roc(cells: _Cells, auc: float, figures: dict[str, bytes]) -> list[_Block]:
+    classes, positive = cells.classes, cells.positive
+    figures["confusion_matrix.png"] = _plot_confusion(cells.y_true, cells.y_pred, classes)
+    counts = pd.crosstab(pd.Series(cells.y_true, name="true"), pd.Series(cells.y_pred, name="predicted")).reindex(
+        index=classes, columns=classes, fill_value=0
+    )
+    rows = [[label, *(str(int(v)) for v in counts.loc[label])] for label in classes]
+    blocks = [
+        _table(_Table(["true \\ predicted", *classes], rows, "Confusion matrix (test split)")),
+        _figure("confusion_matrix.png", "Confusion matrix of the chosen model on the test split."),
+    ]
+    if cells.has_roc:
+        figures["roc_curve.png"] = _plot_roc(cells.y_true == positive, cells.scores, auc, positive)
+        blocks.append(_figure("roc_curve.png", f"ROC curve of the chosen model on the test split ({positive} positive; from {cells.score_column})."))
     else:
-        reason = "no probability column" if scores is None else "the test split lacks one of two classes, or scores are missing"
+        reason = "no probability column" if cells.scores is None else "the test split lacks one of two classes, or scores are missing"
         blocks.append(_p(f"ROC curve: {NOT_AVAILABLE} ({reason})."))
-    return blocks, conclusion
+    return blocks
 
 
-def _inference_section(summary: dict[str, Any]) -> list[_Block]:
-    blocks = [_h2("Inference time per image")]
+def _inference_section(summary: dict[str, Any]) -> _Section:
+    section = _Section("Inference time per image", [])
     timing = summary.get("inference_seconds_per_image")
     if not isinstance(timing, dict) or not timing:
-        blocks.append(_p(f"Inference time per image: {NOT_AVAILABLE} (summary.json has no inference_seconds_per_image)."))
-        return blocks
+        section.blocks.append(_p(f"Inference time per image: {NOT_AVAILABLE} (summary.json has no inference_seconds_per_image)."))
+        return section
     rows, total = [], 0.0
     for stage in [*INFERENCE_STAGES, *(s for s in timing if s not in INFERENCE_STAGES)]:
         try:
@@ -661,8 +731,8 @@ def _inference_section(summary: dict[str, Any]) -> list[_Block]:
         rows.append([stage, INFERENCE_STAGES.get(stage, stage), f"{seconds * 1e3:.3f}", f"{1 / seconds:,.1f}"])
     if total > 0:
         rows.append(["total", "sum of the stages measured", f"{total * 1e3:.3f}", f"{1 / total:,.1f}"])
-    blocks.append(_table(_Table(["stage", "what", "ms / image", "images / s"], rows, "Seconds per image by stage (summary.json)")))
-    return blocks
+    section.blocks.append(_table(_Table(["stage", "what", "ms / image", "images / s"], rows, "Seconds per image by stage (summary.json)")))
+    return section
 
 
 # -- figures (matplotlib's object API on the Agg canvas: no pyplot state, no display) -------
@@ -774,29 +844,7 @@ def _plot_roc(is_positive: Any, scores: Any, auc: float, positive: str) -> bytes
     return _png(figure)
 
 
-# -- rendering ------------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px auto;max-width:1240px;
-color:#1d2330;line-height:1.45;padding:0 16px}
-h1{font-size:1.6em;border-bottom:2px solid #2b4c7e;padding-bottom:6px}
-h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ccd3df;padding-bottom:4px}
-.warning{background:#fff1f0;border:2px solid #c62828;color:#7f1010;padding:10px 14px;margin:12px 0;font-weight:600;border-radius:4px}
-table{border-collapse:collapse;font-size:0.84em;margin:4px 0 10px}
-th,td{border:1px solid #d5dbe5;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#eef2f8}
-tr:nth-child(even) td{background:#fafbfd}
-.table-title{font-weight:600;font-size:0.9em;margin:14px 0 2px}
-.note{font-size:0.82em;color:#555;margin:2px 0 12px}
-.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
-.row>div{flex:1 1 0;min-width:480px;overflow-x:auto}
-.row table{font-size:0.78em;width:100%}
-.row th,.row td{padding:3px 5px}
-.scroll{max-height:420px;overflow:auto}
-figure{margin:12px 0}
-figure img{max-width:100%;height:auto;border:1px solid #e1e5ec}
-figcaption{font-size:0.86em;color:#444}
-"""
+# -- rendering: report.md in Python, report.html through the Jinja2 template --------------
 
 
 def _md_cell(text: str) -> str:
@@ -817,70 +865,89 @@ def _md_table(table: _Table) -> list[str]:
     return lines
 
 
-def _to_markdown(blocks: list[_Block]) -> str:
-    lines: list[str] = []
-    for block in blocks:
-        if block.kind == "h1":
-            lines += [f"# {block.text}", ""]
-        elif block.kind == "h2":
-            lines += [f"## {block.text}", ""]
-        elif block.kind == "p":
-            lines += [block.text, ""]
-        elif block.kind == "warning":
-            lines += [f"> **WARNING: {block.text}**", ""]
-        elif block.kind == "items":
-            lines += [*(f"- {item}" for item in block.items), ""]
-        elif block.kind in ("table", "tables"):
-            for table in block.tables:
-                lines += _md_table(table)
-        elif block.kind == "figure":
-            lines += [f"![{block.text}](figures/{block.figure})", "", f"_{block.text}_", ""]
+def _md_block(block: _Block) -> list[str]:
+    if block.kind == "p":
+        return [block.text, ""]
+    if block.kind == "warning":
+        return [f"> **WARNING: {block.text}**", ""]
+    if block.kind == "items":
+        return [*(f"- {item}" for item in block.items), ""]
+    if block.kind in ("table", "tables"):
+        return [line for table in block.tables for line in _md_table(table)]
+    if block.kind == "figure":
+        return [f"![{block.text}](figures/{block.figure})", "", f"_{block.text}_", ""]
+    raise ValueError(f"unknown block kind {block.kind!r}")
+
+
+def _to_markdown(sections: list[_Section]) -> str:
+    lines = [f"# {REPORT_HEADING}", ""]
+    for section in sections:
+        if section.title:
+            lines += [f"## {section.title}", ""]
+        for block in section.blocks:
+            lines += _md_block(block)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _html_table(table: _Table, scroll: bool = False) -> str:
-    esc = html.escape
-    parts = [f'<div class="table-title">{esc(table.title)}</div>'] if table.title else []
-    if table.rows:
-        head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
-        body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in table.rows)
-        grid = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        # Long tables (subjects, errors) scroll inside the page rather than lengthen it.
-        parts.append(f'<div class="scroll">{grid}</div>' if scroll and len(table.rows) > 15 else grid)
-    if table.note:
-        parts.append(f'<p class="note">{esc(table.note)}</p>')
-    return "".join(parts)
+def _html_escape(value: Any) -> Any:
+    """The template's finalize: escapes every {{ value }} as html.escape does (quotes too).
+
+    Autoescape is on as well; markup the template itself made (a macro's output) passes through.
+    """
+    from markupsafe import Markup
+
+    return value if isinstance(value, Markup) else Markup(html.escape(str(value)))
 
 
-def _to_html(blocks: list[_Block], figures: dict[str, bytes], title: str) -> str:
-    import base64
+@functools.lru_cache(maxsize=1)
+def _templates() -> Any:
+    """The Jinja2 environment over leukray/report/templates (works for an installed package too)."""
+    import jinja2
 
-    esc = html.escape
-    out = []
-    for block in blocks:
-        if block.kind == "h1":
-            out.append(f"<h1>{esc(block.text)}</h1>")
-        elif block.kind == "h2":
-            out.append(f"<h2>{esc(block.text)}</h2>")
-        elif block.kind == "p":
-            out.append(f"<p>{esc(block.text)}</p>")
-        elif block.kind == "warning":
-            out.append(f'<div class="warning" role="alert">WARNING: {esc(block.text)}</div>')
-        elif block.kind == "items":
-            out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block.items) + "</ul>")
-        elif block.kind == "table":
-            out.append(_html_table(block.tables[0], scroll=True))
-        elif block.kind == "tables":
-            out.append('<div class="row">' + "".join(f"<div>{_html_table(t)}</div>" for t in block.tables) + "</div>")
-        elif block.kind == "figure":
-            data = base64.b64encode(figures[block.figure]).decode("ascii")
-            out.append(
-                f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.text, quote=True)}">'
-                f"<figcaption>{esc(block.text)}</figcaption></figure>"
-            )
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(out) + "\n</body>\n</html>\n"
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("leukray", "report/templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        finalize=_html_escape,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _table_data(table: _Table, scroll: bool) -> dict[str, Any]:
+    # Long tables (subjects, errors) scroll inside the page rather than lengthen it.
+    return {
+        "title": table.title,
+        "columns": list(table.columns),
+        "rows": [list(row) for row in table.rows],
+        "note": table.note,
+        "scroll": scroll and len(table.rows) > SCROLL_ROWS,
+    }
+
+
+def _block_data(block: _Block, figures: dict[str, bytes]) -> dict[str, Any]:
+    """One block as plain data for the template; a figure carries its PNG as base64."""
+    data: dict[str, Any] = {
+        "kind": block.kind,
+        "text": block.text,
+        "items": list(block.items),
+        "tables": [_table_data(table, scroll=block.kind == "table") for table in block.tables],
+    }
+    if block.kind == "figure":
+        data["figure"] = {
+            "name": block.figure,
+            "caption": block.text,
+            "base64": base64.b64encode(figures[block.figure]).decode("ascii"),
+        }
+    return data
+
+
+def _to_html(sections: list[_Section], figures: dict[str, bytes], title: str) -> str:
+    return _templates().get_template(HTML_TEMPLATE).render(
+        title=title,
+        heading=REPORT_HEADING,
+        sections=[{"title": s.title, "blocks": [_block_data(b, figures) for b in s.blocks]} for s in sections],
     )
 
 
@@ -902,39 +969,41 @@ def write_report(run_dir: str, top_n: int = 10, n_boot: int = 2000, seed: int = 
         What was written, by name relative to the run folder ("report.md", "report.html",
         "figures/roc_curve.png", ...), mapped to its full path.
     """
-    folder = _RunFolder(run_dir)
-    summary = folder.json("summary.json") or {}
-    manifest = folder.parquet("manifest.parquet")
-    trunk = folder.csv("leaderboard.csv")
-    custom = folder.csv("custom_leaderboard.csv")
-    history = folder.csv("history.csv")
     figures: dict[str, bytes] = {}
-
-    blocks = _header(summary, folder, manifest)
-    blocks += _data_section(summary, folder, manifest)
-    blocks += _leaderboards_section(trunk, custom, folder)
-    blocks += _history_section(history, folder, figures)
-    blocks += _top_section(trunk, custom, top_n, figures)
-    chosen_blocks, chosen_sentence = _chosen_section(summary, folder, n_boot, seed, figures)
-    blocks += chosen_blocks
-    blocks += _inference_section(summary)
-    split_sentence, _ = _split_statement(summary, manifest)
-    weights = summary.get("weights") if isinstance(summary.get("weights"), dict) else {}
-    conclusions = [split_sentence, chosen_sentence]
-    if weights.get("is_pretrained") is False:
-        conclusions.append("The trunk was randomly initialised: these are not ImageNet-feature results.")
-    blocks += [_h2("Conclusions"), _items(conclusions)]
-
+    sections = _report_sections(_RunFolder(run_dir), top_n, n_boot, seed, figures)
     written: dict[str, str] = {}
     for name, png in figures.items():
         path = storage.join(run_dir, "figures", name)
         storage.write_bytes(path, png)
         written[f"figures/{name}"] = path
     for name, text in (
-        ("report.md", _to_markdown(blocks)),
-        ("report.html", _to_html(blocks, figures, f"leukray report: {run_dir}")),
+        ("report.md", _to_markdown(sections)),
+        ("report.html", _to_html(sections, figures, f"leukray report: {run_dir}")),
     ):
         path = storage.join(run_dir, name)
         storage.write_text(path, text)
         written[name] = path
     return written
+
+
+def _report_sections(folder: _RunFolder, top_n: int, n_boot: int, seed: int, figures: dict[str, bytes]) -> list[_Section]:
+    """The whole report as data; the figures it shows are added to `figures` by file name."""
+    summary = folder.json("summary.json") or {}
+    manifest = folder.parquet("manifest.parquet")
+    trunk = folder.csv("leaderboard.csv")
+    custom = folder.csv("custom_leaderboard.csv")
+    history = folder.csv("history.csv")
+    sections = [
+        _header(summary, folder, manifest),
+        _data_section(summary, folder, manifest),
+        _leaderboards_section(trunk, custom, folder),
+        _history_section(history, folder, figures),
+        _top_section(trunk, custom, top_n, figures),
+    ]
+    chosen, chosen_sentence = _chosen_section(summary, folder, n_boot, seed, figures)
+    split_sentence, _ = _split_statement(summary, manifest)
+    weights = summary.get("weights") if isinstance(summary.get("weights"), dict) else {}
+    conclusions = [split_sentence, chosen_sentence]
+    if weights.get("is_pretrained") is False:
+        conclusions.append("The trunk was randomly initialised: these are not ImageNet-feature results.")
+    return [*sections, chosen, _inference_section(summary), _Section("Conclusions", [_items(conclusions)])]
