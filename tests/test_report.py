@@ -20,14 +20,31 @@ from leukray.report import print_leaderboard, write_report
 from leukray.report.document import subject_bootstrap_ci
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALL_FIGURES = ["accuracy_per_epoch.png", "loss_per_epoch.png", "top_classifiers.png", "confusion_matrix.png", "roc_curve.png"]
+ALL_FIGURES = [
+    "accuracy_per_epoch.png",
+    "loss_per_epoch.png",
+    "top_classifiers.png",
+    "confusion_matrix.png",
+    "roc_curve.png",
+]
 IMG_TAG = '<img src="data:image/png;base64,'
 CHROMIUM = "/usr/bin/chromium"
 
 # Model names unique to one leaderboard, so the report must show both tables to contain both.
-TRUNK_MODELS = ["LogisticRegression", "SVC", "RandomForestClassifier", "QuadraticDiscriminantAnalysis",
-                "ExtraTreesClassifier", "KNeighborsClassifier", "GaussianNB", "RidgeClassifier",
-                "LinearSVC", "AdaBoostClassifier", "BernoulliNB", "StackingClassifier"]
+TRUNK_MODELS = [
+    "LogisticRegression",
+    "SVC",
+    "RandomForestClassifier",
+    "QuadraticDiscriminantAnalysis",
+    "ExtraTreesClassifier",
+    "KNeighborsClassifier",
+    "GaussianNB",
+    "RidgeClassifier",
+    "LinearSVC",
+    "AdaBoostClassifier",
+    "BernoulliNB",
+    "StackingClassifier",
+]
 CUSTOM_MODELS = ["LogisticRegression", "SVC", "RandomForestClassifier", "NearestCentroid", "LGBMClassifier"]
 
 
@@ -37,18 +54,20 @@ def _leaderboard(models: list[str], seed: int) -> pd.DataFrame:
     for name in models:
         failed = name == "StackingClassifier"
         bal = np.nan if failed else float(rng.uniform(0.55, 0.95))
-        rows.append({
-            "Model": name,
-            "Accuracy": np.nan if failed else min(1.0, bal + 0.02),
-            "Balanced Accuracy": bal,
-            "ROC AUC": np.nan if failed else min(1.0, bal + 0.04),
-            "F1 Score": np.nan if failed else bal,
-            "Time Taken": float(rng.uniform(0.1, 30)),
-            "status": "failed" if failed else "ok",
-            "Val Balanced Accuracy": np.nan if failed else bal - 0.01,
-            "detail": "TypeError: missing estimators" if failed else "",
-            "weights": "random-init",
-        })
+        rows.append(
+            {
+                "Model": name,
+                "Accuracy": np.nan if failed else min(1.0, bal + 0.02),
+                "Balanced Accuracy": bal,
+                "ROC AUC": np.nan if failed else min(1.0, bal + 0.04),
+                "F1 Score": np.nan if failed else bal,
+                "Time Taken": float(rng.uniform(0.1, 30)),
+                "status": "failed" if failed else "ok",
+                "Val Balanced Accuracy": np.nan if failed else bal - 0.01,
+                "detail": "TypeError: missing estimators" if failed else "",
+                "weights": "random-init",
+            }
+        )
     return pd.DataFrame(rows).sort_values("Balanced Accuracy", ascending=False, na_position="last")
 
 
@@ -66,73 +85,141 @@ def make_run(
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     # 14 subjects, one class each (as C-NMC): ALL subjects A*, normal subjects H*.
-    layout = {"train": (["A1", "A2", "A3", "A4"], ["H1", "H2"]), "val": (["A5"], ["H3"]),
-              "test": (["A6", "A7", "A8"], ["H4", "H5", "H6"])}
+    layout = {
+        "train": (["A1", "A2", "A3", "A4"], ["H1", "H2"]),
+        "val": (["A5"], ["H3"]),
+        "test": (["A6", "A7", "A8"], ["H4", "H5", "H6"]),
+    }
     for split, (all_subjects, hem_subjects) in layout.items():
         for subject in all_subjects + hem_subjects:
             label = "all" if subject.startswith("A") else "hem"
             for cell in range(20):
-                rows.append({"path": f"/data/{label}/UID_{subject}_{cell}_1_{label}.bmp", "label": label,
-                             "subject": subject, "split": split, "sha256": f"{len(rows):064x}", "duplicate_of": "",
-                             "dataset": "data", "n_aug": 1 if split == "train" and label == "hem" else 0})
+                rows.append(
+                    {
+                        "path": f"/data/{label}/UID_{subject}_{cell}_1_{label}.bmp",
+                        "label": label,
+                        "subject": subject,
+                        "split": split,
+                        "sha256": f"{len(rows):064x}",
+                        "duplicate_of": "",
+                        "dataset": "data",
+                        "n_aug": 1 if split == "train" and label == "hem" else 0,
+                    }
+                )
     manifest = pd.DataFrame(rows)
     if split_mode == "image":  # one subject's cells on both sides
         manifest.loc[manifest["subject"] == "A1", "split"] = ["train", "test"] * 10
-    extra = pd.DataFrame([
-        {"path": "/data/all/UID_A1_99_1_all.bmp", "label": "all", "subject": "A1", "split": "", "sha256": "0" * 64,
-         "duplicate_of": "/data/all/UID_A1_0_1_all.bmp", "dataset": "data", "n_aug": 0},
-        {"path": "/data/hem/broken.bmp", "label": "hem", "subject": "H1", "split": "", "sha256": "", "duplicate_of": "",
-         "dataset": "data", "n_aug": 0},
-    ])
+    extra = pd.DataFrame(
+        [
+            {
+                "path": "/data/all/UID_A1_99_1_all.bmp",
+                "label": "all",
+                "subject": "A1",
+                "split": "",
+                "sha256": "0" * 64,
+                "duplicate_of": "/data/all/UID_A1_0_1_all.bmp",
+                "dataset": "data",
+                "n_aug": 0,
+            },
+            {
+                "path": "/data/hem/broken.bmp",
+                "label": "hem",
+                "subject": "H1",
+                "split": "",
+                "sha256": "",
+                "duplicate_of": "",
+                "dataset": "data",
+                "n_aug": 0,
+            },
+        ]
+    )
     manifest = pd.concat([manifest, extra], ignore_index=True)
     manifest.to_parquet(root / "manifest.parquet", index=False)
 
-    pd.DataFrame([
-        {"path": "/data/hem/broken.bmp", "stage": "read", "reason": "cannot identify image file"},
-        {"path": "/data/all/tiny.bmp", "stage": "preprocess", "reason": "image too small: 3x3"},
-        {"path": "/data/all/blank.bmp", "stage": "preprocess", "reason": "blank image: Otsu found no foreground"},
-    ]).to_csv(root / "errors.csv", index=False)
+    pd.DataFrame(
+        [
+            {"path": "/data/hem/broken.bmp", "stage": "read", "reason": "cannot identify image file"},
+            {"path": "/data/all/tiny.bmp", "stage": "preprocess", "reason": "image too small: 3x3"},
+            {"path": "/data/all/blank.bmp", "stage": "preprocess", "reason": "blank image: Otsu found no foreground"},
+        ]
+    ).to_csv(root / "errors.csv", index=False)
 
     _leaderboard(TRUNK_MODELS, 1).to_csv(root / "leaderboard.csv", index=False)
     if custom:
         _leaderboard(CUSTOM_MODELS, 2).drop(columns="weights").to_csv(root / "custom_leaderboard.csv", index=False)
     if history:
         epochs = np.arange(1, 9)
-        pd.DataFrame({
-            "epoch": epochs,
-            "train_loss": 0.7 / epochs, "val_loss": 0.75 / epochs + 0.05,
-            "train_accuracy": 1 - 0.4 / epochs, "val_accuracy": 0.95 - 0.4 / epochs,
-            "train_balanced_accuracy": 0.98 - 0.4 / epochs, "val_balanced_accuracy": 0.9 - 0.4 / epochs,
-        }).to_csv(root / "history.csv", index=False)
+        pd.DataFrame(
+            {
+                "epoch": epochs,
+                "train_loss": 0.7 / epochs,
+                "val_loss": 0.75 / epochs + 0.05,
+                "train_accuracy": 1 - 0.4 / epochs,
+                "val_accuracy": 0.95 - 0.4 / epochs,
+                "train_balanced_accuracy": 0.98 - 0.4 / epochs,
+                "val_balanced_accuracy": 0.9 - 0.4 / epochs,
+            }
+        ).to_csv(root / "history.csv", index=False)
 
     test = manifest[manifest["split"] == "test"]
     truth = (test["label"] == "all").to_numpy()
     prob = np.clip(np.where(truth, 0.7, 0.3) + rng.normal(0, 0.2, len(test)), 0, 1)
-    pd.DataFrame({"path": test["path"], "label": test["label"], "subject": test["subject"],
-                  "predicted_label": np.where(prob >= 0.5, "all", "hem"), "prob_all": prob}
-                 ).to_parquet(root / "predictions.parquet", index=False)
+    pd.DataFrame(
+        {
+            "path": test["path"],
+            "label": test["label"],
+            "subject": test["subject"],
+            "predicted_label": np.where(prob >= 0.5, "all", "hem"),
+            "prob_all": prob,
+        }
+    ).to_parquet(root / "predictions.parquet", index=False)
 
     usable = manifest[manifest["split"] != ""]
     summary = {
         "leukray_version": "0.1.0",
-        "weights": {"kind": "imagenet" if pretrained else "random",
-                    "name": "ResNet50_Weights.IMAGENET1K_V1" if pretrained else "random-init",
-                    "source": "https://download.pytorch.org/models/resnet50-0676ba61.pth" if pretrained else "torch.manual_seed(0)",
-                    "sha256": "0676ba61" + "0" * 56 if pretrained else "", "is_pretrained": pretrained},
+        "weights": {
+            "kind": "imagenet" if pretrained else "random",
+            "name": "ResNet50_Weights.IMAGENET1K_V1" if pretrained else "random-init",
+            "source": "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+            if pretrained
+            else "torch.manual_seed(0)",
+            "sha256": "0676ba61" + "0" * 56 if pretrained else "",
+            "is_pretrained": pretrained,
+        },
         "data": {"path": "/data", "test_path": "", "fingerprint": "abcdef0123456789"},
-        "split": {"mode": split_mode,
-                  "description": "subject-level, stratified (no subject on two sides); groups: subject IDs"
-                  if split_mode == "subject" else "image-level (the paper's protocol): 1 subject(s) leak",
-                  "leaking_subjects": 0 if split_mode == "subject" else 1, "groups": "subject IDs"},
-        "counts": {"found": len(manifest), "usable": len(usable), "duplicates_removed": 1, "errors": 3,
-                   "by_split_and_class": {s: usable[usable.split == s].label.value_counts().to_dict() for s in ("train", "val", "test")},
-                   "augmented_copies_by_class": {"hem": 40},
-                   "subjects_by_split": {"train": 6, "val": 2, "test": 6}},
+        "split": {
+            "mode": split_mode,
+            "description": "subject-level, stratified (no subject on two sides); groups: subject IDs"
+            if split_mode == "subject"
+            else "image-level (the paper's protocol): 1 subject(s) leak",
+            "leaking_subjects": 0 if split_mode == "subject" else 1,
+            "groups": "subject IDs",
+        },
+        "counts": {
+            "found": len(manifest),
+            "usable": len(usable),
+            "duplicates_removed": 1,
+            "errors": 3,
+            "by_split_and_class": {
+                s: usable[usable.split == s].label.value_counts().to_dict() for s in ("train", "val", "test")
+            },
+            "augmented_copies_by_class": {"hem": 40},
+            "subjects_by_split": {"train": 6, "val": 2, "test": 6},
+        },
         "duplicates": [{"path": "/data/all/UID_A1_99_1_all.bmp", "duplicate_of": "/data/all/UID_A1_0_1_all.bmp"}],
-        "chosen_model": {"name": model_name, "feature_source": "custom", "chosen_by": "validation balanced accuracy",
-                         "test": {"Accuracy": 0.81, "Balanced Accuracy": 0.8, "ROC AUC": 0.88, "F1 Score": 0.8}},
+        "chosen_model": {
+            "name": model_name,
+            "feature_source": "custom",
+            "chosen_by": "validation balanced accuracy",
+            "test": {"Accuracy": 0.81, "Balanced Accuracy": 0.8, "ROC AUC": 0.88, "F1 Score": 0.8},
+        },
         "positive_label": "all",
-        "inference_seconds_per_image": {"decode_preprocess": 0.004, "trunk": 0.02, "head": 0.0005, "classifier": 0.0001},
+        "inference_seconds_per_image": {
+            "decode_preprocess": 0.004,
+            "trunk": 0.02,
+            "head": 0.0005,
+            "classifier": 0.0001,
+        },
     }
     (root / "summary.json").write_text(json.dumps(summary))
     return root
@@ -165,12 +252,14 @@ def test_full_report_has_tables_figures_and_no_external_resources(tmp_path):
         assert external not in lowered, external
 
     # Tables III and IV side by side: both inside the flex row, III first, each with its own models.
-    row = page[page.index('<div class="row">'):]
+    row = page[page.index('<div class="row">') :]
     assert row.index("Table III") < row.index("Table IV")
-    table_iii = row[row.index("Table III"):row.index("Table IV")]
-    table_iv = row[row.index("Table IV"):]
+    table_iii = row[row.index("Table III") : row.index("Table IV")]
+    table_iv = row[row.index("Table IV") :]
     assert "QuadraticDiscriminantAnalysis" in table_iii and "NearestCentroid" not in table_iii
-    assert "NearestCentroid" in table_iv and "QuadraticDiscriminantAnalysis" not in table_iv[: table_iv.index("</table>")]
+    assert (
+        "NearestCentroid" in table_iv and "QuadraticDiscriminantAnalysis" not in table_iv[: table_iv.index("</table>")]
+    )
     assert "failed" in table_iii  # StackingClassifier's row keeps its status
     for column in ["Balanced Accuracy", "ROC AUC", "F1 Score", "Time Taken", "status"]:
         assert f"<th>{column}</th>" in table_iii
@@ -196,10 +285,15 @@ def test_report_facts_data_chosen_model_and_timing(tmp_path):
     assert "24.600" in markdown
     # The balanced accuracy and CI come from predictions.parquet, resampled by subject.
     predictions = pd.read_parquet(run / "predictions.parquet")
-    point, low, high, used = subject_bootstrap_ci(predictions.label, predictions.predicted_label, predictions.subject, n_boot=200, seed=3)
+    point, low, high, used = subject_bootstrap_ci(
+        predictions.label, predictions.predicted_label, predictions.subject, n_boot=200, seed=3
+    )
     assert f"Balanced accuracy {point:.4f}, 95% confidence interval {low:.4f} to {high:.4f}" in markdown
     assert "the 6 test subject(s)" in markdown and f"({used} of 200 resamples used" in markdown
-    assert "Subject-level split: no subject's cells appear in both training and test" in markdown.split("## Conclusions")[1]
+    assert (
+        "Subject-level split: no subject's cells appear in both training and test"
+        in markdown.split("## Conclusions")[1]
+    )
     assert "WARNING" not in markdown
 
 
@@ -239,8 +333,13 @@ def test_subject_split_that_leaks_in_manifest_is_flagged(tmp_path):
 def test_report_without_training_outputs(tmp_path):
     run = make_run(tmp_path / "run", history=False, custom=False)
     written = write_report(str(run), n_boot=50)
-    assert set(written) == {"report.md", "report.html", "figures/top_classifiers.png", "figures/confusion_matrix.png",
-                            "figures/roc_curve.png"}
+    assert set(written) == {
+        "report.md",
+        "report.html",
+        "figures/top_classifiers.png",
+        "figures/confusion_matrix.png",
+        "figures/roc_curve.png",
+    }
     page = (run / "report.html").read_text()
     markdown = (run / "report.md").read_text()
     assert page.count(IMG_TAG) == 3
@@ -253,14 +352,20 @@ def test_report_on_a_nearly_empty_folder_says_not_available(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"weights": {"is_pretrained": True}}))
-    (run / "errors.csv").write_text("not,a\n\"broken")  # unreadable
+    (run / "errors.csv").write_text('not,a\n"broken')  # unreadable
     written = write_report(str(run))
     assert set(written) == {"report.md", "report.html"}
     markdown = (run / "report.md").read_text()
-    for phrase in ["Counts per split and class: not available", "Images per subject: not available",
-                   "Errors: not available (could not read errors.csv", "Training was not run",
-                   "Figure 6: not available", "Chosen model: not available",
-                   "Inference time per image: not available", "The split is not available"]:
+    for phrase in [
+        "Counts per split and class: not available",
+        "Images per subject: not available",
+        "Errors: not available (could not read errors.csv",
+        "Training was not run",
+        "Figure 6: not available",
+        "Chosen model: not available",
+        "Inference time per image: not available",
+        "The split is not available",
+    ]:
         assert phrase in markdown, phrase
     assert _pngs_in_html((run / "report.html").read_text()) == []
 
@@ -289,12 +394,20 @@ def test_print_leaderboard_prints_the_trunk_leaderboard_and_the_chosen_model(tmp
     run = make_run(tmp_path / "run", pretrained=False)
     summary = json.loads((run / "summary.json").read_text())
     summary.pop("custom_model", None)  # a run without the custom model: Table III only
-    summary["chosen_model"] = {"name": "SVC", "feature_source": "trunk", "chosen_by": "validation balanced accuracy", "test": summary["chosen_model"]["test"]}
+    summary["chosen_model"] = {
+        "name": "SVC",
+        "feature_source": "trunk",
+        "chosen_by": "validation balanced accuracy",
+        "test": summary["chosen_model"]["test"],
+    }
     print_leaderboard(str(run), summary, top=3)
     printed = capsys.readouterr().out
     assert "Table III — classifiers on ResNet50 trunk features (test split; trunk weights: random-init):" in printed
     assert "Table IV" not in printed
-    assert "NOTE: random-init trunk" in printed and "Chosen by validation balanced accuracy: SVC on trunk features" in printed
+    assert (
+        "NOTE: random-init trunk" in printed
+        and "Chosen by validation balanced accuracy: SVC on trunk features" in printed
+    )
     assert len([line for line in printed.splitlines() if line.strip().startswith(tuple(TRUNK_MODELS))]) == 3
 
 
@@ -381,11 +494,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     shutil.copy(run / "report.html", alone / "report.html")
     shot = Path(os.environ.get("LEUKRAY_SCREENSHOT", tmp_path / "report.png"))
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
-         f"file://{alone / 'report.html'}"],
-        check=True, capture_output=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1280,2000",
+            f"file://{alone / 'report.html'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     assert shot.read_bytes().startswith(PNG_SIGNATURE)
     pixels = matplotlib.image.imread(shot)[..., :3]

@@ -25,7 +25,6 @@ import pandas as pd
 from leukray.io import storage
 from leukray.io.runfolder import HISTORY_COLUMNS
 
-
 # -- the run report: report.md, report.html and figures/*.png ------------------------------
 
 LEADERBOARD_COLUMNS = ["Model", "Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score", "Time Taken", "status"]
@@ -387,12 +386,20 @@ def _subject_table(manifest: pd.DataFrame) -> _Table:
     counts = counts.reindex(columns=splits)
     if "n_aug" in usable.columns:
         counts["augmented copies"] = usable.groupby(["subject", "label"])["n_aug"].sum()
-    rows = [[str(subject), str(label), *(str(int(v)) for v in values)] for (subject, label), values in zip(counts.index, counts.to_numpy())]
+    rows = [
+        [str(subject), str(label), *(str(int(v)) for v in values)]
+        for (subject, label), values in zip(counts.index, counts.to_numpy())
+    ]
     note = ""
     if len(rows) > SUBJECT_ROWS_SHOWN:
         note = f"First {SUBJECT_ROWS_SHOWN} of {len(rows)} subject/class rows shown."
         rows = rows[:SUBJECT_ROWS_SHOWN]
-    return _Table(["subject", "label", *map(str, counts.columns)], rows, "Images per subject, class and split (manifest.parquet)", note)
+    return _Table(
+        ["subject", "label", *map(str, counts.columns)],
+        rows,
+        "Images per subject, class and split (manifest.parquet)",
+        note,
+    )
 
 
 def _data_section(summary: dict[str, Any], folder: _RunFolder, manifest: pd.DataFrame | None) -> _Section:
@@ -428,7 +435,9 @@ def _augmented_block(counts: dict[str, Any], manifest: pd.DataFrame | None) -> _
         return _p(f"Augmented copies (training split only, to balance the classes): {text}.")
     if manifest is not None and {"n_aug", "label"} <= set(manifest.columns):
         per = manifest.groupby("label")["n_aug"].sum()
-        return _p("Augmented copies planned (manifest.parquet): " + ", ".join(f"{k} {int(v)}" for k, v in per.items()) + ".")
+        return _p(
+            "Augmented copies planned (manifest.parquet): " + ", ".join(f"{k} {int(v)}" for k, v in per.items()) + "."
+        )
     return _p(f"Augmented copies: {NOT_AVAILABLE}.")
 
 
@@ -437,7 +446,9 @@ def _duplicates_block(duplicates: Any, counts: dict[str, Any]) -> _Block:
         return _p(f"Duplicates: {NOT_AVAILABLE}.")
     if not duplicates:
         return _p("Byte-identical duplicates removed: none.")
-    rows = [[str(d.get("path", "")), str(d.get("duplicate_of", ""))] for d in duplicates[:FIRST_ROWS] if isinstance(d, dict)]
+    rows = [
+        [str(d.get("path", "")), str(d.get("duplicate_of", ""))] for d in duplicates[:FIRST_ROWS] if isinstance(d, dict)
+    ]
     return _table(
         _Table(
             ["path (removed)", "duplicate of (kept)"],
@@ -457,10 +468,19 @@ def _errors_blocks(folder: _RunFolder) -> list[_Block]:
     errors = errors.reindex(columns=["path", "stage", "reason"]).fillna("")
     per = errors.groupby(["stage", "reason"]).size().sort_values(ascending=False)
     rows = [[str(stage), str(reason), str(int(n))] for (stage, reason), n in per.items()]
-    note = f"The {REASON_ROWS_SHOWN} most frequent of {len(rows)} reasons shown." if len(rows) > REASON_ROWS_SHOWN else ""
+    note = (
+        f"The {REASON_ROWS_SHOWN} most frequent of {len(rows)} reasons shown." if len(rows) > REASON_ROWS_SHOWN else ""
+    )
     first = [[str(v) for v in row] for row in errors.head(FIRST_ROWS).itertuples(index=False)]
     return [
-        _table(_Table(["stage", "reason", "images"], rows[:REASON_ROWS_SHOWN], f"Errors by stage and reason ({len(errors)} images)", note)),
+        _table(
+            _Table(
+                ["stage", "reason", "images"],
+                rows[:REASON_ROWS_SHOWN],
+                f"Errors by stage and reason ({len(errors)} images)",
+                note,
+            )
+        ),
         _table(_Table(["path", "stage", "reason"], first, f"errors.csv, first {len(first)} rows")),
     ]
 
@@ -480,12 +500,19 @@ def _leaderboard_table(board: pd.DataFrame | None, title: str, why: str) -> _Tab
                 "-" if pd.isna(values["status"]) else str(values["status"]),
             ]
         )
-    return _Table(LEADERBOARD_COLUMNS, rows, title, "Test split; ROC AUC from predicted scores; Time Taken in seconds (fit + predict).")
+    return _Table(
+        LEADERBOARD_COLUMNS,
+        rows,
+        title,
+        "Test split; ROC AUC from predicted scores; Time Taken in seconds (fit + predict).",
+    )
 
 
 def _leaderboards_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, folder: _RunFolder) -> _Section:
     tables = [
-        _leaderboard_table(trunk, "Table III: classifiers on ResNet50 trunk features (leaderboard.csv)", folder.why("leaderboard.csv")),
+        _leaderboard_table(
+            trunk, "Table III: classifiers on ResNet50 trunk features (leaderboard.csv)", folder.why("leaderboard.csv")
+        ),
         _leaderboard_table(
             custom,
             "Table IV: classifiers on custom-model features (custom_leaderboard.csv)",
@@ -502,13 +529,18 @@ def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: 
         return section
     missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
     if history.empty or missing:
-        section.blocks.append(_p(f"Training curves: {NOT_AVAILABLE} (history.csv is empty or lacks {', '.join(missing) or 'rows'})."))
+        section.blocks.append(
+            _p(f"Training curves: {NOT_AVAILABLE} (history.csv is empty or lacks {', '.join(missing) or 'rows'}).")
+        )
         return section
     figures["accuracy_per_epoch.png"] = _plot_history(
         history,
-        [("train_accuracy", "train accuracy", "C0", "-"), ("val_accuracy", "validation accuracy", "C1", "-"),
-         ("train_balanced_accuracy", "train balanced accuracy", "C0", "--"),
-         ("val_balanced_accuracy", "validation balanced accuracy", "C1", "--")],
+        [
+            ("train_accuracy", "train accuracy", "C0", "-"),
+            ("val_accuracy", "validation accuracy", "C1", "-"),
+            ("train_balanced_accuracy", "train balanced accuracy", "C0", "--"),
+            ("val_balanced_accuracy", "validation balanced accuracy", "C1", "--"),
+        ],
         "Accuracy per epoch (Figure 4)",
         "accuracy",
         (0.0, 1.02),
@@ -527,15 +559,23 @@ def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: 
             f"{_num(last['val_accuracy'])}, validation balanced accuracy {_num(last['val_balanced_accuracy'])}, "
             f"validation loss {_num(last['val_loss'])}."
         ),
-        _figure("accuracy_per_epoch.png", "Figure 4: train and validation accuracy per epoch; dashed: balanced accuracy."),
+        _figure(
+            "accuracy_per_epoch.png", "Figure 4: train and validation accuracy per epoch; dashed: balanced accuracy."
+        ),
         _figure("loss_per_epoch.png", "Figure 5: train and validation loss per epoch."),
     ]
     return section
 
 
-def _top_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, top_n: int, figures: dict[str, bytes]) -> _Section:
+def _top_section(
+    trunk: pd.DataFrame | None, custom: pd.DataFrame | None, top_n: int, figures: dict[str, bytes]
+) -> _Section:
     section = _Section(f"Top {top_n} classifiers: trunk vs custom-model features (the paper's Figure 6)", [])
-    boards = {name: board for name, board in (("trunk features", trunk), ("custom-model features", custom)) if board is not None}
+    boards = {
+        name: board
+        for name, board in (("trunk features", trunk), ("custom-model features", custom))
+        if board is not None
+    }
     ranked: dict[str, float] = {}
     for board in boards.values():
         if not {"Model", "Accuracy", "Balanced Accuracy"} <= set(board.columns):
@@ -548,13 +588,18 @@ def _top_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, top_n:
         return section
     models = sorted(ranked, key=lambda m: -ranked[m])[:top_n]
     figures["top_classifiers.png"] = _plot_top(models, boards)
-    absent = "" if custom is not None else " The custom model was not trained in this run, so only trunk features are shown."
+    absent = (
+        "" if custom is not None else " The custom model was not trained in this run, so only trunk features are shown."
+    )
     section.blocks += [
         _p(
             f"The {len(models)} classifiers with the highest test balanced accuracy on either feature set; bars "
             f"show test accuracy and balanced accuracy.{absent}"
         ),
-        _figure("top_classifiers.png", "Figure 6: test accuracy (solid) and balanced accuracy (hatched) per classifier and feature set."),
+        _figure(
+            "top_classifiers.png",
+            "Figure 6: test accuracy (solid) and balanced accuracy (hatched) per classifier and feature set.",
+        ),
     ]
     return section
 
@@ -587,11 +632,21 @@ def _chosen_section(
     computed, (point, low, high, used) = _test_metrics(cells, n_boot, seed)
     rows = [[m, _num(recorded.get(m)) if recorded else NOT_AVAILABLE, _num(computed[m])] for m in METRIC_COLUMNS]
     section.blocks += [
-        _table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, f"Test metrics ({len(cells.y_true)} cells)")),
+        _table(
+            _Table(
+                ["metric", "recorded in summary.json", "from predictions.parquet"],
+                rows,
+                f"Test metrics ({len(cells.y_true)} cells)",
+            )
+        ),
         _bootstrap_paragraph(point, low, high, used, len(set(cells.subjects)), n_boot, seed),
     ]
     section.blocks += _confusion_and_roc(cells, computed["ROC AUC"], figures)
-    return section, conclusion + f" Test balanced accuracy {_num(point)} ({_ci_text(low, high, used)}, subject bootstrap, {used} resamples)."
+    return (
+        section,
+        conclusion
+        + f" Test balanced accuracy {_num(point)} ({_ci_text(low, high, used)}, subject bootstrap, {used} resamples).",
+    )
 
 
 def _chosen_facts(summary: dict[str, Any], chosen: dict[str, Any] | None, section: _Section) -> str:
@@ -603,7 +658,8 @@ def _chosen_facts(summary: dict[str, Any], chosen: dict[str, Any] | None, sectio
         _items(
             [
                 f"Model: {chosen.get('name', NOT_AVAILABLE)}",
-                f"Features: {chosen.get('feature_source') or ('trunk' if 'chosen_model' not in summary else NOT_AVAILABLE)}",
+                "Features: "
+                f"{chosen.get('feature_source') or ('trunk' if 'chosen_model' not in summary else NOT_AVAILABLE)}",
                 f"Chosen by: {chosen.get('chosen_by', NOT_AVAILABLE)}",
                 *_tuned_lines(summary.get("tuned_model")),
             ]
@@ -618,15 +674,26 @@ def _test_predictions(predictions: pd.DataFrame | None) -> pd.DataFrame | None:
     return predictions
 
 
-def _without_predictions(folder: _RunFolder, predictions: pd.DataFrame | None, recorded: dict[str, Any], section: _Section) -> str:
+def _without_predictions(
+    folder: _RunFolder, predictions: pd.DataFrame | None, recorded: dict[str, Any], section: _Section
+) -> str:
     """Adds the recorded test metrics to `section`; returns the conclusion's addition (may be "")."""
-    why = folder.why("predictions.parquet") if predictions is None else f"{NOT_AVAILABLE} (predictions.parquet is empty or lacks label/predicted_label)"
+    why = (
+        folder.why("predictions.parquet")
+        if predictions is None
+        else f"{NOT_AVAILABLE} (predictions.parquet is empty or lacks label/predicted_label)"
+    )
     rows = [[m, _num(recorded.get(m)), NOT_AVAILABLE] for m in METRIC_COLUMNS]
-    section.blocks.append(_table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, "Test metrics")))
+    section.blocks.append(
+        _table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, "Test metrics"))
+    )
     section.blocks.append(_p(f"Confusion matrix, ROC curve and bootstrap interval: {why}."))
     if not recorded:
         return ""
-    return f" Test balanced accuracy {_num(recorded.get('Balanced Accuracy'))} (no confidence interval: predictions not available)."
+    return (
+        f" Test balanced accuracy {_num(recorded.get('Balanced Accuracy'))} "
+        "(no confidence interval: predictions not available)."
+    )
 
 
 @dataclass
@@ -647,7 +714,11 @@ class _Cells:
         y_pred = predictions["predicted_label"].astype(str).to_numpy()
         # Cells without a subject ID are their own cluster, as in the split (dataset.assign_groups).
         cell_ids = "cell:" + pd.Series(range(len(predictions)), index=predictions.index).astype(str)
-        subject = predictions["subject"].fillna("").astype(str) if "subject" in predictions.columns else pd.Series("", index=predictions.index)
+        subject = (
+            predictions["subject"].fillna("").astype(str)
+            if "subject" in predictions.columns
+            else pd.Series("", index=predictions.index)
+        )
         classes = sorted(set(y_true) | set(y_pred))
         if positive in classes:
             classes = [c for c in classes if c != positive] + [positive]
@@ -679,16 +750,25 @@ def _test_metrics(cells: _Cells, n_boot: int, seed: int) -> tuple[dict[str, floa
 
 
 def _ci_text(low: float, high: float, used: int) -> str:
-    return f"95% confidence interval {_num(low)} to {_num(high)}" if used else f"95% confidence interval {NOT_AVAILABLE}"
+    return (
+        f"95% confidence interval {_num(low)} to {_num(high)}" if used else f"95% confidence interval {NOT_AVAILABLE}"
+    )
 
 
-def _bootstrap_paragraph(point: float, low: float, high: float, used: int, n_subjects: int, n_boot: int, seed: int) -> _Block:
+def _bootstrap_paragraph(
+    point: float, low: float, high: float, used: int, n_subjects: int, n_boot: int, seed: int
+) -> _Block:
     return _p(
-        f"Balanced accuracy {_num(point)}, {_ci_text(low, high, used)}, from a bootstrap that resamples the {n_subjects} test "
+        f"Balanced accuracy {_num(point)}, {_ci_text(low, high, used)}, "
+        f"from a bootstrap that resamples the {n_subjects} test "
         f"subject(s) with replacement and takes all their cells ({used} of {n_boot} resamples used; resamples "
         f"missing a class are skipped; seed {seed}). Resampling subjects rather than cells reflects that cells of "
         "one patient are not independent."
-        + (f" With only {n_subjects} test subjects the interval itself is very uncertain." if n_subjects < SMALL_TEST_SUBJECTS else "")
+        + (
+            f" With only {n_subjects} test subjects the interval itself is very uncertain."
+            if n_subjects < SMALL_TEST_SUBJECTS
+            else ""
+        )
     )
 
 
@@ -705,9 +785,18 @@ def _confusion_and_roc(cells: _Cells, auc: float, figures: dict[str, bytes]) -> 
     ]
     if cells.has_roc:
         figures["roc_curve.png"] = _plot_roc(cells.y_true == positive, cells.scores, auc, positive)
-        blocks.append(_figure("roc_curve.png", f"ROC curve of the chosen model on the test split ({positive} positive; from {cells.score_column})."))
+        blocks.append(
+            _figure(
+                "roc_curve.png",
+                f"ROC curve of the chosen model on the test split ({positive} positive; from {cells.score_column}).",
+            )
+        )
     else:
-        reason = "no probability column" if cells.scores is None else "the test split lacks one of two classes, or scores are missing"
+        reason = (
+            "no probability column"
+            if cells.scores is None
+            else "the test split lacks one of two classes, or scores are missing"
+        )
         blocks.append(_p(f"ROC curve: {NOT_AVAILABLE} ({reason})."))
     return blocks
 
@@ -716,7 +805,9 @@ def _inference_section(summary: dict[str, Any]) -> _Section:
     section = _Section("Inference time per image", [])
     timing = summary.get("inference_seconds_per_image")
     if not isinstance(timing, dict) or not timing:
-        section.blocks.append(_p(f"Inference time per image: {NOT_AVAILABLE} (summary.json has no inference_seconds_per_image)."))
+        section.blocks.append(
+            _p(f"Inference time per image: {NOT_AVAILABLE} (summary.json has no inference_seconds_per_image).")
+        )
         return section
     rows, total = [], 0.0
     for stage in [*INFERENCE_STAGES, *(s for s in timing if s not in INFERENCE_STAGES)]:
@@ -731,7 +822,9 @@ def _inference_section(summary: dict[str, Any]) -> _Section:
         rows.append([stage, INFERENCE_STAGES.get(stage, stage), f"{seconds * 1e3:.3f}", f"{1 / seconds:,.1f}"])
     if total > 0:
         rows.append(["total", "sum of the stages measured", f"{total * 1e3:.3f}", f"{1 / total:,.1f}"])
-    section.blocks.append(_table(_Table(["stage", "what", "ms / image", "images / s"], rows, "Seconds per image by stage (summary.json)")))
+    section.blocks.append(
+        _table(_Table(["stage", "what", "ms / image", "images / s"], rows, "Seconds per image by stage (summary.json)"))
+    )
     return section
 
 
@@ -755,13 +848,23 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _plot_history(history: pd.DataFrame, series: list[tuple[str, str, str, str]], title: str, ylabel: str, ylim: Any) -> bytes:
+def _plot_history(
+    history: pd.DataFrame, series: list[tuple[str, str, str, str]], title: str, ylabel: str, ylim: Any
+) -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     figure = _new_figure(7, 4.2)
     axes = figure.subplots()
     for column, label, color, style in series:
-        axes.plot(history["epoch"], pd.to_numeric(history[column], errors="coerce"), style, color=color, marker="o", markersize=3, label=label)
+        axes.plot(
+            history["epoch"],
+            pd.to_numeric(history[column], errors="coerce"),
+            style,
+            color=color,
+            marker="o",
+            markersize=3,
+            label=label,
+        )
     axes.set(title=title, xlabel="epoch", ylabel=ylabel)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylim:
@@ -821,7 +924,14 @@ def _plot_confusion(y_true: Any, y_pred: Any, classes: list[str]) -> bytes:
     image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            axes.text(j, i, f"{matrix[i, j]}\n({rates[i, j]:.0%})", ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+            axes.text(
+                j,
+                i,
+                f"{matrix[i, j]}\n({rates[i, j]:.0%})",
+                ha="center",
+                va="center",
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
     axes.set_xticks(range(len(classes)), classes)
     axes.set_yticks(range(len(classes)), classes)
     axes.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test split)")
@@ -837,7 +947,13 @@ def _plot_roc(is_positive: Any, scores: Any, auc: float, positive: str) -> bytes
     axes = figure.subplots()
     axes.plot(fpr, tpr, color="C0", label=f"chosen model (AUC = {auc:.3f})")
     axes.plot([0, 1], [0, 1], ":", color="grey", label="chance (AUC = 0.5)")
-    axes.set(xlabel="false positive rate", ylabel=f"true positive rate ({positive})", title="ROC curve (test split)", xlim=(0, 1), ylim=(0, 1.01))
+    axes.set(
+        xlabel="false positive rate",
+        ylabel=f"true positive rate ({positive})",
+        title="ROC curve (test split)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     axes.set_aspect("equal")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
@@ -944,10 +1060,14 @@ def _block_data(block: _Block, figures: dict[str, bytes]) -> dict[str, Any]:
 
 
 def _to_html(sections: list[_Section], figures: dict[str, bytes], title: str) -> str:
-    return _templates().get_template(HTML_TEMPLATE).render(
-        title=title,
-        heading=REPORT_HEADING,
-        sections=[{"title": s.title, "blocks": [_block_data(b, figures) for b in s.blocks]} for s in sections],
+    return (
+        _templates()
+        .get_template(HTML_TEMPLATE)
+        .render(
+            title=title,
+            heading=REPORT_HEADING,
+            sections=[{"title": s.title, "blocks": [_block_data(b, figures) for b in s.blocks]} for s in sections],
+        )
     )
 
 
@@ -986,7 +1106,9 @@ def write_report(run_dir: str, top_n: int = 10, n_boot: int = 2000, seed: int = 
     return written
 
 
-def _report_sections(folder: _RunFolder, top_n: int, n_boot: int, seed: int, figures: dict[str, bytes]) -> list[_Section]:
+def _report_sections(
+    folder: _RunFolder, top_n: int, n_boot: int, seed: int, figures: dict[str, bytes]
+) -> list[_Section]:
     """The whole report as data; the figures it shows are added to `figures` by file name."""
     summary = folder.json("summary.json") or {}
     manifest = folder.parquet("manifest.parquet")
