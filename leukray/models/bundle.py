@@ -7,8 +7,15 @@ Files:
                        versions, and the sha256 of every other file in the bundle;
   custom_resnet50.pt   the custom model's state dict (torch.save; loaded weights_only);
   trunk.pt             the trunk's state dict when it is not torchvision's ImageNet file;
-  classifier.pkl       the fitted scikit-learn pipeline (pickle: loaded only after its
-                       sha256 matches bundle.json, so a tampered file is refused).
+  classifier.skops     the fitted scikit-learn pipeline in skops' format, loaded with an
+                       explicit list of trusted types (`TRUSTED_TYPES`): a file naming any
+                       other type is refused before anything of it is built, so a bundle
+                       cannot run code on load (pickle, which format 1 used, can).
+
+Integrity: every file's sha256 is in bundle.json and checked before anything is read. When
+`LEUKRAY_BUNDLE_KEY` is set, bundle.json also carries an HMAC-SHA256 over its own content
+(and so over every file's hash) made with that key, and loading requires a valid one: then
+neither the files nor bundle.json (preprocessing, classes, ...) can be changed unnoticed.
 
 Preprocessing travels with the model (STYLE 5), so `predict` cannot drift from training.
 
@@ -19,10 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import io
 import json
 import os
-import pickle
 import platform
 import tempfile
 from dataclasses import dataclass
@@ -37,7 +44,22 @@ from leukray.io import storage
 from leukray.models.classifiers import positive_index
 
 BUNDLE_FILE = "bundle.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 stored the classifier as a pickle
+KEY_ENV = "LEUKRAY_BUNDLE_KEY"
+CLASSIFIER_FILE = "classifier.skops"
+# Beyond skops' own defaults (numpy, scipy and scikit-learn estimators), the types the sweep's
+# fitted pipelines hold; nothing else is ever built from a bundle.
+TRUSTED_TYPES = [
+    "collections.OrderedDict",
+    "lightgbm.basic.Booster",
+    "lightgbm.sklearn.LGBMClassifier",
+    "numpy.dtype",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.tree._tree.Tree",
+    "xgboost.core.Booster",
+    "xgboost.sklearn.XGBClassifier",
+]
 FEATURE_SOURCES = ("trunk", "custom", "head")
 
 
@@ -78,7 +100,9 @@ def save_bundle(
         files[name] = sha256_bytes(data)
 
     if classifier is not None:
-        put("classifier.pkl", pickle.dumps(classifier, protocol=pickle.HIGHEST_PROTOCOL))
+        import skops.io
+
+        put(CLASSIFIER_FILE, skops.io.dumps(classifier))
     if weights["kind"] != "imagenet":
         if trunk_state is None:
             raise ValueError("a bundle with non-ImageNet weights must carry trunk_state")
@@ -106,6 +130,8 @@ def save_bundle(
         },
         **(extra or {}),
     }
+    if os.environ.get(KEY_ENV):
+        manifest["signature"] = _signature(manifest, os.environ[KEY_ENV])
     path = storage.join(model_dir, BUNDLE_FILE)
     storage.write_text(path, json.dumps(manifest, indent=2) + "\n")  # written last: a bundle without it is not a bundle
     return path
@@ -162,7 +188,7 @@ def load_bundle(model_dir: str) -> Bundle:
 
         state = torch.load(io.BytesIO(blobs["custom_resnet50.pt"]), map_location="cpu", weights_only=True)
         custom_model = build_custom_model(head_config, state=state)
-    classifier = pickle.loads(blobs["classifier.pkl"]) if "classifier.pkl" in blobs else None  # verified above
+    classifier = _load_classifier(model_dir, blobs[CLASSIFIER_FILE]) if CLASSIFIER_FILE in blobs else None
     return Bundle(
         model_dir=model_dir,
         manifest=manifest,
@@ -186,8 +212,50 @@ def _read_manifest(path: str) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
     if manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format")
-        raise BundleError(f"{path}: unsupported bundle format {found!r} (this leukray reads {FORMAT_VERSION})")
+        hint = (
+            "; format 1 bundles hold a pickled classifier, which is not loaded: rerun `leukray tune`"
+            if found == 1
+            else ""
+        )
+        raise BundleError(f"{path}: unsupported bundle format {found!r} (this leukray reads {FORMAT_VERSION}){hint}")
+    if not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{path}: malformed bundle.json (no `files` table)")
+    _check_signature(path, manifest)
     return manifest
+
+
+def _signature(manifest: dict[str, Any], key: str) -> str:
+    """HMAC-SHA256 of bundle.json's content without its `signature` (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key.encode(), canonical, hashlib.sha256).hexdigest()
+
+
+def _check_signature(path: str, manifest: dict[str, Any]) -> None:
+    key = os.environ.get(KEY_ENV, "")
+    if not key:
+        return
+    signature = manifest.get("signature")
+    if not isinstance(signature, str):
+        raise BundleError(f"{path} is not signed, and {KEY_ENV} is set: refusing to load an unsigned bundle")
+    if not hmac.compare_digest(signature, _signature(manifest, key)):
+        raise BundleError(f"{path}: signature does not match (modified, or signed with another {KEY_ENV}); refusing it")
+
+
+def _load_classifier(model_dir: str, blob: bytes) -> Any:
+    """The classifier, built only from trusted types (see the module docstring)."""
+    import skops.io
+
+    try:
+        untrusted = sorted(set(skops.io.get_untrusted_types(data=blob)) - set(TRUSTED_TYPES))
+    except Exception as exc:  # noqa: BLE001 - a malformed file of any kind is the bundle's error
+        raise BundleError(f"model bundle {model_dir}: {CLASSIFIER_FILE} is not a readable skops file ({exc})") from None
+    if untrusted:
+        raise BundleError(
+            f"model bundle {model_dir}: {CLASSIFIER_FILE} holds types leukray does not trust "
+            f"({', '.join(untrusted[:5])}); refusing to load it"
+        )
+    return skops.io.loads(blob, trusted=TRUSTED_TYPES)
 
 
 def _verified_files(model_dir: str, manifest: dict[str, Any]) -> dict[str, bytes]:
