@@ -18,6 +18,7 @@ so a small file that declares a huge image cannot allocate gigabytes.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Callable, NamedTuple
 
@@ -265,10 +266,20 @@ def otsu_threshold(gray: np.ndarray) -> int:
     """
     if gray.dtype != np.uint8 or gray.ndim != 2:
         raise ValueError(f"expected HxW uint8, got {gray.shape} {gray.dtype}")
+    return _otsu_from_histogram(_histogram(gray))
+
+
+def _histogram(gray: np.ndarray, zeros_outside: int = 0) -> np.ndarray:
+    """256-bin float64 histogram of `gray`, plus `zeros_outside` pixels of value 0."""
     if 0 < gray.size < (1 << 24):  # cv2's float32 bins count exactly below 2**24
         hist = cv2.calcHist([gray], [0], None, [256], [0, 256]).reshape(256).astype(np.float64)
     else:
         hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    hist[0] += zeros_outside
+    return hist
+
+
+def _otsu_from_histogram(hist: np.ndarray) -> int:
     total = hist.sum()
     weight_low = np.cumsum(hist)  # pixels <= t
     weight_high = total - weight_low
@@ -277,8 +288,9 @@ def otsu_threshold(gray: np.ndarray) -> int:
     mean_high = np.divide(sum_low[-1] - sum_low, weight_high, out=np.zeros(256), where=weight_high > 0)
     between = weight_low * weight_high * (mean_low - mean_high) ** 2
     valid = (weight_low > 0) & (weight_high > 0)
-    if not valid.any():
-        return int(gray.flat[0]) if gray.size else 0
+    if not valid.any():  # one level (a constant image: its value) or no pixels
+        levels = np.flatnonzero(hist)
+        return int(levels[0]) if len(levels) else 0
     between[~valid] = -1.0
     # Ties (a flat maximum between two separated modes): take the middle of the plateau,
     # which is where the valley between them lies.
@@ -295,25 +307,50 @@ class _Component(NamedTuple):
     label: int
 
 
-def _largest_component(gray: np.ndarray, threshold: int, min_pixels: int) -> _Component | None:
-    # gray > threshold as 0/1 (THRESH_BINARY keeps src > thresh; an integer thresh is exact on 8 bits)
-    _, mask = cv2.threshold(gray, int(threshold), 1, cv2.THRESH_BINARY)
-    x, y, w, h = cv2.boundingRect(mask)  # every foreground pixel, so every component, is inside
+def _nonzero_region(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the nonzero pixels' bounding box, its corner moved to even
+    coordinates (see `_largest_component`); w = h = 0 when all are zero. Every foreground
+    pixel, so every component, lies inside: the black C-NMC background is 0."""
+    x, y, w, h = cv2.boundingRect(gray)
+    if w == 0 or h == 0:
+        return 0, 0, 0, 0
+    return x & ~1, y & ~1, w + (x & 1), h + (y & 1)
+
+
+def _largest_component(
+    gray: np.ndarray, threshold: int, min_pixels: int, nonzero: tuple[int, int, int, int] | None = None
+) -> _Component | None:
+    threshold = math.floor(threshold)  # gray > 10.5 is gray > 10 on integers
+    if threshold < 0:  # zeros are foreground too
+        x, y, w, h = 0, 0, gray.shape[1], gray.shape[0]
+    else:
+        x, y, w, h = _nonzero_region(gray) if nonzero is None else nonzero
     if w == 0 or h == 0:
         return None
-    # Label only that region. Its corner is moved to even coordinates so that OpenCV's 2x2
-    # block scan sees the same blocks in the same order as on the whole image: the labels,
-    # and so the choice between components of equal area, are the same.
-    y, x = y & ~1, x & ~1
-    roi = mask[y : y + h + 1, x : x + w + 1]
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(roi, connectivity=8)
+    region = gray[y : y + h, x : x + w]
+    # gray > threshold as 0/1 (THRESH_BINARY keeps src > thresh, exactly on 8-bit integers)
+    _, mask = cv2.threshold(region, threshold, 1, cv2.THRESH_BINARY)
+    mx, my, mw, mh = cv2.boundingRect(mask)
+    if mw == 0 or mh == 0:
+        return None
+    # Label the foreground's bounding region, its corner moved to even image coordinates so
+    # that OpenCV's 2x2 block scan sees the same blocks in the same order as on the whole
+    # image: the labels, and so the choice between components of equal area, are the same.
+    y0, x0 = (y + my) & ~1, (x + mx) & ~1
+    roi = mask[y0 - y : y + my + mh - y, x0 - x : x + mx + mw - x]
+    count, labels = cv2.connectedComponents(roi, connectivity=8)
     if count <= 1:
         return None
-    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    if stats[biggest, cv2.CC_STAT_AREA] < min_pixels:
+    if count == 2:  # one component: the foreground's own box and pixel count
+        if cv2.countNonZero(roi) < min_pixels:
+            return None
+        return _Component((y + my, y + my + mh, x + mx, x + mx + mw), labels, (y0, x0), 1)
+    areas = np.bincount(labels.ravel(), minlength=count)
+    biggest = 1 + int(np.argmax(areas[1:]))
+    if areas[biggest] < min_pixels:
         return None
-    left, top, width, height = (int(v) for v in stats[biggest, :4])
-    return _Component((y + top, y + top + height, x + left, x + left + width), labels, (y, x), biggest)
+    left, top, width, height = cv2.boundingRect((labels == biggest).view(np.uint8))
+    return _Component((y0 + top, y0 + top + height, x0 + left, x0 + left + width), labels, (y0, x0), biggest)
 
 
 def foreground_box(gray: np.ndarray, threshold: int, min_pixels: int) -> tuple[int, int, int, int] | None:
@@ -332,8 +369,10 @@ def _segment(image: np.ndarray, cfg: PreprocessConfig, bgr: bool) -> _Component:
     if min(h, w) < cfg.min_side:
         raise ImageError(f"image too small: {w}x{h} px (preprocess.min_side is {cfg.min_side})")
     gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
-    threshold = otsu_threshold(gray)
-    found = _largest_component(gray, threshold, cfg.min_foreground_px)
+    # The histogram of the nonzero region plus the zeros around it is the whole image's.
+    x, y, rw, rh = nonzero = _nonzero_region(gray)
+    threshold = _otsu_from_histogram(_histogram(gray[y : y + rh, x : x + rw], gray.size - rw * rh))
+    found = _largest_component(gray, threshold, cfg.min_foreground_px, nonzero)
     if found is None:
         raise ImageError(
             f"no foreground: nothing brighter than the Otsu threshold {threshold} "
