@@ -392,7 +392,7 @@ def _cell(image: np.ndarray, found: _Component, bgr: bool) -> tuple[np.ndarray, 
     oy, ox = found.origin
     mask = found.labels[y0 - oy : y1 - oy, x0 - ox : x1 - ox] == found.label
     cell = image[y0:y1, x0:x1]
-    return (cv2.cvtColor(cell, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(cell)), mask
+    return (cv2.cvtColor(cell, cv2.COLOR_BGR2RGB) if bgr else cell.copy()), mask
 
 
 def crop_to_foreground(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
