@@ -112,6 +112,8 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
 
 def _bmp_size(data: bytes) -> tuple[int, int] | None:
     (header,) = struct.unpack_from("<I", data, 14)
+    if header not in (12, 16, 40, 52, 56, 64, 108, 124):  # not a BMP info header ("BM..." text)
+        return None
     if header == 12:  # BITMAPCOREHEADER: 16-bit sizes
         return struct.unpack_from("<HH", data, 18)
     width, height = struct.unpack_from("<ii", data, 18)
