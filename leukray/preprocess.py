@@ -68,6 +68,8 @@ def image_size(data: bytes) -> tuple[str, int, int] | None:
     """(format, width, height) read from the header of PNG, BMP, JPEG, TIFF, GIF, WebP or
     PNM data without decoding it, or None when the format is not one of these or the header
     is cut short (the decoder then has the last word)."""
+    if not isinstance(data, (bytes, bytearray)):
+        data = bytes(data)  # a memoryview or a numpy buffer
     try:
         for magic, reader in _HEADER_READERS:
             if data.startswith(magic):
