@@ -284,22 +284,22 @@ def _histogram(gray: np.ndarray, zeros_outside: int = 0) -> np.ndarray:
 
 
 def _otsu_from_histogram(hist: np.ndarray) -> int:
-    total = hist.sum()
-    weight_low = np.cumsum(hist)  # pixels <= t
-    weight_high = total - weight_low
-    sum_low = np.cumsum(hist * _LEVELS)
-    mean_low = np.divide(sum_low, weight_low, out=np.zeros(256), where=weight_low > 0)
-    mean_high = np.divide(sum_low[-1] - sum_low, weight_high, out=np.zeros(256), where=weight_high > 0)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    valid = (weight_low > 0) & (weight_high > 0)
-    if not valid.any():  # one level (a constant image: its value) or no pixels
-        levels = np.flatnonzero(hist)
+    levels = np.flatnonzero(hist)
+    if len(levels) < 2:  # one level (a constant image: its value) or no pixels
         return int(levels[0]) if len(levels) else 0
-    between[~valid] = -1.0
+    # Both classes are nonempty for t in [lo, hi): the first and the last level present.
+    lo, hi = int(levels[0]), int(levels[-1])
+    weight = np.cumsum(hist)  # pixels <= t (whole numbers: exact, whatever the order)
+    moment = np.cumsum(hist * _LEVELS)
+    weight_low, sum_low = weight[lo:hi], moment[lo:hi]
+    weight_high = weight[-1] - weight_low
+    mean_low = sum_low / weight_low
+    mean_high = (moment[-1] - sum_low) / weight_high
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
     # Ties (a flat maximum between two separated modes): take the middle of the plateau,
     # which is where the valley between them lies.
     best = np.flatnonzero(between == between.max())
-    return int(best[len(best) // 2])
+    return lo + int(best[len(best) // 2])
 
 
 class _Component(NamedTuple):
