@@ -65,6 +65,13 @@ class TestOtsu:
         assert ((gray > ours) == (gray > cv_t)).all()
         assert 90 < ours < 140  # between the modes
 
+    def test_a_flat_maximum_gives_the_middle_of_the_plateau(self):
+        gray = np.zeros((100, 100), np.uint8)
+        gray[:, :30] = 20
+        gray[:, 30:] = 200
+        assert otsu_threshold(gray) == 20 + 180 // 2  # every t in 20..199 is optimal
+        assert otsu_threshold(gray[:, 10:90]) == 110  # a view, not contiguous
+
     def test_constant_image_has_no_foreground(self):
         gray = np.full((50, 50), 77, np.uint8)
         assert not (gray > otsu_threshold(gray)).any()
