@@ -88,7 +88,6 @@ def save_bundle(
 ) -> str:
     """Write the bundle (custom_resnet50.pt must already be in `model_dir` when the feature
     source is custom or head). Returns the path of bundle.json."""
-    import sklearn
     import torch
 
     if feature_source not in FEATURE_SOURCES:
@@ -122,12 +121,7 @@ def save_bundle(
         "classifier": classifier_name,
         "head_config": head_config,
         "files": files,
-        "versions": {
-            "leukray": __version__,
-            "torch": torch.__version__,
-            "scikit-learn": sklearn.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": _versions(),
         **(extra or {}),
     }
     if os.environ.get(KEY_ENV):
@@ -222,6 +216,18 @@ def _read_manifest(path: str) -> dict[str, Any]:
         raise BundleError(f"{path}: malformed bundle.json (no `files` table)")
     _check_signature(path, manifest)
     return manifest
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+    import torch
+
+    return {
+        "leukray": __version__,
+        "torch": torch.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _signature(manifest: dict[str, Any], key: str) -> str:
