@@ -32,6 +32,7 @@ ALIASES = {
     "weights": "extract.weights",
     "split": "split.mode",
     "classifiers": "sweep.classifiers",
+    "features": "extract.features",
 }
 DEMO_DEFAULTS = {
     "extract.weights": "auto",
@@ -48,6 +49,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="imagenet | imagenet:IMAGENET1K_V2 | random | auto | PATH to a state dict")
     parser.add_argument("--split", choices=["subject", "image"], help="subject (default) or image (leaks subjects)")
     parser.add_argument("--classifiers", help="all, or comma-separated names (see `leukray classifiers`)")
+    parser.add_argument(
+        "--features",
+        help="feature sets to sweep, e.g. resnet50,cells (default) or resnet50+morphology; "
+        "families: resnet50, morphology, colour, texture; cells = the three hand-crafted ones",
+    )
     group = parser.add_argument_group("every config field (section.field)")
     for section, cls in sections().items():
         _add_section_options(group, section, cls, skip=set(ALIASES.values()))

@@ -21,6 +21,42 @@ import yaml
 from leukray.errors import ConfigError
 
 WEIGHT_KEYWORDS = ("imagenet", "random", "auto")
+# Feature families a classifier sweep can use: the ResNet50 trunk's 2,048 features and the
+# hand-crafted cell families of `leukray.ops.cellfeatures` (measured on each cell at its own
+# resolution, in the preprocessing pass).
+CELL_FAMILIES = ("morphology", "colour", "texture")
+FEATURE_FAMILIES = ("resnet50", *CELL_FAMILIES)
+FEATURE_ALIASES = {"cells": CELL_FAMILIES}
+
+
+def parse_feature_sets(spec: str) -> list[tuple[str, ...]]:
+    """`extract.features` -> the feature sets to sweep, each a tuple of families in
+    FEATURE_FAMILIES order: "resnet50,cells" -> [("resnet50",), ("morphology", "colour", "texture")].
+
+    Raises:
+        ConfigError: an empty set, an unknown family or a set given twice.
+    """
+    sets: list[tuple[str, ...]] = []
+    for part in spec.split(","):
+        names: set[str] = set()
+        for name in (n.strip().lower() for n in part.split("+")):
+            if name in FEATURE_ALIASES:
+                names.update(FEATURE_ALIASES[name])
+            elif name in FEATURE_FAMILIES:
+                names.add(name)
+            else:
+                known = ", ".join([*FEATURE_FAMILIES, *FEATURE_ALIASES])
+                raise ConfigError(f"extract.features: unknown feature family {name!r} in {spec!r} (known: {known})")
+        families = tuple(f for f in FEATURE_FAMILIES if f in names)
+        if families in sets:
+            raise ConfigError(f"extract.features: the set {'+'.join(families)} is given twice in {spec!r}")
+        sets.append(families)
+    return sets
+
+
+def cell_families_of(sets: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The cell families any of `sets` needs, in CELL_FAMILIES order (what preprocessing measures)."""
+    return tuple(f for f in CELL_FAMILIES if any(f in s for s in sets))
 
 
 @dataclass(frozen=True)
@@ -128,8 +164,15 @@ class ExtractConfig:
     preprocess_batch_size: int = 16
     seed: int = 0
     """Seeds the random trunk for --weights random, so its features are reproducible."""
+    features: str = "resnet50,cells"
+    """Feature sets the classifier sweep runs on, comma-separated; each set joins families
+    with '+': resnet50 (the trunk's 2,048 features, the paper's Table III), morphology,
+    colour, texture (hand-crafted, per cell; `cells` = all three). The first set is
+    leaderboard.csv, the others leaderboard-<families>.csv; e.g. resnet50+cells sweeps both
+    joined."""
 
     def __post_init__(self) -> None:
+        parse_feature_sets(self.features)
         if not self.weights:
             raise ConfigError("extract.weights is empty: use imagenet, random, auto or a file path")
         check_at_least("extract.batch_size", self.batch_size, 1)

@@ -19,6 +19,22 @@ from leukray.models.trunk import FEATURE_DIM, build_trunk, resolve_weights
 
 
 class TestConfig:
+    def test_feature_sets_parse_in_family_order(self):
+        from leukray.config import cell_families_of, parse_feature_sets
+        from leukray.ops.cellfeatures import family_columns, feature_dim
+
+        sets = parse_feature_sets("resnet50,cells")
+        assert sets == [("resnet50",), ("morphology", "colour", "texture")]
+        assert parse_feature_sets("texture+RESNET50") == [("resnet50", "texture")]
+        assert cell_families_of(parse_feature_sets("resnet50,texture,morphology+resnet50")) == ("morphology", "texture")
+        with pytest.raises(ConfigError, match="unknown feature family 'shape'"):
+            build_config({}, {"extract.features": "resnet50,shape"})
+        with pytest.raises(ConfigError, match="given twice"):
+            parse_feature_sets("cells,morphology+colour+texture")
+        morph, colour = feature_dim("morphology"), feature_dim("colour")
+        columns = family_columns(("morphology", "colour", "texture"), ("colour",))
+        assert list(columns) == list(range(morph, morph + colour))
+
     def test_yaml_then_overrides(self):
         cfg = build_config(
             {"sweep": {"timeout_s": 5}, "preprocess": {"size": 128}}, {"sweep.timeout_s": "9", "out": "r"}

@@ -68,6 +68,26 @@ class TestRun:
         train = meta[meta["split"] == "train"]["label"].value_counts()
         assert train["all"] == train["hem"]  # the minority class was oversampled to balance
 
+    def test_cell_features_beside_the_trunk_features_and_their_own_sweep(self, tiny_run):
+        from leukray.ops.cellfeatures import feature_dim
+
+        meta, _ = load_features(str(tiny_run / "features.parquet"))
+        cell_meta, cells = load_features(str(tiny_run / "cell_features.parquet"))
+        assert cell_meta[["path", "aug_index"]].equals(meta[["path", "aug_index"]])
+        assert cells.shape == (len(meta), feature_dim(("morphology", "colour", "texture"))) and np.isfinite(cells).all()
+        area = cells[:, 0]  # morph_area, in pixels of the 450x450-ish synthetic originals
+        assert (area > 1000).all()
+        copies = cell_meta["aug_index"] > 0  # a copy carries its original's measurements
+        originals = dict(zip(cell_meta.loc[~copies, "path"], area[~copies.to_numpy()]))
+        assert all(originals[p] == a for p, a in zip(cell_meta.loc[copies, "path"], area[copies.to_numpy()]))
+        summary = json.loads((tiny_run / "summary.json").read_text())
+        sets = {s["features"]: s for s in summary["feature_sets"]}
+        assert list(sets) == ["resnet50", "morphology+colour+texture"]
+        assert sets["morphology+colour+texture"]["dim"] == cells.shape[1]
+        board = pd.read_csv(tiny_run / sets["morphology+colour+texture"]["file"])
+        assert set(board["features"]) == {"morphology+colour+texture"} and len(board) == 5
+        assert set(pd.read_csv(tiny_run / "leaderboard.csv")["features"]) == {"resnet50"}
+
     def test_provenance_in_every_output(self, tiny_run):
         summary = json.loads((tiny_run / "summary.json").read_text())
         assert summary["weights"]["kind"] == "random" and summary["weights"]["is_pretrained"] is False

@@ -214,6 +214,20 @@ class TestBatchAndReport:
         assert broken["cell_index"].tolist() == [-1] and "not a decodable image" in broken["error"].item()
         assert not out["image"][broken.index].any()
 
+    def test_detect_and_crop_measures_the_cells_families_when_the_bundle_asks(self):
+        from leukray.ops.cellfeatures import feature_dim
+
+        files = {"a.png": encode(smear_field(seed=0)), "broken.jpg": b"not an image"}
+        batch = {"path": np.asarray(list(files), dtype=object)}
+        plain = detect_and_crop(batch, ScreenConfig(), PreprocessConfig(size=64), files.__getitem__)
+        out = detect_and_crop(batch, ScreenConfig(), PreprocessConfig(size=64), files.__getitem__, ("morphology",))
+        assert "cell_features" not in plain
+        assert np.array_equal(out["image"], plain["image"])  # the same crops either way
+        assert out["cell_features"].shape == (len(out["slide"]), feature_dim("morphology"))
+        cells = out["cell_index"] >= 0
+        assert (out["cell_features"][cells, 0] > 0).all()  # each detected cell has an area
+        assert not out["cell_features"][~cells].any()  # the broken slide's row carries zeros
+
     def test_slide_statuses(self):
         rows = pd.DataFrame(
             {

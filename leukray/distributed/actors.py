@@ -84,17 +84,23 @@ class BundlePredictor:
     def __init__(self, model_dir: str):
         self.bundle = load_bundle(model_dir)
         seed = int(self.bundle.manifest.get("weights_seed", 0))
-        self.extractor = FeatureExtractor(self.bundle.trunk_weights, seed=seed, maps_stage=self.bundle.maps_stage)
+        self.extractor = None
+        if self.bundle.needs_trunk:  # a model on cell features alone needs no ResNet50
+            self.extractor = FeatureExtractor(self.bundle.trunk_weights, seed=seed, maps_stage=self.bundle.maps_stage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = self.extractor(batch)
-        features = batch.pop("features")
-        maps = batch.pop("maps", None)
+        if self.extractor is not None:
+            batch = self.extractor(batch)
+        else:
+            batch.pop("image")
+            batch = _stamp(batch, "node_id", len(batch["error"]))
+        columns = {name: batch.pop(name, None) for name in ("features", "maps", "cell_features")}
         ok = ~error_mask(batch)
         prob = np.full(len(ok), np.nan)
         predicted = np.full(len(ok), "", dtype=object)
         if ok.any():
-            probs = self.bundle.probabilities(features[ok], maps[ok] if maps is not None else None)
+            features, maps, cells = (c[ok] if c is not None else None for c in columns.values())
+            probs = self.bundle.probabilities(features, maps, cells)
             prob[ok] = probs[:, self.bundle.positive_index]
             predicted[ok] = np.asarray(self.bundle.classes, dtype=object)[probs.argmax(axis=1)]
         batch["prob_all"] = prob

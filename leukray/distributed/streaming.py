@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from leukray.config import AugmentConfig, RunConfig, ScreenConfig
+from leukray.config import AugmentConfig, RunConfig, ScreenConfig, cell_families_of, parse_feature_sets
 from leukray.distributed.actors import (
     BundlePredictor,
     CustomEmbedder,
@@ -29,6 +29,7 @@ from leukray.io.features import FeatureFileWriter, error_mask
 from leukray.io.tables import ERROR_COLUMNS
 from leukray.models.bundle import Bundle
 from leukray.models.trunk import FEATURE_DIM
+from leukray.ops.cellfeatures import feature_dim
 
 ROWS_PER_BLOCK = 32
 STREAM_COLUMNS = ["path", "label", "subject", "split", "n_aug"]
@@ -62,6 +63,7 @@ class Streamed:
     errors: pd.DataFrame
     facts: dict[str, Any]
     maps_ds: Any = None
+    cell_matrix: np.ndarray | None = None  # N x D float32, rows as `meta`; None without cell families
 
 
 def _features_dataset(rows: pd.DataFrame, cfg: RunConfig, maps_stage: int) -> tuple[Any, bool]:
@@ -71,11 +73,17 @@ def _features_dataset(rows: pd.DataFrame, cfg: RunConfig, maps_stage: int) -> tu
         cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource
     )
     ds = ray.data.from_pandas(row_blocks(rows[STREAM_COLUMNS], ROWS_PER_BLOCK))
+    cell_families = cell_families_of(parse_feature_sets(cfg.extract.features))
     ds = ds.map_batches(
         preprocess_batch,
         batch_format="numpy",
         batch_size=cfg.extract.preprocess_batch_size,
-        fn_kwargs={"cfg": cfg.preprocess, "augment": cfg.augment, "seed": cfg.split.seed},
+        fn_kwargs={
+            "cfg": cfg.preprocess,
+            "augment": cfg.augment,
+            "seed": cfg.split.seed,
+            "cell_families": cell_families,
+        },
     )
     ds = ds.map_batches(
         FeatureExtractor,
@@ -89,10 +97,17 @@ def _features_dataset(rows: pd.DataFrame, cfg: RunConfig, maps_stage: int) -> tu
 
 
 def extract_features(
-    rows: pd.DataFrame, cfg: RunConfig, features_path: str | None, provenance: dict[str, str], keep_maps: bool = False
+    rows: pd.DataFrame,
+    cfg: RunConfig,
+    features_path: str | None,
+    provenance: dict[str, str],
+    keep_maps: bool = False,
+    cell_features_path: str | None = None,
 ) -> Streamed:
     """Stream `rows` through CPU preprocessing and the ResNet50 actor pool, writing
-    `features_path` incrementally (None: only the maps are wanted, nothing is written).
+    `features_path` incrementally (None: only the maps are wanted, nothing is written), and
+    the hand-crafted cell features `extract.features` asks for to `cell_features_path`
+    (same rows).
 
     With `keep_maps`, the trunk maps for the custom model are computed in the same pass and
     the dataset is materialised (in Ray's object store, spilling to disk) so training reads
@@ -101,20 +116,28 @@ def extract_features(
     ds, use_gpu = _features_dataset(rows, cfg, cfg.train.unfreeze_stages if keep_maps else -1)
     if keep_maps:
         ds = ds.materialize()
+    families = cell_families_of(parse_feature_sets(cfg.extract.features))
     nodes: dict[str, set[str]] = {"preprocess": set(), "extract": set()}
     columns = ["path", "label", "subject", "split", "aug_index", "error", "features", "preprocess_node", "node_id"]
     if features_path is None:
         columns = ["path", "error", "preprocess_node", "node_id"]
+    elif families and cell_features_path:
+        columns.append("cell_features")
     rows_written = 0
-    writer_context = (
-        FeatureFileWriter(features_path, FEATURE_DIM, provenance) if features_path else contextlib.nullcontext()
-    )
-    with writer_context as writer:
+    with contextlib.ExitStack() as stack:
+        writer = cell_writer = None
+        if features_path:
+            writer = stack.enter_context(FeatureFileWriter(features_path, FEATURE_DIM, provenance))
+            if families and cell_features_path:
+                cell_writer = FeatureFileWriter(cell_features_path, feature_dim(families), provenance)
+                stack.enter_context(cell_writer)
         for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256):
             nodes["preprocess"].update(map(str, batch["preprocess_node"]))
             nodes["extract"].update(map(str, batch["node_id"]))
             if writer is not None:
                 writer.write(batch)
+            if cell_writer is not None:
+                cell_writer.write({**batch, "features": batch["cell_features"]})
             rows_written += int((~error_mask(batch)).sum())
     facts = {
         "device": "gpu" if use_gpu else "cpu",
@@ -125,11 +148,11 @@ def extract_features(
         ds.select_columns(["path", "label", "subject", "split", "aug_index", "error", "maps"]) if keep_maps else None
     )
     if writer is None:
-        return Streamed(
-            pd.DataFrame(), np.zeros((0, FEATURE_DIM), np.float32), pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds
-        )
+        empty = np.zeros((0, FEATURE_DIM), np.float32)
+        return Streamed(pd.DataFrame(), empty, pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds)
     meta, matrix = writer.sorted_rows()
-    return Streamed(meta, matrix, writer.errors, facts, maps_ds)
+    cell_matrix = cell_writer.sorted_rows()[1] if cell_writer is not None else None
+    return Streamed(meta, matrix, writer.errors, facts, maps_ds, cell_matrix)
 
 
 def embed_maps(
@@ -192,7 +215,12 @@ def predict_stream(images: pd.DataFrame, bundle: Bundle, model_dir: str, columns
         preprocess_batch,
         batch_format="numpy",
         batch_size=16,
-        fn_kwargs={"cfg": bundle.preprocess, "augment": AugmentConfig(oversample=0.0), "seed": 0},
+        fn_kwargs={
+            "cfg": bundle.preprocess,
+            "augment": AugmentConfig(oversample=0.0),
+            "seed": 0,
+            "cell_families": bundle.cell_families,
+        },
     )
     ds, _ = _bundle_stream(ds, bundle, model_dir)
     parts = [
@@ -213,7 +241,7 @@ def screen_stream(
         detect_batch,
         batch_format="numpy",
         batch_size=cfg.batch_size,
-        fn_kwargs={"cfg": cfg, "preprocess_cfg": bundle.preprocess},
+        fn_kwargs={"cfg": cfg, "preprocess_cfg": bundle.preprocess, "cell_families": bundle.cell_families},
     )
     ds, use_gpu = _bundle_stream(ds, bundle, model_dir)
     batches = ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256)

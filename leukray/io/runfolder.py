@@ -25,6 +25,7 @@ TRAIN_RECORD = "train.json"
 HEAD_PROBS = "head_probs.parquet"
 FEATURES_FILE = "features.parquet"
 CUSTOM_FEATURES_FILE = "custom_features.parquet"
+CELL_FEATURES_FILE = "cell_features.parquet"
 MANIFEST_FILE = "manifest.parquet"
 MANIFEST_COLUMNS = ["path", "label", "subject", "split", "sha256", "duplicate_of", "dataset", "n_aug"]
 HISTORY_COLUMNS = [
@@ -37,7 +38,7 @@ HISTORY_COLUMNS = [
     "val_balanced_accuracy",
 ]
 # What the extract job fixed: a later stage that changed these would mix runs.
-FIXED_BY_EXTRACT = ("data", "preprocess", "augment", "split", "extract.weights", "extract.seed")
+FIXED_BY_EXTRACT = ("data", "preprocess", "augment", "split", "extract.weights", "extract.seed", "extract.features")
 
 
 def read_record(out: str, name: str, needed_by: str, made_by: str) -> dict[str, Any]:

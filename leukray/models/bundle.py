@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from leukray import __version__
-from leukray.config import PreprocessConfig
-from leukray.errors import LeukrayError
+from leukray.config import CELL_FAMILIES, PreprocessConfig, parse_feature_sets
+from leukray.errors import ConfigError, LeukrayError
 from leukray.io import storage
 from leukray.models.classifiers import positive_index
 
@@ -60,7 +60,7 @@ TRUSTED_TYPES = [
     "xgboost.core.Booster",
     "xgboost.sklearn.XGBClassifier",
 ]
-FEATURE_SOURCES = ("trunk", "custom", "head")
+MODEL_SOURCES = ("custom", "head")  # the custom model's embeddings, or its own sigmoid
 
 
 class BundleError(LeukrayError):
@@ -90,8 +90,7 @@ def save_bundle(
     source is custom or head). Returns the path of bundle.json."""
     import torch
 
-    if feature_source not in FEATURE_SOURCES:
-        raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
+    families = source_families(feature_source)  # raises ValueError on an unknown source
     files: dict[str, str] = {}
 
     def put(name: str, data: bytes) -> None:
@@ -118,6 +117,8 @@ def save_bundle(
         "weights": weights,
         "weights_seed": weights_seed,
         "feature_source": feature_source,
+        "features": "+".join(families) if families else feature_source,
+        "cell_families": [f for f in families if f in CELL_FAMILIES],
         "classifier": classifier_name,
         "head_config": head_config,
         "files": files,
@@ -150,18 +151,61 @@ class Bundle:
     def positive_index(self) -> int:
         return positive_index(self.classes, self.positive_label)
 
-    def probabilities(self, features: np.ndarray | None, maps: np.ndarray | None) -> np.ndarray:
-        """Class probabilities (N x C) from trunk features (N x 2048) or trunk maps."""
+    @property
+    def cell_families(self) -> tuple[str, ...]:
+        """The hand-crafted families preprocessing must measure for this model."""
+        return tuple(self.manifest.get("cell_families", ()))
+
+    @property
+    def needs_trunk(self) -> bool:
+        return self.feature_source in MODEL_SOURCES or "resnet50" in source_families(self.feature_source)
+
+    def probabilities(
+        self, features: np.ndarray | None, maps: np.ndarray | None, cell_features: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Class probabilities (N x C) from trunk features (N x 2048) and/or cell features
+        (N x D), or from trunk maps."""
         import torch
 
-        if self.feature_source == "trunk":
-            return np.asarray(self.classifier.predict_proba(features), dtype=np.float64)
+        if self.feature_source not in MODEL_SOURCES:
+            inputs = classifier_input(source_families(self.feature_source), features, cell_features)
+            return np.asarray(self.classifier.predict_proba(inputs), dtype=np.float64)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(maps)).float()
             if self.feature_source == "head":
                 return self.custom_model.head.probabilities(self.custom_model(x)).double().numpy()
             embedded = self.custom_model.embed(x, self.manifest["head_config"]["embedding"]).float().numpy()
         return np.asarray(self.classifier.predict_proba(embedded), dtype=np.float64)
+
+
+def source_families(source: str) -> tuple[str, ...]:
+    """The feature families a classifier source reads: `trunk` is the ResNet50 features
+    alone; a feature set names its families (`morphology+colour+texture`); the custom
+    model's sources read none of them.
+
+    Raises:
+        ValueError: an unknown source.
+    """
+    if source in MODEL_SOURCES:
+        return ()
+    if source == "trunk":
+        return ("resnet50",)
+    try:
+        (families,) = parse_feature_sets(source)
+    except (ConfigError, ValueError):
+        raise ValueError(f"unknown feature source {source!r}") from None
+    return families
+
+
+def classifier_input(
+    families: tuple[str, ...], features: np.ndarray | None, cell_features: np.ndarray | None
+) -> np.ndarray:
+    """The classifier's input for a feature set: the trunk's features and the set's cell
+    features (measured for exactly its families), side by side, as in the sweep."""
+    parts = ([features] if "resnet50" in families else []) + (
+        [cell_features] if any(f in CELL_FAMILIES for f in families) else []
+    )
+    return np.hstack(parts) if len(parts) > 1 else parts[0]
 
 
 def load_bundle(model_dir: str) -> Bundle:
@@ -191,7 +235,9 @@ def load_bundle(model_dir: str) -> Bundle:
         positive_label=manifest["positive_label"],
         feature_source=manifest["feature_source"],
         trunk_weights=_trunk_spec(model_dir, manifest, blobs),
-        maps_stage=head_config["unfreeze_stages"] if head_config and manifest["feature_source"] != "trunk" else -1,
+        maps_stage=head_config["unfreeze_stages"]
+        if head_config and manifest["feature_source"] in MODEL_SOURCES
+        else -1,
         custom_model=custom_model,
         classifier=classifier,
     )

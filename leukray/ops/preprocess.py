@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import cv2
 import numpy as np
 
 from leukray.config import AugmentConfig, PreprocessConfig
+from leukray.ops import cellfeatures
 from leukray.ops.augment import augment_image, augmentation_rng
 
 # Decoding and resizing run one image per Ray worker; cv2's own thread pool would only
@@ -503,6 +504,7 @@ def load_and_preprocess(
     augment: AugmentConfig,
     seed: int,
     read_bytes: Callable[[str], bytes],
+    cell_families: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """Ray Data batch function: read, decode and preprocess each image, and emit the
     augmented copies that the manifest asks for.
@@ -514,13 +516,19 @@ def load_and_preprocess(
         augment: augmentation parameters (used only where n_aug > 0).
         seed: run seed; each copy's augmentation is seeded by (seed, path, copy index).
         read_bytes: path or URI -> file bytes.
+        cell_families: hand-crafted feature families (`leukray.ops.cellfeatures.FAMILIES`)
+            to measure on each cell at its own resolution, in the same pass.
 
     Returns:
         One row per original image and per augmented copy: the input columns, `image`
         (N x size x size x 3 uint8; zeros where it failed), `aug_index` (0 = original) and
-        `error` ("" when the image is usable, else the reason).
+        `error` ("" when the image is usable, else the reason); with `cell_families`, also
+        `cell_features` (N x D float32; an augmented copy carries its original's, since
+        the families are measured at the cell's own size, which the copy's resize loses).
     """
     paths = batch["path"]
+    measure = _cell_measure(cell_families)
+    cells: list[np.ndarray] = []
     n_aug = batch["n_aug"] if "n_aug" in batch else np.zeros(len(paths), dtype=np.int64)
     blank = np.zeros((cfg.size, cfg.size, 3), dtype=np.uint8)
     images: list[np.ndarray] = []
@@ -530,11 +538,12 @@ def load_and_preprocess(
     for row, path in enumerate(paths):
         path = str(path)
         try:
-            crop = preprocess_bytes(read_bytes(path), cfg)
+            crop, cell = measure(read_bytes(path), cfg)
             error = ""
         except READ_ERRORS as exc:
-            crop, error = blank, read_error_reason(exc)
+            crop, cell, error = blank, None, read_error_reason(exc)
         images.append(crop)
+        cells.append(cell)
         errors.append(error)
         aug_index.append(0)
         source_row.append(row)
@@ -542,6 +551,7 @@ def load_and_preprocess(
             continue  # an unreadable image has no augmented copies; its error is recorded once
         for k in range(1, int(n_aug[row]) + 1):
             images.append(augment_image(crop, augmentation_rng(seed, path, k), augment))
+            cells.append(cell)
             errors.append("")
             aug_index.append(k)
             source_row.append(row)
@@ -550,4 +560,20 @@ def load_and_preprocess(
     out["image"] = np.stack(images) if images else np.zeros((0, cfg.size, cfg.size, 3), np.uint8)
     out["aug_index"] = np.asarray(aug_index, dtype=np.int64)
     out["error"] = np.asarray(errors, dtype=object)
+    if cell_families:
+        dim = cellfeatures.feature_dim(cell_families)
+        blank_cell = np.zeros(dim, np.float32)
+        out["cell_features"] = np.stack([c if c is not None else blank_cell for c in cells]).reshape(-1, dim)
     return out
+
+
+def _cell_measure(families: tuple[str, ...]) -> Callable[[bytes, PreprocessConfig], tuple[np.ndarray, Any]]:
+    """bytes -> (crop, cell features or None): the features only when families are asked for."""
+    if not families:
+        return lambda data, cfg: (preprocess_bytes(data, cfg), None)
+
+    def measure(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+        crop, cell_rgb, cell_mask = preprocess_bytes_with_cell(data, cfg)
+        return crop, cellfeatures.cell_features(cell_rgb, cell_mask, families)
+
+    return measure

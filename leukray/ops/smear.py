@@ -33,12 +33,13 @@ import cv2
 import numpy as np
 
 from leukray.config import PreprocessConfig, ScreenConfig
+from leukray.ops import cellfeatures
 from leukray.ops.preprocess import (
     READ_ERRORS,
     ImageError,
     decode_image,
     otsu_threshold,
-    preprocess_image,
+    preprocess_image_with_cell,
     read_error_reason,
 )
 
@@ -442,6 +443,7 @@ def detect_and_crop(
     cfg: ScreenConfig,
     preprocess_cfg: PreprocessConfig,
     read_bytes: Callable[[str], bytes],
+    cell_families: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """Ray Data batch function: slides in, cells out.
 
@@ -451,6 +453,8 @@ def detect_and_crop(
         preprocess_cfg: the bundle's preprocessing (`Bundle.preprocess`), applied to each
             crop exactly as in training.
         read_bytes: path or URI -> file bytes.
+        cell_families: hand-crafted families (`leukray.ops.cellfeatures`) to measure on each
+            cut-out cell, as the bundle's classifier was trained with.
 
     Returns:
         One row per detected cell: `slide` (the path), `cell_index` (0, 1, ... per slide),
@@ -464,7 +468,7 @@ def detect_and_crop(
     blank = np.zeros((size, size, 3), dtype=np.uint8)
     rows: list[CellRow] = []
     for path in map(str, batch["path"]):
-        rows.extend(_slide_rows(path, cfg, preprocess_cfg, read_bytes, blank))
+        rows.extend(_slide_rows(path, cfg, preprocess_cfg, read_bytes, blank, cell_families))
     out: dict[str, np.ndarray] = {
         "slide": np.asarray([r[0] for r in rows], dtype=object),
         "cell_index": np.asarray([r[1] for r in rows], dtype=np.int64),
@@ -474,11 +478,16 @@ def detect_and_crop(
         out[name] = coords[:, k] if name in ("cx", "cy") else coords[:, k].astype(np.int64)
     out["image"] = np.stack([r[3] for r in rows]) if rows else np.zeros((0, size, size, 3), np.uint8)
     out["error"] = np.asarray([r[4] for r in rows], dtype=object)
+    if cell_families:
+        dim = cellfeatures.feature_dim(cell_families)
+        out["cell_features"] = (
+            np.stack([r[5] for r in rows]).reshape(-1, dim) if rows else np.zeros((0, dim), np.float32)
+        )
     return out
 
 
-# slide, cell index (-1: the slide itself), box (BOX_COLUMNS), preprocessed crop, error
-CellRow = tuple[str, int, tuple[float, ...], np.ndarray, str]
+# slide, cell index (-1: the slide itself), box (BOX_COLUMNS), preprocessed crop, error, cell features
+CellRow = tuple[str, int, tuple[float, ...], np.ndarray, str, np.ndarray]
 NO_BOX = (0, 0, 0, 0, math.nan, math.nan, 0)
 
 
@@ -488,21 +497,24 @@ def _slide_rows(
     preprocess_cfg: PreprocessConfig,
     read_bytes: Callable[[str], bytes],
     blank: np.ndarray,
+    cell_families: tuple[str, ...] = (),
 ) -> list[CellRow]:
     """The rows of one slide (see `detect_and_crop`)."""
+    no_cell = np.zeros(cellfeatures.feature_dim(cell_families) if cell_families else 0, np.float32)
     try:
         field_image = decode_image(read_bytes(path))
         cells = detect_leukocytes(field_image, cfg)
     except (*READ_ERRORS, ValueError) as exc:  # ValueError: check_rgb's shape check
-        return [(path, -1, NO_BOX, blank, read_error_reason(exc))]
+        return [(path, -1, NO_BOX, blank, read_error_reason(exc), no_cell)]
     if not cells:
-        return [(path, -1, NO_BOX, blank, NO_CELLS)]
+        return [(path, -1, NO_BOX, blank, NO_CELLS, no_cell)]
     rows: list[CellRow] = []
     for index, cell in enumerate(cells):
         coords = (cell.x0, cell.y0, cell.x1, cell.y1, cell.cx, cell.cy, cell.area)
         try:
-            crop = preprocess_image(cell_crop(field_image, cell, cfg), preprocess_cfg)
-            rows.append((path, index, coords, crop, ""))
+            crop, cell_rgb, cell_mask = preprocess_image_with_cell(cell_crop(field_image, cell, cfg), preprocess_cfg)
+            measured = cellfeatures.cell_features(cell_rgb, cell_mask, cell_families) if cell_families else no_cell
+            rows.append((path, index, coords, crop, "", measured))
         except ImageError as exc:
-            rows.append((path, index, coords, blank, f"crop rejected by preprocessing: {exc}"))
+            rows.append((path, index, coords, blank, f"crop rejected by preprocessing: {exc}", no_cell))
     return rows

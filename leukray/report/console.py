@@ -24,10 +24,16 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _short(title: str) -> str:
+    return title.replace(" (the paper's Table III)", "")
+
+
 def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None) -> None:
     """Print Table III (and Table IV when the custom model was trained), then the facts
     that qualify them: weights, split, chosen model, counts."""
-    tables = [("leaderboard.csv", "Table III — classifiers on ResNet50 trunk features")]
+    sets = summary.get("feature_sets") or [{"file": "leaderboard.csv", "title": "ResNet50 trunk features"}]
+    tables = [("leaderboard.csv", f"Table III — classifiers on {_short(sets[0]['title'])}")]
+    tables += [(t["file"], f"Classifiers on {t['title']}") for t in sets[1:]]
     if summary.get("custom_model"):
         tables.append(
             (
@@ -37,7 +43,7 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
         )
     for name, title in tables:
         board = read_csv(storage.join(out, name))
-        shown = board.drop(columns=["detail", "weights", "node_id"], errors="ignore")
+        shown = board.drop(columns=["detail", "weights", "node_id", "features"], errors="ignore")
         if top:
             shown = shown.head(top)
         print()

@@ -508,11 +508,13 @@ def _leaderboard_table(board: pd.DataFrame | None, title: str, why: str) -> _Tab
     )
 
 
-def _leaderboards_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | None, folder: _RunFolder) -> _Section:
+def _leaderboards_section(
+    trunk: pd.DataFrame | None, custom: pd.DataFrame | None, folder: _RunFolder, summary: dict[str, Any]
+) -> _Section:
+    sets = summary.get("feature_sets") or [{}]
+    first = sets[0].get("title", "ResNet50 trunk features (the paper's Table III)")
     tables = [
-        _leaderboard_table(
-            trunk, "Table III: classifiers on ResNet50 trunk features (leaderboard.csv)", folder.why("leaderboard.csv")
-        ),
+        _leaderboard_table(trunk, f"Table III: classifiers on {first} (leaderboard.csv)", folder.why("leaderboard.csv")),
         _leaderboard_table(
             custom,
             "Table IV: classifiers on custom-model features (custom_leaderboard.csv)",
@@ -520,6 +522,24 @@ def _leaderboards_section(trunk: pd.DataFrame | None, custom: pd.DataFrame | Non
         ),
     ]
     return _Section("Classifier sweeps (the paper's Tables III and IV)", [_Block("tables", tables=tables)])
+
+
+def _feature_sets_section(summary: dict[str, Any], folder: _RunFolder) -> _Section | None:
+    """The sweeps on the other feature sets of `extract.features` (e.g. the hand-crafted
+    cell features), one table each; None when the run swept only one set."""
+    extra = (summary.get("feature_sets") or [])[1:]
+    if not extra:
+        return None
+    blocks = [
+        _p(
+            "The same sweep on the other feature sets of this run (extract.features); every set's best model "
+            "on validation was a candidate for the chosen model."
+        )
+    ]
+    for entry in extra:
+        title = f"Classifiers on {entry['title']} ({entry['file']})"
+        blocks.append(_table(_leaderboard_table(folder.csv(entry["file"]), title, folder.why(entry["file"]))))
+    return _Section("Classifier sweeps on other feature sets", blocks)
 
 
 def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: dict[str, bytes]) -> _Section:
@@ -1118,7 +1138,8 @@ def _report_sections(
     sections = [
         _header(summary, folder, manifest),
         _data_section(summary, folder, manifest),
-        _leaderboards_section(trunk, custom, folder),
+        _leaderboards_section(trunk, custom, folder, summary),
+        *filter(None, [_feature_sets_section(summary, folder)]),
         _history_section(history, folder, figures),
         _top_section(trunk, custom, top_n, figures),
     ]

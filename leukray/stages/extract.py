@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from leukray import __version__
-from leukray.config import RunConfig
+from leukray.config import RunConfig, cell_families_of, parse_feature_sets
 from leukray.data.manifest import build_manifest, discover_all
 from leukray.distributed.streaming import extract_features, hash_paths
-from leukray.errors import ConfigError
+from leukray.errors import ConfigError, DataError
 from leukray.io import runfolder, storage
 from leukray.io.features import META_COLUMNS, load_features
 from leukray.io.tables import log, read_csv, read_parquet, write_errors, write_json, write_parquet
@@ -43,6 +43,7 @@ class Extracted:
     matrix: np.ndarray  # N x 2048 float32, rows as `meta`
     errors: pd.DataFrame  # errors.csv
     maps_ds: Any = None  # the trunk maps for training, within one job
+    cell_matrix: np.ndarray | None = None  # N x D hand-crafted cell features, rows as `meta`
 
     @property
     def weights(self) -> WeightsInfo:
@@ -89,14 +90,19 @@ def extract_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, k
     tick = time.perf_counter()
     log(f"preprocessing and extracting features with {weights.describe()}")
     features_path = storage.join(cfg.out, runfolder.FEATURES_FILE)
-    streamed = extract_features(usable, cfg, features_path, provenance, keep_maps=keep_maps)
+    cell_path = storage.join(cfg.out, runfolder.CELL_FEATURES_FILE)
+    streamed = extract_features(
+        usable, cfg, features_path, provenance, keep_maps=keep_maps, cell_features_path=cell_path
+    )
     seconds["preprocess_augment_extract"] = time.perf_counter() - tick
     errors = pd.concat([errors, streamed.errors], ignore_index=True)
     write_errors(cfg.out, errors)
     record = _extract_record(weights, provenance, facts, manifest, usable, errors, streamed.facts, seconds)
     write_json(storage.join(cfg.out, runfolder.EXTRACT_RECORD), record)
     log(f"wrote {features_path}: {streamed.facts['feature_rows']} rows ({len(errors)} errors in errors.csv)")
-    return Extracted(cfg, record, manifest, streamed.meta, streamed.matrix, errors, streamed.maps_ds)
+    return Extracted(
+        cfg, record, manifest, streamed.meta, streamed.matrix, errors, streamed.maps_ds, streamed.cell_matrix
+    )
 
 
 def _provenance(cfg: RunConfig, weights: WeightsInfo, fingerprint: str) -> dict[str, str]:
@@ -146,9 +152,16 @@ def load_extracted(cfg: RunConfig, needed_by: str, with_features: bool = True) -
     record = runfolder.read_record(out, runfolder.EXTRACT_RECORD, needed_by, "extract")
     manifest = read_parquet(storage.join(out, runfolder.MANIFEST_FILE))
     features_path = storage.join(out, runfolder.FEATURES_FILE)
+    cell_matrix = None
     if with_features:
         meta, matrix = load_features(features_path)
+        if cell_families_of(parse_feature_sets(cfg.extract.features)):
+            cell_meta, cell_matrix = load_features(storage.join(out, runfolder.CELL_FEATURES_FILE))
+            if not cell_meta[["path", "aug_index"]].equals(meta[["path", "aug_index"]]):
+                raise DataError(
+                    f"{out}: cell_features.parquet and features.parquet hold other rows; rerun `leukray extract`"
+                )
     else:
         meta, matrix = read_parquet(features_path, columns=META_COLUMNS), np.zeros((0, 0), np.float32)
     errors = read_csv(storage.join(out, "errors.csv"))
-    return Extracted(cfg, record, manifest, meta, matrix, errors)
+    return Extracted(cfg, record, manifest, meta, matrix, errors, cell_matrix=cell_matrix)

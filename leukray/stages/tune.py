@@ -17,21 +17,21 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from leukray import __version__
-from leukray.config import AugmentConfig, RunConfig
+from leukray.config import CELL_FAMILIES, AugmentConfig, RunConfig, cell_families_of, parse_feature_sets
 from leukray.data.splits import TEST, TRAIN, VAL
 from leukray.distributed.resources import cluster_cpus, cluster_gpus
 from leukray.distributed.tuning import best_tunable_row, run_search_tune, run_sweep_tune
 from leukray.errors import DataError
 from leukray.io import runfolder, storage
 from leukray.io.tables import counts_by, log, write_csv, write_json, write_parquet
-from leukray.models.bundle import save_bundle
+from leukray.models.bundle import MODEL_SOURCES, classifier_input, save_bundle, source_families
 from leukray.models.classifiers import (
     SweepData,
     best_row,
@@ -45,6 +45,7 @@ from leukray.models.classifiers import (
 )
 from leukray.models.custom import build_custom_model
 from leukray.models.trunk import TrunkExtractor, build_trunk, resolve_weights
+from leukray.ops.cellfeatures import family_columns
 from leukray.ops.preprocess import load_and_preprocess
 from leukray.report.console import leaderboard_markdown
 from leukray.stages.extract import Extracted
@@ -56,13 +57,17 @@ METRICS = ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score"]
 
 @dataclass
 class Sweeps:
-    """The sweeps' results: features and leaderboard per source (`trunk`, `custom`) and the
-    candidates for the model choice (source, leaderboard row)."""
+    """The sweeps' results: features and leaderboard per source (`trunk` for the ResNet50
+    features alone, a feature set such as `morphology+colour+texture`, `custom`), the
+    candidates for the model choice (source, leaderboard row) and what each table holds."""
 
     data: dict[str, SweepData]
     boards: dict[str, pd.DataFrame]
     candidates: list[tuple[str, pd.Series | None]]
     has_val: bool
+    classes: list[str]
+    tables: list[dict[str, Any]]  # per feature set: features, source, file, title, dim
+    best: dict[str, pd.Series | None] = field(default_factory=dict)  # per source, before fine-tuning
 
 
 @dataclass
@@ -103,9 +108,9 @@ def tune_stage(
         if tuned is not None and tuned["row"] is not None:
             sweeps.candidates.append((tuned["feature_source"], tuned["row"]))
     chosen = fit_chosen(extracted, trained, sweeps)
-    predictions = write_predictions(extracted, chosen, sweeps.data["trunk"].classes)
+    predictions = write_predictions(extracted, chosen, sweeps.classes)
     log(f"chosen model (by validation balanced accuracy): {chosen.name} on {chosen.source} features")
-    write_model_bundle(extracted, trained, chosen, sweeps.data["trunk"].classes)
+    write_model_bundle(extracted, trained, chosen, sweeps.classes)
     timing = measure_inference(chosen.test_meta["path"].tolist()[:32], extracted, trained, chosen)
     seconds["total" if total_start is not None else "tune_total"] = time.perf_counter() - t0
     summary = build_summary(extracted, trained, sweeps, tuned, chosen, predictions, len(names), timing, seconds)
@@ -131,38 +136,86 @@ def _describe_data(cfg: RunConfig, fingerprint: str) -> str:
     return f"{cfg.data.path}{test} (fingerprint {fingerprint[:12]})"
 
 
+def source_name(families: tuple[str, ...]) -> str:
+    """The model-choice source of a feature set: `trunk` for ResNet50 alone (as bundles of
+    earlier versions call it), else the families joined with '+'."""
+    return "trunk" if families == ("resnet50",) else "+".join(families)
+
+
+def feature_matrix(extracted: Extracted, families: tuple[str, ...]) -> np.ndarray:
+    """The N x D matrix of a feature set: the trunk's 2,048 features and/or the columns of
+    the measured cell families it names, side by side."""
+    parts = [extracted.matrix] if "resnet50" in families else []
+    cell = tuple(f for f in families if f in CELL_FAMILIES)
+    if cell:
+        measured = cell_families_of(parse_feature_sets(extracted.cfg.extract.features))
+        parts.append(extracted.cell_matrix[:, family_columns(measured, cell)])
+    return np.hstack(parts) if len(parts) > 1 else parts[0]
+
+
+def _table_of(families: tuple[str, ...], first: bool, dim: int) -> dict[str, Any]:
+    name = "+".join(families)
+    title = (
+        "ResNet50 trunk features (the paper's Table III)" if families == ("resnet50",) else f"{name} features, {dim}-d"
+    )
+    stem = "leaderboard" if first else "leaderboard-" + "-".join(families)
+    return {
+        "features": name,
+        "source": source_name(families),
+        "stem": stem,
+        "file": f"{stem}.csv",
+        "title": title,
+        "dim": dim,
+    }
+
+
 def run_sweeps(extracted: Extracted, trained: Trained | None, names: list[str], seconds: dict[str, float]) -> Sweeps:
-    """Table III on the trunk features; with a trained custom model, Table IV on its
+    """One sweep per feature set of `extract.features` (the first is leaderboard.csv, the
+    paper's Table III when it is resnet50); with a trained custom model, Table IV on its
     embeddings and the head itself as a candidate."""
     cfg = extracted.cfg
-    data = sweep_data(extracted.meta, extracted.matrix, cfg.data.positive_label)
-    for split_name, y in ((TRAIN, data.y_train), (TEST, data.y_test)):
-        if len(np.unique(y)) < 2:
-            single = [data.classes[c] for c in set(y)]
-            raise DataError(
-                f"after preprocessing, the {split_name} split holds a single class ({single}); see errors.csv"
-            )
-    has_val = len(data.y_val) > 0
-    tick = time.perf_counter()
-    board = sweep_and_write(
-        data, names, extracted, stem="leaderboard", title="ResNet50 trunk features (the paper's Table III)"
-    )
-    seconds["sweep"] = time.perf_counter() - tick
-    sweeps = Sweeps(
-        {"trunk": data}, {"trunk": board}, [("trunk", best_row(board, has_val, seed=cfg.sweep.seed))], has_val
-    )
+    sweeps = None
+    for k, families in enumerate(parse_feature_sets(cfg.extract.features)):
+        data = sweep_data(extracted.meta, feature_matrix(extracted, families), cfg.data.positive_label)
+        if sweeps is None:
+            _check_two_classes(data)
+            sweeps = Sweeps({}, {}, [], len(data.y_val) > 0, data.classes, [])
+        table = _table_of(families, k == 0, data.X_train.shape[1])
+        tick = time.perf_counter()
+        board = sweep_and_write(
+            data, names, extracted, stem=table["stem"], title=table["title"], features=table["features"]
+        )
+        seconds["sweep" if k == 0 else f"sweep_{table['features']}"] = time.perf_counter() - tick
+        _add_sweep(sweeps, table["source"], data, board, cfg.sweep.seed)
+        sweeps.tables.append(table)
     if trained is None:
         return sweeps
     custom_data = sweep_data(trained.meta, trained.matrix, cfg.data.positive_label)
     tick = time.perf_counter()
     embedding = trained.record["custom_model"]["embedding"]
     title = f"custom-model features, {embedding}-d (the paper's Table IV)"
-    custom_board = sweep_and_write(custom_data, names, extracted, stem="custom_leaderboard", title=title)
+    custom_board = sweep_and_write(
+        custom_data, names, extracted, stem="custom_leaderboard", title=title, features="custom"
+    )
     seconds["sweep_custom"] = time.perf_counter() - tick
-    sweeps.data["custom"], sweeps.boards["custom"] = custom_data, custom_board
-    sweeps.candidates.append(("custom", best_row(custom_board, has_val, seed=cfg.sweep.seed)))
-    sweeps.candidates.append(("head", _head_row(trained, data.classes)))
+    _add_sweep(sweeps, "custom", custom_data, custom_board, cfg.sweep.seed)
+    sweeps.candidates.append(("head", _head_row(trained, sweeps.classes)))
     return sweeps
+
+
+def _check_two_classes(data: SweepData) -> None:
+    for split_name, y in ((TRAIN, data.y_train), (TEST, data.y_test)):
+        if len(np.unique(y)) < 2:
+            single = [data.classes[c] for c in set(y)]
+            raise DataError(
+                f"after preprocessing, the {split_name} split holds a single class ({single}); see errors.csv"
+            )
+
+
+def _add_sweep(sweeps: Sweeps, source: str, data: SweepData, board: pd.DataFrame, seed: int) -> None:
+    sweeps.data[source], sweeps.boards[source] = data, board
+    sweeps.best[source] = best_row(board, sweeps.has_val, seed=seed)
+    sweeps.candidates.append((source, sweeps.best[source]))
 
 
 def _head_row(trained: Trained, classes: list[str]) -> pd.Series:
@@ -176,7 +229,9 @@ def _head_row(trained: Trained, classes: list[str]) -> pd.Series:
     return row
 
 
-def sweep_and_write(data: SweepData, names: list[str], extracted: Extracted, *, stem: str, title: str) -> pd.DataFrame:
+def sweep_and_write(
+    data: SweepData, names: list[str], extracted: Extracted, *, stem: str, title: str, features: str
+) -> pd.DataFrame:
     """Run one Tune sweep and write RUN/<stem>.csv and .md."""
     cfg = extracted.cfg
     log(
@@ -195,10 +250,11 @@ def sweep_and_write(data: SweepData, names: list[str], extracted: Extracted, *, 
     )
     weights = extracted.weights
     board["weights"] = weights.name
+    board["features"] = features
     write_csv(storage.join(cfg.out, f"{stem}.csv"), board)
     data_desc = _describe_data(cfg, extracted.record["fingerprint"])
     split_desc = describe_split(cfg, extracted.record["facts"])
-    shown = board.drop(columns=["weights", "node_id"])
+    shown = board.drop(columns=["weights", "node_id", "features"])
     storage.write_text(
         storage.join(cfg.out, f"{stem}.md"), leaderboard_markdown(shown, weights, data_desc, split_desc, title)
     )
@@ -317,42 +373,56 @@ def measure_inference(
     paths: list[str], extracted: Extracted, trained: Trained | None, chosen: Chosen
 ) -> dict[str, float]:
     """Seconds per image of each stage of the chosen model, measured in this process on up
-    to 32 test images (after one warm-up batch): decode + preprocess, trunk, head, classifier."""
+    to 32 test images (after one warm-up batch): decode + preprocess (+ cell features),
+    trunk, head, classifier."""
     if not paths:
         return {}
     cfg = extracted.cfg
+    families = source_families(chosen.source)
     batch = {"path": np.asarray(paths, dtype=object), "n_aug": np.zeros(len(paths), np.int64)}
+    cells = tuple(f for f in families if f in CELL_FAMILIES)
     tick = time.perf_counter()
-    pre = load_and_preprocess(batch, cfg.preprocess, AugmentConfig(oversample=0.0), 0, storage.read_bytes)
+    pre = load_and_preprocess(batch, cfg.preprocess, AugmentConfig(oversample=0.0), 0, storage.read_bytes, cells)
     timing = {"decode_preprocess": (time.perf_counter() - tick) / len(paths)}
-    images = pre["image"][np.asarray([not e for e in pre["error"]], dtype=bool)]
+    ok = np.asarray([not e for e in pre["error"]], dtype=bool)
+    images = pre["image"][ok]
     if not len(images):
         return timing
-    custom = chosen.source in ("custom", "head") and trained is not None
-    head_config = trained.record["head_config"] if custom else None
-    extractor = TrunkExtractor(
-        cfg.extract.weights, seed=cfg.extract.seed, maps_stage=head_config["unfreeze_stages"] if custom else -1
-    )
-    extractor.extract(images[:2])  # warm-up
-    tick = time.perf_counter()
-    features, maps = extractor.extract(images)
-    timing["trunk"] = (time.perf_counter() - tick) / len(images)
+    custom = chosen.source in MODEL_SOURCES and trained is not None
+    features = maps = None
+    if custom or "resnet50" in families:
+        features, maps, timing["trunk"] = _time_trunk(cfg, images, trained.record["head_config"] if custom else None)
     if custom:
-        import torch
-
-        model = build_custom_model(head_config, state=trained.model_state())
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(maps)).float()
-            tick = time.perf_counter()
-            embedded = model.embed(x, head_config["embedding"]).numpy()
-            model(x)
-            timing["head"] = (time.perf_counter() - tick) / len(images)
+        inputs, timing["head"] = _time_head(trained, maps)
+    else:
+        inputs = classifier_input(families, features, pre["cell_features"][ok] if cells else None)
     if chosen.classifier is not None:
-        inputs = features if chosen.source == "trunk" else embedded
         tick = time.perf_counter()
         chosen.classifier.predict_proba(inputs)
         timing["classifier"] = (time.perf_counter() - tick) / len(images)
     return timing
+
+
+def _time_trunk(cfg: RunConfig, images: np.ndarray, head_config: dict[str, Any] | None) -> tuple[Any, Any, float]:
+    maps_stage = head_config["unfreeze_stages"] if head_config else -1
+    extractor = TrunkExtractor(cfg.extract.weights, seed=cfg.extract.seed, maps_stage=maps_stage)
+    extractor.extract(images[:2])  # warm-up
+    tick = time.perf_counter()
+    features, maps = extractor.extract(images)
+    return features, maps, (time.perf_counter() - tick) / len(images)
+
+
+def _time_head(trained: Trained, maps: np.ndarray) -> tuple[np.ndarray, float]:
+    import torch
+
+    head_config = trained.record["head_config"]
+    model = build_custom_model(head_config, state=trained.model_state())
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(maps)).float()
+        tick = time.perf_counter()
+        embedded = model.embed(x, head_config["embedding"]).numpy()
+        model(x)
+        return embedded, (time.perf_counter() - tick) / len(maps)
 
 
 def build_summary(
@@ -370,7 +440,7 @@ def build_summary(
     cfg, record = extracted.cfg, extracted.record
     facts, meta = record["facts"], extracted.meta
     usable_meta = meta[meta["aug_index"] == 0]
-    classes = sweeps.data["trunk"].classes
+    classes = sweeps.classes
     code = {name: i for i, name in enumerate(classes)}
     chosen_test = score_probabilities(predictions["label"].map(code).to_numpy(), chosen.test_probs)
     return {
@@ -395,8 +465,16 @@ def build_summary(
             "subjects_by_split": record["counts"]["subjects_by_split"],
         },
         "duplicates": facts["duplicate_pairs"],
-        "best_model": _best_summary(sweeps.candidates[0][1], sweeps.has_val),
-        "best_custom_model": _best_summary(sweeps.candidates[1][1], sweeps.has_val) if trained is not None else None,
+        "best_model": _best_summary(sweeps.best[sweeps.tables[0]["source"]], sweeps.has_val),
+        "best_custom_model": _best_summary(sweeps.best["custom"], sweeps.has_val) if trained else None,
+        "feature_sets": [
+            {
+                **{k: t[k] for k in ("features", "source", "file", "title", "dim")},
+                "best": _best_summary(sweeps.best[t["source"]], sweeps.has_val),
+                "sweep": _sweep_counts(sweeps.boards[t["source"]], n_classifiers),
+            }
+            for t in sweeps.tables
+        ],  # fmt: skip
         "chosen_model": {
             "name": chosen.name,
             "feature_source": chosen.source,
@@ -406,11 +484,11 @@ def build_summary(
         },
         "custom_model": trained.record["custom_model"] if trained is not None else None,
         "tuned_model": {k: v for k, v in tuned.items() if k != "row"} if tuned is not None else None,
-        "sweep": _sweep_counts(sweeps.boards["trunk"], n_classifiers),
+        "sweep": _sweep_counts(sweeps.boards[sweeps.tables[0]["source"]], n_classifiers),
         "sweep_custom": _sweep_counts(sweeps.boards["custom"], n_classifiers) if "custom" in sweeps.boards else None,
         "inference_seconds_per_image": timing,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "ray": _ray_facts(record, trained, sweeps.boards["trunk"]),
+        "ray": _ray_facts(record, trained, sweeps.boards[sweeps.tables[0]["source"]]),
         "environment": {"python": platform.python_version(), "platform": sys.platform},
     }
 

@@ -437,7 +437,9 @@ def generate_dataset(
     fold_of = _assign_folds(plan, folds)
     rows = []
     for (label, sid, count), seq in zip(plan, subject_seqs):
-        rows.extend(_write_subject(root / f"fold_{fold_of[sid]}" / label, np.random.default_rng(seq), label, sid, count))
+        rows.extend(
+            _write_subject(root / f"fold_{fold_of[sid]}" / label, np.random.default_rng(seq), label, sid, count)
+        )
     df = pd.DataFrame(rows, columns=["path", "label", "subject"])
     df["fold"] = df["subject"].map(fold_of).astype(int)
     return df.sort_values("path", kind="stable").reset_index(drop=True)
@@ -487,7 +489,9 @@ def _assign_folds(plan: list[tuple[str, str, int]], folds: int) -> dict[str, int
     return fold_of
 
 
-def _write_subject(folder: Path, rng: np.random.Generator, label: str, sid: str, count: int) -> list[tuple[str, str, str]]:
+def _write_subject(
+    folder: Path, rng: np.random.Generator, label: str, sid: str, count: int
+) -> list[tuple[str, str, str]]:
     """One subject's cells, a few per "image" (as C-NMC names them), as BMP files."""
     style = SubjectStyle.draw(rng)
     folder.mkdir(parents=True, exist_ok=True)
