@@ -195,9 +195,20 @@ class SweepConfig:
     tune_trials: int = 16
     """Fine-tune the best classifier (the paper's step 6): this many Ray Tune trials of a
     seeded random search over its hyperparameters, chosen on validation; 0 = off."""
+    cv_folds: int = 5
+    """The model is chosen by cross-validation grouped by subject (StratifiedGroupKFold) over
+    the training and validation subjects, with this many folds (fewer when a class has
+    fewer subjects); 0 = choose on the validation split alone. Never uses the test split."""
+    cv_top: int = 5
+    """How many candidates (the best on validation of every sweep and the fine-tuned one)
+    are cross-validated for the choice."""
 
     def __post_init__(self) -> None:
         check_at_least("sweep.tune_trials", self.tune_trials, 0)
+        check_at_least("sweep.cv_folds", self.cv_folds, 0)
+        if self.cv_folds == 1:
+            raise ConfigError("sweep.cv_folds must be 0 (off) or >= 2, got 1")
+        check_at_least("sweep.cv_top", self.cv_top, 1)
         if not self.classifiers.strip():
             raise ConfigError("sweep.classifiers is empty: use 'all' or a comma-separated list")
         check_in_range("sweep.timeout_s", self.timeout_s, 0.1, 7 * 24 * 3600)

@@ -88,6 +88,18 @@ class TestRun:
         assert set(board["features"]) == {"morphology+colour+texture"} and len(board) == 5
         assert set(pd.read_csv(tiny_run / "leaderboard.csv")["features"]) == {"resnet50"}
 
+    def test_model_chosen_by_subject_grouped_cross_validation(self, tiny_run):
+        choice = pd.read_csv(tiny_run / "model_choice.csv")
+        ok = choice[choice["status"] == "ok"]
+        assert len(ok) >= 2 and (ok["cv_folds"] >= 2).all()
+        assert ok["CV Balanced Accuracy"].is_monotonic_decreasing  # best first
+        chosen = json.loads((tiny_run / "summary.json").read_text())["chosen_model"]
+        assert (chosen["name"], chosen["feature_source"]) == (ok.iloc[0]["Model"], ok.iloc[0]["source"])
+        assert chosen["cv_balanced_accuracy"] == pytest.approx(ok.iloc[0]["CV Balanced Accuracy"])
+        assert chosen["chosen_by"].startswith("subject-grouped") and "train+val" in chosen["chosen_by"]
+        bundle = json.loads((tiny_run / "model" / "bundle.json").read_text())
+        assert bundle["chosen_by"] == chosen["chosen_by"] and bundle["classifier"] == chosen["name"]
+
     def test_provenance_in_every_output(self, tiny_run):
         summary = json.loads((tiny_run / "summary.json").read_text())
         assert summary["weights"]["kind"] == "random" and summary["weights"]["is_pretrained"] is False

@@ -16,8 +16,10 @@ import pandas as pd
 from leukray.errors import ConfigError
 from leukray.models.classifiers import (
     LEADERBOARD_COLUMNS,
+    GroupedData,
     SweepData,
     best_row,
+    grouped_cv,
     leaderboard_frame,
     plain_json_value,
     run_one,
@@ -218,4 +220,47 @@ def run_search_tune(
     frame = pd.DataFrame(rows).reindex(columns=[*LEADERBOARD_COLUMNS, "params"])
     frame["_ok"] = frame["status"] == "ok"
     frame = frame.sort_values(["_ok", "Val Balanced Accuracy", "params"], ascending=[False, False, True])
+    return frame.drop(columns="_ok").reset_index(drop=True)
+
+
+CV_COLUMNS = ["source", "Model", "params", "CV Balanced Accuracy", "CV sd", "cv_folds", "status", "detail", "node_id"]
+
+
+def run_cv_tune(
+    candidates: list[dict[str, Any]],
+    data: dict[str, GroupedData],
+    seed: int,
+    folds: int,
+    cpus_per_trial: float,
+    storage_path: str,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> pd.DataFrame:
+    """Subject-grouped cross-validation of each candidate (`source`, `Model`, `params` JSON
+    or None), one Ray Tune trial each; best CV balanced accuracy first."""
+    from ray import tune
+
+    n_jobs = max(1, int(cpus_per_trial))
+
+    def fit_row(config: dict[str, Any], data_ref: dict[str, GroupedData]) -> dict[str, Any]:
+        candidate = candidates[config["candidate"]]
+        params = json.loads(candidate["params"]) if candidate["params"] else None
+        row = {**candidate, "status": "ok", "detail": ""}
+        try:
+            row.update(grouped_cv(candidate["base_model"], data_ref[candidate["source"]], seed, folds, params, n_jobs))
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot be cross-validated is a result
+            row.update(status="failed", detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+        return row
+
+    def failed_row(config: dict[str, Any], detail: str) -> dict[str, Any]:
+        return {**candidates[config.get("candidate", 0)], "status": "failed", "detail": detail}
+
+    space = {"candidate": tune.grid_search(list(range(len(candidates))))}
+    rows = _run_trials(
+        data, fit_row, space, tune.TuneConfig(reuse_actors=True),
+        run_name="model_choice", storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
+        columns=[*CV_COLUMNS, "base_model"], failed_row=failed_row,
+    )  # fmt: skip
+    frame = pd.DataFrame(rows).reindex(columns=[*CV_COLUMNS, "base_model"])
+    frame["_ok"] = frame["status"] == "ok"
+    frame = frame.sort_values(["_ok", "CV Balanced Accuracy", "Model"], ascending=[False, False, True])
     return frame.drop(columns="_ok").reset_index(drop=True)

@@ -326,6 +326,60 @@ def best_row(board: pd.DataFrame, has_val: bool, seed: int = 0) -> pd.Series | N
     return ok.sort_values([key, "Model"], ascending=[False, True]).iloc[0]
 
 
+@dataclass
+class GroupedData:
+    """Training and validation rows for cross-validation grouped by subject: `X` (N x D),
+    integer labels `y`, `groups` (subject, or the image itself without one) and `original`
+    (False for augmented copies, which train but are never scored)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    original: np.ndarray
+
+
+def grouped_data(meta: pd.DataFrame, matrix: np.ndarray, classes: list[str]) -> GroupedData:
+    """train (with its augmented copies) + validation originals of a feature table."""
+    split, aug = meta["split"].to_numpy(), meta["aug_index"].to_numpy()
+    pick = (split == TRAIN) | ((split == VAL) & (aug == 0))
+    code = {name: i for i, name in enumerate(classes)}
+    subject = meta["subject"].astype(str).to_numpy()
+    groups = np.where(subject != "", subject, meta["path"].astype(str).to_numpy())
+    y = np.fromiter((code[v] for v in meta["label"].astype(str)), dtype=np.int64, count=len(meta))
+    return GroupedData(matrix[pick], y[pick], groups[pick], aug[pick] == 0)
+
+
+def grouped_folds(data: GroupedData, folds: int) -> int:
+    """How many folds the data allows: at most `folds`, at most the subjects of the rarest class."""
+    orig = data.original
+    per_class = [len(set(data.groups[orig & (data.y == c)])) for c in np.unique(data.y[orig])]
+    return min([folds, *per_class]) if len(per_class) > 1 else 0
+
+
+def grouped_cv(
+    name: str, data: GroupedData, seed: int, folds: int, params: dict[str, Any] | None = None, n_jobs: int = 1
+) -> dict[str, Any]:
+    """Balanced accuracy of `name` by StratifiedGroupKFold over subjects: each fold trains
+    on the other subjects' rows (with their augmented copies) and scores this fold's
+    originals. Returns the mean, the standard deviation and the folds used."""
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    k = grouped_folds(data, folds)
+    if k < 2:
+        raise ValueError("too few subjects per class for grouped cross-validation")
+    orig = np.flatnonzero(data.original)
+    scores = []
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _, test in cv.split(orig, data.y[orig], data.groups[orig]):
+            held_out = np.isin(data.groups, np.unique(data.groups[orig[test]]))
+            model = make_pipeline(name, seed, n_jobs, params).fit(data.X[~held_out], data.y[~held_out])
+            scores.append(balanced_accuracy_score(data.y[orig[test]], model.predict(data.X[orig[test]])))
+    return {"CV Balanced Accuracy": float(np.mean(scores)), "CV sd": float(np.std(scores)), "cv_folds": k}
+
+
 def choose_model(candidates: list[tuple[str, pd.Series | None]]) -> tuple[str, pd.Series] | None:
     """The (feature source, row) with the best validation balanced accuracy; the test split
     is not used."""

@@ -651,19 +651,7 @@ def cell_features(image: np.ndarray, mask: np.ndarray, families: Sequence[str] |
     image = np.ascontiguousarray(image)
 
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    nucleus_u8 = np.zeros_like(mask_u8)
-    if "morphology" in fams or "colour" in fams:
-        # Nucleus = the darker (purple, chromatin-dense) part: Otsu on the cell's own gray
-        # levels. A cell with a single gray level has no nucleus/cytoplasm split: empty.
-        # Thresholded on a 5x5 Gaussian-smoothed gray: raw pixels speckle the nucleus into
-        # dozens of fragments (wrong part count, ragged outline, and slow to trace).
-        # The background is first set to the cell's mean, or the blur would darken the rim
-        # with black and call it nucleus.
-        level = round(cv2.mean(gray, mask=mask_u8)[0])
-        smooth = cv2.GaussianBlur(np.where(mask_u8 > 0, gray, np.uint8(level)), (5, 5), 0)
-        t = _otsu_from_hist(cv2.calcHist([smooth], [0], mask_u8, [256], [0, 256]).ravel())
-        if t is not None:
-            nucleus_u8 = mask_u8 & (smooth <= t).view(np.uint8)
+    nucleus_u8 = _nucleus(gray, mask_u8) if "morphology" in fams or "colour" in fams else np.zeros_like(mask_u8)
     n_nucleus = cv2.countNonZero(nucleus_u8)
 
     parts = []
@@ -678,6 +666,22 @@ def cell_features(image: np.ndarray, mask: np.ndarray, families: Sequence[str] |
     # Guard the contract, whatever a degenerate cell did to a ratio: finite float32.
     vec = np.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)
     return np.clip(vec, -1e30, 1e30).astype(np.float32)
+
+
+def _nucleus(gray: np.ndarray, mask_u8: np.ndarray) -> np.ndarray:
+    """The nucleus = the darker (purple, chromatin-dense) part of the cell, 0/1 uint8: Otsu on
+    the cell's own gray levels. A cell with a single gray level has no nucleus/cytoplasm
+    split: empty."""
+    # Thresholded on a 5x5 Gaussian-smoothed gray: raw pixels speckle the nucleus into
+    # dozens of fragments (wrong part count, ragged outline, and slow to trace).
+    # The background is first set to the cell's mean, or the blur would darken the rim
+    # with black and call it nucleus.
+    level = round(cv2.mean(gray, mask=mask_u8)[0])
+    smooth = cv2.GaussianBlur(np.where(mask_u8 > 0, gray, np.uint8(level)), (5, 5), 0)
+    t = _otsu_from_hist(cv2.calcHist([smooth], [0], mask_u8, [256], [0, 256]).ravel())
+    if t is None:
+        return np.zeros_like(mask_u8)
+    return mask_u8 & (smooth <= t).view(np.uint8)
 
 
 def family_columns(measured: Sequence[str], wanted: Sequence[str]) -> np.ndarray:

@@ -555,6 +555,11 @@ def load_and_preprocess(
             errors.append("")
             aug_index.append(k)
             source_row.append(row)
+    return _stream_batch(batch, cfg, source_row, images, aug_index, errors, cells, cell_families)
+
+
+def _stream_batch(batch, cfg, source_row, images, aug_index, errors, cells, cell_families) -> dict[str, np.ndarray]:
+    """`load_and_preprocess`'s rows as columns (the input columns repeated per copy)."""
     take = np.asarray(source_row, dtype=np.int64)
     out = {name: np.asarray(column)[take] for name, column in batch.items()}
     out["image"] = np.stack(images) if images else np.zeros((0, cfg.size, cfg.size, 3), np.uint8)

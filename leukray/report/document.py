@@ -514,7 +514,9 @@ def _leaderboards_section(
     sets = summary.get("feature_sets") or [{}]
     first = sets[0].get("title", "ResNet50 trunk features (the paper's Table III)")
     tables = [
-        _leaderboard_table(trunk, f"Table III: classifiers on {first} (leaderboard.csv)", folder.why("leaderboard.csv")),
+        _leaderboard_table(
+            trunk, f"Table III: classifiers on {first} (leaderboard.csv)", folder.why("leaderboard.csv")
+        ),
         _leaderboard_table(
             custom,
             "Table IV: classifiers on custom-model features (custom_leaderboard.csv)",

@@ -27,16 +27,20 @@ from leukray import __version__
 from leukray.config import CELL_FAMILIES, AugmentConfig, RunConfig, cell_families_of, parse_feature_sets
 from leukray.data.splits import TEST, TRAIN, VAL
 from leukray.distributed.resources import cluster_cpus, cluster_gpus
-from leukray.distributed.tuning import best_tunable_row, run_search_tune, run_sweep_tune
+from leukray.distributed.tuning import best_tunable_row, run_cv_tune, run_search_tune, run_sweep_tune
 from leukray.errors import DataError
 from leukray.io import runfolder, storage
 from leukray.io.tables import counts_by, log, write_csv, write_json, write_parquet
 from leukray.models.bundle import MODEL_SOURCES, classifier_input, save_bundle, source_families
 from leukray.models.classifiers import (
+    GroupedData,
     SweepData,
     best_row,
     choose_model,
     format_row,
+    grouped_data,
+    grouped_folds,
+    has_probabilities,
     make_pipeline,
     positive_index,
     score_probabilities,
@@ -81,6 +85,7 @@ class Chosen:
     classifier: Any  # the fitted pipeline; None for the head
     test_meta: pd.DataFrame
     test_probs: np.ndarray  # N x C
+    chosen_by: str = "validation balanced accuracy"
 
 
 def tune_stage(
@@ -107,9 +112,12 @@ def tune_stage(
         seconds["tuning"] = time.perf_counter() - tick
         if tuned is not None and tuned["row"] is not None:
             sweeps.candidates.append((tuned["feature_source"], tuned["row"]))
-    chosen = fit_chosen(extracted, trained, sweeps)
+    tick = time.perf_counter()
+    choice, chosen_by = choose(extracted, trained, sweeps)
+    seconds["model_choice"] = time.perf_counter() - tick
+    chosen = fit_chosen(extracted, trained, sweeps, choice, chosen_by)
     predictions = write_predictions(extracted, chosen, sweeps.classes)
-    log(f"chosen model (by validation balanced accuracy): {chosen.name} on {chosen.source} features")
+    log(f"chosen model (by {chosen_by}): {chosen.name} on {chosen.source} features")
     write_model_bundle(extracted, trained, chosen, sweeps.classes)
     timing = measure_inference(chosen.test_meta["path"].tolist()[:32], extracted, trained, chosen)
     seconds["total" if total_start is not None else "tune_total"] = time.perf_counter() - t0
@@ -302,24 +310,94 @@ def tune_best(cfg: RunConfig, sweeps: Sweeps) -> dict[str, Any] | None:
     }
 
 
-def fit_chosen(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> Chosen:
-    """The candidate with the best validation balanced accuracy, fitted on the training
-    split, with its probabilities on the test split."""
-    chosen = choose_model(sweeps.candidates)
-    if chosen is None:
+def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tuple[tuple[str, pd.Series], str]:
+    """The model to keep, and how it was chosen: by subject-grouped cross-validation over the
+    training and validation subjects among the best `sweep.cv_top` candidates on validation
+    (RUN/model_choice.csv), or, with `sweep.cv_folds` 0 or too few subjects, by validation
+    balanced accuracy alone. The test split is never used."""
+    cfg = extracted.cfg
+    by_val = choose_model(sweeps.candidates)
+    if by_val is None:
         raise DataError("no classifier produced probabilities on this data; see leaderboard.csv")
-    source, row = chosen
+    pool = _cv_pool(sweeps, cfg.sweep.cv_top, cfg.sweep.seed) if cfg.sweep.cv_folds and sweeps.has_val else []
+    if not pool:
+        return by_val, "validation balanced accuracy"
+    data = {src: _grouped(extracted, trained, src, sweeps.classes) for src in {c["source"] for c in pool}}
+    folds = min(grouped_folds(d, cfg.sweep.cv_folds) for d in data.values())
+    if folds < 2:
+        log("model choice: too few subjects per class for grouped cross-validation; chosen on validation")
+        return by_val, "validation balanced accuracy"
+    log(f"choosing among {len(pool)} candidates by subject-grouped {folds}-fold cross-validation on train+val")
+    table = run_cv_tune(
+        pool, data, cfg.sweep.seed, folds, cfg.sweep.cpus_per_trial, runfolder.tune_store(cfg.out),
+        on_result=lambda r: print(_format_cv(r), flush=True),
+    )  # fmt: skip
+    write_csv(storage.join(cfg.out, "model_choice.csv"), table.drop(columns=["base_model"]))
+    ok = table[table["status"] == "ok"]
+    if ok.empty:
+        return by_val, "validation balanced accuracy"
+    best = ok.iloc[0]
+    row = next(
+        r for s, r in sweeps.candidates + _pool_rows(sweeps) if s == best["source"] and r["Model"] == best["Model"]
+    )
+    row = row.copy()
+    row["CV Balanced Accuracy"], row["CV sd"] = best["CV Balanced Accuracy"], best["CV sd"]
+    return (best["source"], row), f"subject-grouped {folds}-fold CV balanced accuracy on train+val (of {len(pool)})"
+
+
+def _pool_rows(sweeps: Sweeps) -> list[tuple[str, pd.Series]]:
+    return [(src, row) for src, board in sweeps.boards.items() for _, row in board.iterrows()]
+
+
+def _cv_pool(sweeps: Sweeps, top: int, seed: int) -> list[dict[str, Any]]:
+    """The `top` best classifiers on validation over every sweep (those that give
+    probabilities), plus the fine-tuned one; the custom model's own head is not refitted."""
+    rows = [(s, r) for s, r in _pool_rows(sweeps) if r["status"] == "ok" and pd.notna(r["Val Balanced Accuracy"])]
+    rows = [(s, r) for s, r in rows if has_probabilities(r["Model"], seed)]
+    rows.sort(key=lambda sr: (-sr[1]["Val Balanced Accuracy"], sr[0], sr[1]["Model"]))
+    picked = rows[:top] + [(s, r) for s, r in sweeps.candidates if r is not None and "base_model" in r]
+    return [
+        {
+            "source": s,
+            "Model": r["Model"],
+            "base_model": r.get("base_model", r["Model"]),
+            "params": r["params"] if isinstance(r.get("params"), str) else None,
+        }
+        for s, r in picked
+    ]
+
+
+def _grouped(extracted: Extracted, trained: Trained | None, source: str, classes: list[str]) -> GroupedData:
+    if source == "custom":
+        return grouped_data(trained.meta, trained.matrix, classes)
+    return grouped_data(extracted.meta, feature_matrix(extracted, source_families(source)), classes)
+
+
+def _format_cv(row: dict[str, Any]) -> str:
+    score = row.get("CV Balanced Accuracy")
+    shown = f"{score:.3f} ± {row.get('CV sd') or 0:.3f}" if isinstance(score, float) else "  -  "
+    tail = f"  ({row['detail']})" if row.get("detail") else ""
+    return f"[choice] {row['Model']:<32} {row['source']:<28} cv bal.acc {shown}{tail}"
+
+
+def fit_chosen(
+    extracted: Extracted, trained: Trained | None, sweeps: Sweeps, choice: tuple[str, pd.Series], chosen_by: str
+) -> Chosen:
+    """The chosen candidate fitted on the training split, with its probabilities on the
+    test split."""
+    source, row = choice
     meta = extracted.meta
     test_meta = meta[(meta["split"] == TEST) & (meta["aug_index"] == 0)].reset_index(drop=True)
     params = json.loads(row["params"]) if isinstance(row.get("params"), str) else None
     if source == "head":
         probs_by_path = trained.head_probs.set_index("path")["head_prob"]
         test_probs = np.stack(test_meta["path"].map(probs_by_path).to_numpy())
-        return Chosen(source, HEAD_MODEL, row, params, None, test_meta, test_probs)
+        return Chosen(source, HEAD_MODEL, row, params, None, test_meta, test_probs, chosen_by)
     data = sweeps.data[source]
     pipeline = make_pipeline(row.get("base_model", row["Model"]), extracted.cfg.sweep.seed, params=params)
     classifier = pipeline.fit(data.X_train, data.y_train)
-    return Chosen(source, row["Model"], row, params, classifier, test_meta, classifier.predict_proba(data.X_test))
+    probs = classifier.predict_proba(data.X_test)
+    return Chosen(source, row["Model"], row, params, classifier, test_meta, probs, chosen_by)
 
 
 def write_predictions(extracted: Extracted, chosen: Chosen, classes: list[str]) -> pd.DataFrame:
@@ -361,7 +439,7 @@ def write_model_bundle(extracted: Extracted, trained: Trained | None, chosen: Ch
         trunk_state=trunk_state,
         extra={
             "data_fingerprint": extracted.record["fingerprint"],
-            "chosen_by": "validation balanced accuracy",
+            "chosen_by": chosen.chosen_by,
             "extract_batch_size": cfg.extract.batch_size,  # predict batches the trunk the same way
             "classifier_params": chosen.params,
         },
@@ -465,6 +543,23 @@ def build_summary(
             "subjects_by_split": record["counts"]["subjects_by_split"],
         },
         "duplicates": facts["duplicate_pairs"],
+        **_model_facts(sweeps, chosen, chosen_test, trained, n_classifiers),
+        "custom_model": trained.record["custom_model"] if trained is not None else None,
+        "tuned_model": {k: v for k, v in tuned.items() if k != "row"} if tuned is not None else None,
+        "sweep": _sweep_counts(sweeps.boards[sweeps.tables[0]["source"]], n_classifiers),
+        "sweep_custom": _sweep_counts(sweeps.boards["custom"], n_classifiers) if "custom" in sweeps.boards else None,
+        "inference_seconds_per_image": timing,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "ray": _ray_facts(record, trained, sweeps.boards[sweeps.tables[0]["source"]]),
+        "environment": {"python": platform.python_version(), "platform": sys.platform},
+    }
+
+
+def _model_facts(
+    sweeps: Sweeps, chosen: Chosen, chosen_test: dict[str, float], trained: Trained | None, n_classifiers: int
+) -> dict[str, Any]:
+    """summary.json's best models per table and the chosen one."""
+    return {
         "best_model": _best_summary(sweeps.best[sweeps.tables[0]["source"]], sweeps.has_val),
         "best_custom_model": _best_summary(sweeps.best["custom"], sweeps.has_val) if trained else None,
         "feature_sets": [
@@ -478,18 +573,12 @@ def build_summary(
         "chosen_model": {
             "name": chosen.name,
             "feature_source": chosen.source,
-            "chosen_by": "validation balanced accuracy",
+            "chosen_by": chosen.chosen_by,
             "val_balanced_accuracy": chosen.row["Val Balanced Accuracy"],
+            "cv_balanced_accuracy": chosen.row.get("CV Balanced Accuracy"),
+            "cv_sd": chosen.row.get("CV sd"),
             "test": chosen_test,
         },
-        "custom_model": trained.record["custom_model"] if trained is not None else None,
-        "tuned_model": {k: v for k, v in tuned.items() if k != "row"} if tuned is not None else None,
-        "sweep": _sweep_counts(sweeps.boards[sweeps.tables[0]["source"]], n_classifiers),
-        "sweep_custom": _sweep_counts(sweeps.boards["custom"], n_classifiers) if "custom" in sweeps.boards else None,
-        "inference_seconds_per_image": timing,
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "ray": _ray_facts(record, trained, sweeps.boards[sweeps.tables[0]["source"]]),
-        "environment": {"python": platform.python_version(), "platform": sys.platform},
     }
 
 
