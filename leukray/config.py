@@ -90,9 +90,14 @@ class PreprocessConfig:
     """Pixels kept around the foreground bounding box."""
     keep_aspect: bool = True
     """Pad the crop to a square with black before resizing, instead of stretching it."""
+    max_pixels: int = 16_000_000
+    """Images whose header declares more pixels are refused before decoding (errors.csv):
+    a small file can declare a huge image (a decompression bomb). Single-cell images are far
+    smaller (C-NMC: 450x450)."""
 
     def __post_init__(self) -> None:
         check_at_least("preprocess.size", self.size, 16)
+        check_at_least("preprocess.max_pixels", self.max_pixels, 1)
         check_at_least("preprocess.min_side", self.min_side, 1)
         check_at_least("preprocess.min_foreground_px", self.min_foreground_px, 1)
         check_at_least("preprocess.margin", self.margin, 0)
@@ -320,6 +325,9 @@ class ScreenConfig:
     """A slide with fewer detected cells is reported as "insufficient cells", not negative."""
     batch_size: int = 4
     """Slides per detection batch (each yields tens of crops)."""
+    max_pixels: int = 50_000_000
+    """Smear fields whose header declares more pixels are refused before decoding
+    (ALL-IDB1's 2592x1944 fields are 5 million)."""
 
     def __post_init__(self) -> None:
         check_at_least("screen.red_cell_diameter_px", self.red_cell_diameter_px, 0.0)
@@ -344,6 +352,7 @@ class ScreenConfig:
         check_in_range("screen.slide_flag_fraction", self.slide_flag_fraction, 0.0, 1.0)
         check_at_least("screen.min_cells", self.min_cells, 0)
         check_at_least("screen.batch_size", self.batch_size, 1)
+        check_at_least("screen.max_pixels", self.max_pixels, 1)
 
 
 # -- building a config from defaults, a YAML file and command-line overrides -------------

@@ -327,6 +327,17 @@ class TestPixelCap:
         assert out["error"][0].startswith("image too large: 10000x10000 px") and out["error"][1] == ""
         assert out["image"].shape == (2, 32, 32, 3) and not out["image"][0].any()
 
+    def test_the_cap_is_the_configs(self):
+        files = {"cell": encode(cell_on_black())}  # 300x200 = 60,000 px
+        batch = {"path": np.array(["cell"], dtype=object)}
+        tight = load_and_preprocess(batch, PreprocessConfig(size=32, max_pixels=59_999), AugmentConfig(), 0, files.get)
+        assert (
+            tight["error"][0]
+            == "image too large: 300x200 px (limit 59,999 px; from its PNG header, refused before decoding)"
+        )
+        loose = load_and_preprocess(batch, PreprocessConfig(size=32, max_pixels=60_000), AugmentConfig(), 0, files.get)
+        assert loose["error"][0] == ""
+
 
 class TestBatch:
     def test_batch_reports_errors_and_emits_augmented_copies(self):

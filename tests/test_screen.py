@@ -228,6 +228,15 @@ class TestBatchAndReport:
         assert (out["cell_features"][cells, 0] > 0).all()  # each detected cell has an area
         assert not out["cell_features"][~cells].any()  # the broken slide's row carries zeros
 
+    def test_a_field_over_the_screen_pixel_cap_is_an_error_row(self):
+        field = smear_field(seed=0)
+        files = {"a.png": encode(field)}
+        batch = {"path": np.asarray(list(files), dtype=object)}
+        cap = field.shape[0] * field.shape[1] - 1
+        out = detect_and_crop(batch, ScreenConfig(max_pixels=cap), PreprocessConfig(size=64), files.__getitem__)
+        assert out["cell_index"].tolist() == [-1]
+        assert out["error"][0].startswith(f"image too large: {field.shape[1]}x{field.shape[0]} px")
+
     def test_slide_statuses(self):
         rows = pd.DataFrame(
             {

@@ -575,10 +575,10 @@ def _stream_batch(batch, cfg, source_row, images, aug_index, errors, cells, cell
 def _cell_measure(families: tuple[str, ...]) -> Callable[[bytes, PreprocessConfig], tuple[np.ndarray, Any]]:
     """bytes -> (crop, cell features or None): the features only when families are asked for."""
     if not families:
-        return lambda data, cfg: (preprocess_bytes(data, cfg), None)
+        return lambda data, cfg: (preprocess_bytes(data, cfg, cfg.max_pixels), None)
 
     def measure(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-        crop, cell_rgb, cell_mask = preprocess_bytes_with_cell(data, cfg)
+        crop, cell_rgb, cell_mask = preprocess_bytes_with_cell(data, cfg, cfg.max_pixels)
         return crop, cellfeatures.cell_features(cell_rgb, cell_mask, families)
 
     return measure

@@ -502,7 +502,7 @@ def _slide_rows(
     """The rows of one slide (see `detect_and_crop`)."""
     no_cell = np.zeros(cellfeatures.feature_dim(cell_families) if cell_families else 0, np.float32)
     try:
-        field_image = decode_image(read_bytes(path))
+        field_image = decode_image(read_bytes(path), cfg.max_pixels)
         cells = detect_leukocytes(field_image, cfg)
     except (*READ_ERRORS, ValueError) as exc:  # ValueError: check_rgb's shape check
         return [(path, -1, NO_BOX, blank, read_error_reason(exc), no_cell)]
