@@ -88,6 +88,22 @@ class TestRun:
         assert set(board["features"]) == {"morphology+colour+texture"} and len(board) == 5
         assert set(pd.read_csv(tiny_run / "leaderboard.csv")["features"]) == {"resnet50"}
 
+    def test_a_separate_tune_job_reads_the_cell_features_back(self, tiny_run):
+        from leukray.io.runfolder import stage_config
+        from leukray.ops.cellfeatures import feature_dim
+        from leukray.stages.extract import load_extracted
+        from leukray.stages.tune import feature_matrix
+
+        extracted = load_extracted(stage_config(str(tiny_run), "tune", {}, {}), "tune")
+        assert extracted.cell_matrix.shape == (len(extracted.meta), feature_dim(("morphology", "colour", "texture")))
+        cells = feature_matrix(extracted, ("morphology", "colour", "texture"))
+        joined = feature_matrix(extracted, ("resnet50", "texture"))
+        texture = feature_dim("texture")
+        assert joined.shape == (len(extracted.meta), 2048 + texture)
+        assert np.array_equal(joined[:, :2048], extracted.matrix) and np.array_equal(
+            joined[:, 2048:], cells[:, -texture:]
+        )
+
     def test_model_chosen_by_subject_grouped_cross_validation(self, tiny_run):
         choice = pd.read_csv(tiny_run / "model_choice.csv")
         ok = choice[choice["status"] == "ok"]
