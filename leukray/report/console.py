@@ -6,13 +6,13 @@ May import: pandas, `leukray.io`.
 
 from __future__ import annotations
 
+import io
 import math
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from leukray.io import storage
-from leukray.io.tables import read_csv
 
 if TYPE_CHECKING:
     from leukray.models.trunk import WeightsInfo
@@ -42,7 +42,8 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
             )
         )
     for name, title in tables:
-        board = read_csv(storage.join(out, name))
+        # empty cells (e.g. no ROC AUC) read as NaN, so the metric columns stay numeric
+        board = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, name))))
         shown = board.drop(columns=["detail", "weights", "node_id", "features"], errors="ignore")
         if top:
             shown = shown.head(top)
