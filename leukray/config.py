@@ -185,6 +185,16 @@ class ExtractConfig:
         check_choice("extract.use_gpu", self.use_gpu, ("auto", "true", "false"))
         check_at_least("extract.preprocess_batch_size", self.preprocess_batch_size, 1)
 
+    @property
+    def feature_sets(self) -> list[tuple[str, ...]]:
+        """`features` parsed (see `parse_feature_sets`)."""
+        return parse_feature_sets(self.features)
+
+    @property
+    def cell_families(self) -> tuple[str, ...]:
+        """The hand-crafted families preprocessing measures for `features`."""
+        return cell_families_of(self.feature_sets)
+
 
 @dataclass(frozen=True)
 class SweepConfig:

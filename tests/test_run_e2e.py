@@ -104,6 +104,14 @@ class TestRun:
             joined[:, 2048:], cells[:, -texture:]
         )
 
+    def test_a_tune_job_without_the_cell_features_it_needs_is_one_line(self, tiny_run, tmp_path, capsys):
+        out = tmp_path / "run"
+        shutil.copytree(tiny_run, out, ignore=shutil.ignore_patterns("tune", "train"))
+        (out / "cell_features.parquet").unlink()
+        assert main(["tune", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("leukray: error: ") and "cell_features.parquet not found" in err and "\n" not in err
+
     def test_model_chosen_by_subject_grouped_cross_validation(self, tiny_run):
         choice = pd.read_csv(tiny_run / "model_choice.csv")
         ok = choice[choice["status"] == "ok"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from leukray.config import AugmentConfig, RunConfig, ScreenConfig, cell_families_of, parse_feature_sets
+from leukray.config import AugmentConfig, RunConfig, ScreenConfig
 from leukray.distributed.actors import (
     BundlePredictor,
     CustomEmbedder,
@@ -66,14 +66,15 @@ class Streamed:
     cell_matrix: np.ndarray | None = None  # N x D float32, rows as `meta`; None without cell families
 
 
-def _features_dataset(rows: pd.DataFrame, cfg: RunConfig, maps_stage: int) -> tuple[Any, bool]:
+def _features_dataset(
+    rows: pd.DataFrame, cfg: RunConfig, maps_stage: int, cell_families: tuple[str, ...]
+) -> tuple[Any, bool]:
     import ray
 
     use_gpu, pool, actor_resources = plan_actor_pool(
         cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource
     )
     ds = ray.data.from_pandas(row_blocks(rows[STREAM_COLUMNS], ROWS_PER_BLOCK))
-    cell_families = cell_families_of(parse_feature_sets(cfg.extract.features))
     ds = ds.map_batches(
         preprocess_batch,
         batch_format="numpy",
@@ -113,22 +114,23 @@ def extract_features(
     the dataset is materialised (in Ray's object store, spilling to disk) so training reads
     them every epoch without running the trunk again.
     """
-    ds, use_gpu = _features_dataset(rows, cfg, cfg.train.unfreeze_stages if keep_maps else -1)
+    # only the run's own features file wants the cell families (a train job's maps pass does not)
+    families = cfg.extract.cell_families if features_path and cell_features_path else ()
+    ds, use_gpu = _features_dataset(rows, cfg, cfg.train.unfreeze_stages if keep_maps else -1, families)
     if keep_maps:
         ds = ds.materialize()
-    families = cell_families_of(parse_feature_sets(cfg.extract.features))
     nodes: dict[str, set[str]] = {"preprocess": set(), "extract": set()}
     columns = ["path", "label", "subject", "split", "aug_index", "error", "features", "preprocess_node", "node_id"]
     if features_path is None:
         columns = ["path", "error", "preprocess_node", "node_id"]
-    elif families and cell_features_path:
+    elif families:
         columns.append("cell_features")
     rows_written = 0
     with contextlib.ExitStack() as stack:
         writer = cell_writer = None
         if features_path:
             writer = stack.enter_context(FeatureFileWriter(features_path, FEATURE_DIM, provenance))
-            if families and cell_features_path:
+            if families:
                 cell_writer = FeatureFileWriter(cell_features_path, feature_dim(families), provenance)
                 stack.enter_context(cell_writer)
         for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256):

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from leukray import __version__
-from leukray.config import RunConfig, cell_families_of, parse_feature_sets
+from leukray.config import RunConfig
 from leukray.data.manifest import build_manifest, discover_all
 from leukray.distributed.streaming import extract_features, hash_paths
 from leukray.errors import ConfigError, DataError
@@ -155,8 +155,14 @@ def load_extracted(cfg: RunConfig, needed_by: str, with_features: bool = True) -
     cell_matrix = None
     if with_features:
         meta, matrix = load_features(features_path)
-        if cell_families_of(parse_feature_sets(cfg.extract.features)):
-            cell_meta, cell_matrix = load_features(storage.join(out, runfolder.CELL_FEATURES_FILE))
+        if cfg.extract.cell_families:
+            cell_path = storage.join(out, runfolder.CELL_FEATURES_FILE)
+            if not storage.exists(cell_path):
+                raise DataError(
+                    f"{cell_path} not found: {out} was extracted without the cell features that "
+                    f"extract.features={cfg.extract.features!r} needs; run `leukray extract` into a new folder"
+                )
+            cell_meta, cell_matrix = load_features(cell_path)
             if not cell_meta[["path", "aug_index"]].equals(meta[["path", "aug_index"]]):
                 raise DataError(
                     f"{out}: cell_features.parquet and features.parquet hold other rows; rerun `leukray extract`"

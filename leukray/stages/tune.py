@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from leukray import __version__
-from leukray.config import CELL_FAMILIES, AugmentConfig, RunConfig, cell_families_of, parse_feature_sets
+from leukray.config import CELL_FAMILIES, AugmentConfig, RunConfig
 from leukray.data.splits import TEST, TRAIN, VAL
 from leukray.distributed.resources import cluster_cpus, cluster_gpus
 from leukray.distributed.tuning import best_tunable_row, run_cv_tune, run_search_tune, run_sweep_tune
@@ -156,8 +156,7 @@ def feature_matrix(extracted: Extracted, families: tuple[str, ...]) -> np.ndarra
     parts = [extracted.matrix] if "resnet50" in families else []
     cell = tuple(f for f in families if f in CELL_FAMILIES)
     if cell:
-        measured = cell_families_of(parse_feature_sets(extracted.cfg.extract.features))
-        parts.append(extracted.cell_matrix[:, family_columns(measured, cell)])
+        parts.append(extracted.cell_matrix[:, family_columns(extracted.cfg.extract.cell_families, cell)])
     return np.hstack(parts) if len(parts) > 1 else parts[0]
 
 
@@ -183,7 +182,7 @@ def run_sweeps(extracted: Extracted, trained: Trained | None, names: list[str], 
     embeddings and the head itself as a candidate."""
     cfg = extracted.cfg
     sweeps = None
-    for k, families in enumerate(parse_feature_sets(cfg.extract.features)):
+    for k, families in enumerate(cfg.extract.feature_sets):
         data = sweep_data(extracted.meta, feature_matrix(extracted, families), cfg.data.positive_label)
         if sweeps is None:
             _check_two_classes(data)
