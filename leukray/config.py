@@ -114,8 +114,11 @@ class AugmentConfig:
     max_rotation: float = 180.0
     """Rotation angle drawn uniformly from [-max_rotation, max_rotation] degrees."""
     scale_min: float = 0.9
+    """Smallest scale factor of an augmented copy."""
     scale_max: float = 1.1
+    """Largest scale factor of an augmented copy."""
     flip: bool = True
+    """Random horizontal and vertical flips of augmented copies."""
 
     def __post_init__(self) -> None:
         check_in_range("augment.oversample", self.oversample, 0.0, 10.0)
@@ -136,9 +139,12 @@ class SplitConfig:
     mode: str = "subject"
     """subject (default: no subject on two sides) | image (the paper's split; leaks subjects)."""
     test_fraction: float = 0.2
+    """Share of the data (of subjects, in subject mode) held out as the test split; unused
+    with --test-data."""
     val_fraction: float = 0.15
     """Validation picks the best classifier, so the test split reports it without selection bias."""
     seed: int = 0
+    """Seeds the split (and the augmentation plan), so a rerun splits the same way."""
 
     def __post_init__(self) -> None:
         check_choice("split.mode", self.mode, ("subject", "image"))
@@ -158,6 +164,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     """imagenet | imagenet:IMAGENET1K_V2 | random | auto (imagenet if cached, else random) | PATH."""
     batch_size: int = 32
+    """Crops per trunk forward pass in each extractor actor."""
     actors: int = 0
     """Extractor actors (a fixed pool); 0 = one per GPU, or from one up to one per CPU on a
     CPU-only cluster."""
@@ -167,6 +174,7 @@ class ExtractConfig:
     """A custom Ray resource that marks accelerator nodes; when the cluster has it, each
     extractor actor asks for one unit of it (and lands on such a node)."""
     preprocess_batch_size: int = 16
+    """Images per decode + Otsu-crop task."""
     seed: int = 0
     """Seeds the random trunk for --weights random, so its features are reproducible."""
     features: str = "resnet50,cells"
@@ -205,6 +213,7 @@ class SweepConfig:
     timeout_s: float = 600.0
     """Wall-time limit per classifier; past it the classifier is recorded as timed out."""
     cpus_per_trial: float = 1.0
+    """CPUs Ray Tune reserves for each classifier trial."""
     seed: int = 42
     """random_state given to every classifier that takes one (Lazy Predict's default: 42)."""
     tune_trials: int = 16
@@ -235,13 +244,15 @@ class TrainConfig:
     """The custom ResNet50 (the paper's Table II head) trained with Ray Train."""
 
     enabled: bool = True
+    """Train the custom ResNet50 head (Table IV's features); false = the trunk sweep only."""
     epochs: int = 50
-    """The paper: 50."""
+    """Training epochs of the head (the paper: 50)."""
     batch_size: int = 32
-    """The paper: 32."""
+    """Images per training batch (the paper: 32)."""
     lr: float = 1e-3
     """Adam's learning rate for the head (Keras' default, as in the paper)."""
     dropout: float = 0.5
+    """Dropout rate of the head's dense layers (the paper: 0.5)."""
     workers: int = 1
     """Data-parallel Ray Train workers."""
     use_gpu: str = "auto"
@@ -257,6 +268,7 @@ class TrainConfig:
     storage_path: str = ""
     """Where checkpoints go (a shared path or URI on a cluster); default RUN/train."""
     seed: int = 0
+    """Seeds the head's initialisation and the batch order."""
 
     def __post_init__(self) -> None:
         check_at_least("train.epochs", self.epochs, 1)
@@ -277,6 +289,7 @@ class RunConfig:
     """Everything `leukray run` needs."""
 
     out: str = ""
+    """The run folder (local path or URI); --out overrides it."""
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from leukray.errors import ConfigError
+from leukray.errors import ClusterError, ConfigError
 
 
 def ray_node_id() -> str:
@@ -69,8 +69,13 @@ def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -
     return False, ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()))), {"num_cpus": 1}
 
 
-def init_ray() -> None:
-    """Connect to RAY_ADDRESS (a cluster, or inside `ray job submit`) or start a local Ray."""
+def init_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Attach to `address`, else RAY_ADDRESS (a cluster, or inside `ray job submit`), else
+    start a local Ray (of `num_cpus` CPUs when given).
+
+    Raises:
+        ClusterError: Ray cannot start or attach (one line naming the address).
+    """
     import os
 
     import ray
@@ -80,6 +85,48 @@ def init_ray() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # RAY_ADDRESS (set by `ray job submit`, or by the user) attaches to that cluster; without
     # it a new local Ray starts, rather than joining whatever `ray start` left on the machine.
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    # The dashboard stays on locally: Ray Train's controller queries the state API it serves.
-    ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    if num_cpus is not None and target != "local":
+        raise ConfigError(f"--num-cpus bounds a local Ray; the cluster at {target} decides its own CPUs")
+    extra = {"num_cpus": num_cpus} if num_cpus is not None else {}
+    try:
+        # The dashboard stays on locally: Ray Train's controller queries the state API it serves.
+        ray.init(address=target, log_to_driver=True, logging_level="WARNING", **extra)
+    except (Exception, SystemExit) as exc:  # Ray exits the process on some attach failures
+        where = "start a local Ray" if target == "local" else f"attach to the Ray cluster at {target}"
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ClusterError(f"cannot {where}: {type(exc).__name__}: {first}") from None
+
+
+# Ray's errors that mean the cluster, not the code, failed under a job.
+CLUSTER_FAILURES = (
+    "ActorUnavailableError",
+    "GetTimeoutError",
+    "LocalRayletDiedError",
+    "NodeDiedError",
+    "ObjectFetchTimedOutError",
+    "ObjectLostError",
+    "ObjectReconstructionFailedError",
+    "ObjectStoreFullError",
+    "OutOfDiskError",
+    "OutOfMemoryError",
+    "OwnerDiedError",
+    "RaySystemError",
+    "RuntimeEnvSetupError",
+    "WorkerCrashedError",
+    "AuthenticationError",
+)
+
+
+def cluster_failure(exc: BaseException) -> str | None:
+    """A one-line description when `exc` is Ray reporting cluster trouble, else None (a
+    bug in the code keeps its traceback)."""
+    import sys
+
+    if "ray" not in sys.modules:  # Ray never started: not its trouble
+        return None
+    names = {cls.__name__ for cls in type(exc).__mro__ if cls.__module__.startswith("ray")}
+    if not names & set(CLUSTER_FAILURES):
+        return None
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"the Ray cluster failed under the job: {type(exc).__name__}: {first}"

@@ -393,10 +393,13 @@ def format_row(row: dict[str, Any]) -> str:
     def f(v):
         return "  -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
-    tail = f"  ({row['detail']})" if row.get("detail") else ""
+    # The model is chosen on validation (or CV), so that score comes first; test is for the record.
+    detail = str(row.get("detail") or "").strip().splitlines()
+    tail = f"  ({detail[0][:120]})" if detail else ""
     return (
-        f"[sweep] {row['Model']:<32} {row['status']:<7} bal.acc {f(row.get('Balanced Accuracy'))}  "
-        f"roc auc {f(row.get('ROC AUC'))}  {row.get('Time Taken') or 0:7.1f}s{tail}"
+        f"[sweep] {row['Model']:<32} {row['status']:<7} val bal.acc {f(row.get('Val Balanced Accuracy'))}  "
+        f"test bal.acc {f(row.get('Balanced Accuracy'))}  test roc auc {f(row.get('ROC AUC'))}  "
+        f"{row.get('Time Taken') or 0:7.1f}s{tail}"
     )
 
 

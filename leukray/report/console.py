@@ -28,9 +28,31 @@ def _short(title: str) -> str:
     return title.replace(" (the paper's Table III)", "")
 
 
-def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None) -> None:
-    """Print Table III (and Table IV when the custom model was trained), then the facts
-    that qualify them: weights, split, chosen model, counts."""
+# Why a classifier failed, in words, for the failures a sweep meets on every dataset:
+# (pattern in the error, explanation). Others are shown as their first line.
+FAILURE_REASONS = (
+    (
+        "Negative values in data passed to",
+        "needs non-negative inputs (counts or categories), but the features are standardised and so partly negative",
+    ),
+    ("exceeded sweep.timeout_s", "took longer than sweep.timeout_s"),
+    ("MemoryError", "ran out of memory"),
+    ("the fit process died", "its fit process died (out of memory or a crash in native code)"),
+    ("needs samples of at least 2 classes", "a training fold held a single class"),
+)
+
+
+def failure_reason(detail: Any) -> str:
+    """One short line saying why a classifier failed, from its leaderboard `detail`."""
+    text = "" if detail is None or (isinstance(detail, float) and math.isnan(detail)) else str(detail)
+    for pattern, reason in FAILURE_REASONS:
+        if pattern in text:
+            return reason
+    first = (text.strip().splitlines() or ["no reason recorded"])[0]
+    return first if len(first) <= 120 else first[:117] + "..."
+
+
+def _tables(summary: dict[str, Any]) -> list[tuple[str, str]]:
     sets = summary.get("feature_sets") or [{"file": "leaderboard.csv", "title": "ResNet50 trunk features"}]
     tables = [("leaderboard.csv", f"Table III — classifiers on {_short(sets[0]['title'])}")]
     tables += [(t["file"], f"Classifiers on {t['title']}") for t in sets[1:]]
@@ -41,16 +63,34 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
                 f"Table IV — classifiers on custom-model features ({summary['custom_model']['embedding']}-d)",
             )
         )
-    for name, title in tables:
+    return tables
+
+
+def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None) -> None:
+    """Print Table III (and Table IV when the custom model was trained), why classifiers
+    failed, then the facts that qualify them: weights, split, chosen model. The final line
+    (`final_line`) is the caller's to print."""
+    failures: dict[str, tuple[str, list[str]]] = {}
+    for name, title in _tables(summary):
         # empty cells (e.g. no ROC AUC) read as NaN, so the metric columns stay numeric
         board = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, name))))
+        for row in board[board["status"] != "ok"].itertuples(index=False):
+            reason = failure_reason(getattr(row, "detail", None))
+            failures.setdefault(row.Model, (f"{row.status}: {reason}", []))[1].append(name)
         shown = board.drop(columns=["detail", "weights", "node_id", "features"], errors="ignore")
         if top:
             shown = shown.head(top)
+        val = "; Val Balanced Accuracy on the validation split" if "Val Balanced Accuracy" in shown.columns else ""
         print()
-        print(f"{title} (test split; trunk weights: {summary['weights']['name']}):")
+        print(f"{title} (test-split metrics{val}; trunk weights: {summary['weights']['name']}):")
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     print()
+    for model, (why, boards) in failures.items():
+        print(f"Not scored: {model} ({why}) in {', '.join(boards)}")
+    _print_facts(summary)
+
+
+def _print_facts(summary: dict[str, Any]) -> None:
     if not summary["weights"]["is_pretrained"]:
         print("NOTE: random-init trunk — these are not ImageNet-feature results.")
     print(f"Split: {summary['split']['description']}")
@@ -77,11 +117,25 @@ def print_leaderboard(out: str, summary: dict[str, Any], top: int | None = None)
             f"Chosen by {chosen['chosen_by']}: {chosen['name']}{source} — test accuracy {_fmt(test['Accuracy'])}, "
             f"balanced accuracy {_fmt(test['Balanced Accuracy'])}, ROC AUC {_fmt(test['ROC AUC'])}"
         )
+
+
+# What a finished run is expected to leave for people, by name in the run folder (model/ by
+# its manifest): the final line lists only those that exist.
+RUN_OUTPUTS = (("leaderboard.md", "leaderboard.md"), ("report.html", "report.html"), ("model/", "model/bundle.json"))
+
+
+def existing_outputs(out: str) -> list[str]:
+    """Which of the run's outputs for people really exist in `out`."""
+    return [name for name, probe in RUN_OUTPUTS if storage.exists(storage.join(out, probe))]
+
+
+def final_line(out: str, summary: dict[str, Any]) -> str:
+    """The last line of `leukray run`/`tune`: counts and where the outputs are."""
     counts = summary["counts"]
-    extra = ", report.html, model/" if summary.get("chosen_model") else ""
-    print(
+    files = ", ".join(existing_outputs(out))
+    return (
         f"Images: {counts['usable']} used, {counts['duplicates_removed']} duplicates kept once, "
-        f"{counts['errors']} in errors.csv. Outputs in {out} (leaderboard.md{extra})"
+        f"{counts['errors']} in errors.csv. Outputs in {out}" + (f" ({files})" if files else "")
     )
 
 

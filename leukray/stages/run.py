@@ -13,8 +13,9 @@ May import: `leukray.config`, `leukray.io`, `leukray.stages.*`.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from leukray.config import RunConfig
 from leukray.io import runfolder, storage
@@ -23,22 +24,41 @@ from leukray.stages.train import load_trained, train_stage
 from leukray.stages.tune import tune_stage
 
 
-def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    cfg: RunConfig,
+    start_ray: Callable[[], None] | None = None,
+    on_stage: Callable[..., None] | None = None,
+) -> dict[str, Any]:
     """Run everything in one job and write the run folder; returns summary.json's content.
 
     Args:
         cfg: the resolved configuration.
         start_ray: called once the inputs are checked (so a user mistake is reported
             before Ray starts); without it Ray must already be initialised.
+        on_stage: called as `on_stage(stage, "start")` and `on_stage(stage, "end",
+            seconds=...)` around extract, train and tune (the CLI's --json events).
     """
     t0 = time.perf_counter()
-    extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled)
+    with _stage(on_stage, "extract"):
+        extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled)
     trained = None
     if cfg.train.enabled:
-        trained = train_stage(extracted, write_config=False)
+        with _stage(on_stage, "train"):
+            trained = train_stage(extracted, write_config=False)
     elif storage.exists(storage.join(cfg.out, runfolder.TRAIN_RECORD)):
         storage.delete(storage.join(cfg.out, runfolder.TRAIN_RECORD))  # a stale custom model from an earlier run
-    return tune_stage(extracted, trained, total_start=t0, write_config=False)
+    with _stage(on_stage, "tune"):
+        return tune_stage(extracted, trained, total_start=t0, write_config=False)
+
+
+@contextlib.contextmanager
+def _stage(on_stage: Callable[..., None] | None, name: str) -> Iterator[None]:
+    tick = time.perf_counter()
+    if on_stage is not None:
+        on_stage(name, "start")
+    yield
+    if on_stage is not None:
+        on_stage(name, "end", seconds=round(time.perf_counter() - tick, 2))
 
 
 def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:

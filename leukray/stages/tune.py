@@ -619,9 +619,6 @@ def _write_report(out: str) -> None:
     problem is a warning, not a lost run."""
     from leukray.report.document import write_report
 
-    if storage.is_uri(out):
-        log("report: skipped for a URI run folder (render it locally with the report module)")
-        return
     try:
         write_report(out)
     except Exception as exc:  # noqa: BLE001 - report problems must not lose the run
