@@ -235,6 +235,8 @@ def _human_text(mode: str) -> Iterator[None]:
 
 def _ray_starter(args: argparse.Namespace, out: Output) -> Callable[[], None]:
     """The `start_ray` the stages call once the inputs are checked."""
+    if getattr(args, "num_cpus", None) is not None and getattr(args, "address", None):
+        raise ConfigError("--num-cpus bounds a local Ray; with --address the cluster decides its CPUs")
 
     def start() -> None:
         from leukray.distributed.resources import init_ray

@@ -17,6 +17,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from leukray.report import print_leaderboard, write_report
+from leukray.report.console import failure_reason, final_line
 from leukray.report.document import subject_bootstrap_ci
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -402,8 +403,14 @@ def test_print_leaderboard_prints_the_trunk_leaderboard_and_the_chosen_model(tmp
     }
     print_leaderboard(str(run), summary, top=3)
     printed = capsys.readouterr().out
-    assert "Table III — classifiers on ResNet50 trunk features (test split; trunk weights: random-init):" in printed
+    assert (
+        "Table III — classifiers on ResNet50 trunk features (test-split metrics; Val Balanced Accuracy on the "
+        "validation split; trunk weights: random-init):" in printed
+    )
     assert "Table IV" not in printed
+    # the failed classifier is named with why, in one line; the final line is the caller's
+    assert "Not scored: StackingClassifier (failed: TypeError: missing estimators) in leaderboard.csv" in printed
+    assert "Outputs in" not in printed
     assert (
         "NOTE: random-init trunk" in printed
         and "Chosen by validation balanced accuracy: SVC on trunk features" in printed
@@ -520,3 +527,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # The red warning banner is near the top: reddish pixels exist in the first 400 rows.
     top = pixels[:400]
     assert ((top[..., 0] > 0.6) & (top[..., 1] < 0.3) & (top[..., 2] < 0.3)).sum() > 50
+
+
+def test_final_line_lists_only_the_outputs_that_exist(tmp_path):
+    run = make_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "leaderboard.md").write_text("# sweep\n")
+    (run / "report.html").unlink(missing_ok=True)  # e.g. the report failed
+    line = final_line(str(run), summary)
+    assert line.endswith(f"Outputs in {run} (leaderboard.md)"), line
+    write_report(str(run), n_boot=20)
+    (run / "model").mkdir()
+    (run / "model" / "bundle.json").write_text("{}")
+    assert final_line(str(run), summary).endswith("(leaderboard.md, report.html, model/)")
+
+
+def test_failure_reason_explains_categorical_nb_on_standardised_features():
+    raw = "ValueError: Negative values in data passed to CategoricalNB (input X)."
+    assert failure_reason(raw).startswith("needs non-negative inputs") and "standardised" in failure_reason(raw)
+    long = "RuntimeError: " + "x" * 300 + "\nsecond line"
+    assert failure_reason(long).endswith("...") and len(failure_reason(long)) == 120
+    assert failure_reason(float("nan")) == "no reason recorded"
