@@ -517,6 +517,19 @@ def _ray_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _add_synth_command(sub, auto: argparse.ArgumentParser) -> None:
+    """`synth`: the built-in synthetic cells."""
+    synth = sub.add_parser(
+        "synth", parents=[auto], help="write synthetic C-NMC-style cells (the built-in default data)"
+    )
+    synth.add_argument("--out", required=True, help="folder to write fold_<k>/{all,hem}/UID_*.bmp into")
+    synth.add_argument("--cells", type=int, default=600, help="cells to write (default: 600)")
+    synth.add_argument("--subjects", type=int, default=24, help="subjects they come from (default: 24)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    synth.add_argument("--folds", type=int, default=1, help="fold_<k> folders, subjects dealt across them (default: 1)")
+    synth.set_defaults(func=cmd_synth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leukray",
@@ -528,15 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     auto, ray = _automation_options(), _ray_options()
 
-    synth = sub.add_parser(
-        "synth", parents=[auto], help="write synthetic C-NMC-style cells (the built-in default data)"
-    )
-    synth.add_argument("--out", required=True, help="folder to write fold_<k>/{all,hem}/UID_*.bmp into")
-    synth.add_argument("--cells", type=int, default=600, help="cells to write (default: 600)")
-    synth.add_argument("--subjects", type=int, default=24, help="subjects they come from (default: 24)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    synth.add_argument("--folds", type=int, default=1, help="fold_<k> folders, subjects dealt across them (default: 1)")
-    synth.set_defaults(func=cmd_synth)
+    _add_synth_command(sub, auto)
 
     data_help = "dataset root, URI (s3://...) or CSV manifest (path,label[,subject]); data.path in --config"
     run = sub.add_parser(

@@ -52,4 +52,4 @@ class ClusterError(LeukrayError):
 
 def exit_code_of(exc: BaseException) -> int:
     """The documented exit code for an error the CLI reports in one line."""
-    return getattr(exc, "exit_code", EXIT_USER) if isinstance(exc, LeukrayError) else EXIT_USER
+    return exc.exit_code if isinstance(exc, LeukrayError) else EXIT_USER

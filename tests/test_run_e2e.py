@@ -108,7 +108,7 @@ class TestRun:
         out = tmp_path / "run"
         shutil.copytree(tiny_run, out, ignore=shutil.ignore_patterns("tune", "train"))
         (out / "cell_features.parquet").unlink()
-        assert main(["tune", "--out", str(out)]) == 2
+        assert main(["tune", "--out", str(out)]) == 3  # a damaged run folder: bad data
         err = capsys.readouterr().err.strip()
         assert err.startswith("leukray: error: ") and "cell_features.parquet not found" in err and "\n" not in err
 
@@ -228,18 +228,18 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "setup, extra, message",
+    "setup, extra, message, code",
     [
-        (None, ["--data", "missing-folder"], "data path not found"),
-        ("empty", ["--data", "empty"], "no class folders"),
-        ("single", ["--data", "single"], "at least two classes"),
-        ("tiny", ["--data", "tiny", "--sweep.timeout_s", "soon"], "sweep.timeout_s must be a number"),
-        ("tiny", ["--data", "tiny", "--classifiers", "Magic"], "unknown classifier"),
-        ("tiny", ["--data", "tiny", "--weights", "nope.pth"], "no such file"),
-        ("tiny", ["--data", "tiny", "--config", "missing.yaml"], "config file not found"),
+        (None, ["--data", "missing-folder"], "data path not found", 2),
+        ("empty", ["--data", "empty"], "no class folders", 3),
+        ("single", ["--data", "single"], "at least two classes", 3),
+        ("tiny", ["--data", "tiny", "--sweep.timeout_s", "soon"], "sweep.timeout_s must be a number", 2),
+        ("tiny", ["--data", "tiny", "--classifiers", "Magic"], "unknown classifier", 2),
+        ("tiny", ["--data", "tiny", "--weights", "nope.pth"], "no such file", 4),
+        ("tiny", ["--data", "tiny", "--config", "missing.yaml"], "config file not found", 2),
     ],
 )
-def test_user_mistakes_give_one_line_and_exit_2(tmp_path, tiny_cells, setup, extra, message):
+def test_user_mistakes_give_one_line_and_their_exit_code(tmp_path, tiny_cells, setup, extra, message, code):
     if setup == "empty":
         (tmp_path / "empty").mkdir()
     elif setup == "single":
@@ -247,7 +247,7 @@ def test_user_mistakes_give_one_line_and_exit_2(tmp_path, tiny_cells, setup, ext
     elif setup == "tiny":
         (tmp_path / "tiny").symlink_to(tiny_cells)
     result = run_cli("run", "--out", "run", "--weights", "random", *extra, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("leukray: error: ") and message in lines[0], result.stderr

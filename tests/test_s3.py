@@ -62,6 +62,7 @@ def test_run_from_and_to_s3(s3, ray_local, tiny_cells):
         "leaderboard.csv",
         "errors.csv",
         "summary.json",
+        "report.html",  # rendered from the run's files and uploaded
     ]:
         assert f"runs/r1/{name}" in keys
     assert not any(".tmp-" in k for k in keys)  # atomic writes leave no temporary objects

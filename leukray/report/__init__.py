@@ -1,7 +1,8 @@
-"""Reports: what a run prints (`console`) and the run report, report.md + report.html +
-figures (`document`), both made from a finished run folder.
+"""Reports: what a run prints (`console`), the run report, report.md + report.html +
+figures (`document`), both made from a finished run folder, and the listing of run folders
+(`runs`).
 
-May import: pandas, matplotlib, scikit-learn's metrics, jinja2, `leukray.io`. Nothing imports
+May import: pandas, yaml, matplotlib, scikit-learn's metrics, jinja2, `leukray.io`. Nothing imports
 it but the stages and the CLI.
 """
 

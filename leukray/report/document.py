@@ -1102,7 +1102,8 @@ def write_report(run_dir: str, top_n: int = 10, n_boot: int = 2000, seed: int = 
     them may be missing; the report then says "not available" for that part.
 
     Args:
-        run_dir: the run folder (local path or filesystem URI).
+        run_dir: the run folder (local path or filesystem URI such as s3://…: its files are
+            read from there, the report is rendered in this process and written back).
         top_n: classifiers shown in the trunk-vs-custom comparison (the paper's Figure 6).
         n_boot: resamples of the subject-level bootstrap of balanced accuracy.
         seed: seed of that bootstrap.
