@@ -650,7 +650,15 @@ def _fail(out: Output, stderr: Any, code: int, message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's usage error (2) still ends --json with a summary
+        if exc.code == 2 and "--json" in argv:
+            Output("json", sys.stdout).event(
+                "summary", status="error", exit_code=2, message="invalid command line (usage on stderr)"
+            )
+        raise
     mode = "json" if getattr(args, "json", False) else "quiet" if getattr(args, "quiet", False) else "text"
     out, stderr = Output(mode, sys.stdout), sys.stderr
     out.event("start", command=args.command, version=__version__)

@@ -153,6 +153,14 @@ def test_exit_codes_say_whose_problem_it_is(tiny_cells, tmp_path, capsys, argv, 
     assert final["status"] == "error" and final["exit_code"] == code and message in final["message"]
 
 
+def test_a_usage_error_under_json_still_ends_with_a_summary(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--json", "--no-such-option", "1"])
+    assert exited.value.code == 2
+    final = _json_lines(capsys.readouterr().out)[-1]
+    assert final["event"] == "summary" and final["exit_code"] == 2 and final["status"] == "error"
+
+
 def test_ray_that_cannot_attach_is_exit_5(tiny_cells, tmp_path):
     result = _cli(
         "run", "--data", str(tiny_cells), "--out", "run", "--weights", "random", "--address", "localhost:notaport",
