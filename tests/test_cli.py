@@ -285,3 +285,13 @@ class TestRunFolders:
             assert summary["chosen_model"]["name"] in page
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("stage", ["train", "tune"])
+def test_later_stages_take_the_run_folder_from_the_yaml(stage, tmp_path, capsys):
+    (tmp_path / "cfg.yaml").write_text(f"out: {tmp_path / 'yaml-run'}\n")
+    assert main([stage, "--config", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'yaml-run' / 'config.yaml'} not found" in err and "leukray extract" in err
+    assert main([stage]) == 2
+    assert "no output folder: pass --out RUN or set `out:`" in capsys.readouterr().err
