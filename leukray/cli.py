@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from leukray import __version__
 from leukray.config import ScreenConfig, build_config, build_screen_config, field_types, load_yaml, sections
-from leukray.errors import LeukrayError
+from leukray.errors import ConfigError, LeukrayError
 
 # short option -> config key
 ALIASES = {
@@ -208,6 +208,20 @@ def cmd_classifiers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    from leukray.io import tracking
+
+    uri = tracking.resolve_uri(args.mlflow)
+    if not uri:
+        raise ConfigError("leukray track: give --mlflow URI (or 'env' for $MLFLOW_TRACKING_URI)")
+    logged = tracking.log_run_folder(args.run, uri, args.experiment)
+    print(
+        f"logged {args.run} to MLflow {uri}: run {logged['run_id']} in experiment {args.experiment!r}, "
+        f"{logged['sweep_runs']} sweep and {logged['tuning_runs']} tuning runs, {len(logged['artifacts'])} artifacts"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leukray", description="ALL screening of blood-cell microscopy on Ray.")
     parser.add_argument("--version", action="version", version=f"leukray {__version__}")
@@ -279,6 +293,12 @@ def _add_model_commands(sub) -> None:
 
     classifiers = sub.add_parser("classifiers", help="list the classifiers of the sweep (Lazy Predict's list)")
     classifiers.set_defaults(func=cmd_classifiers)
+
+    track = sub.add_parser("track", help="log a finished run folder to MLflow (what `--tracking.mlflow` does)")
+    track.add_argument("run", help="a run folder (local or URI) whose tune stage finished")
+    track.add_argument("--mlflow", required=True, help="tracking URI, a folder (file store), or 'env'")
+    track.add_argument("--experiment", default="leukray", help="MLflow experiment name (default: leukray)")
+    track.set_defaults(func=cmd_track)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

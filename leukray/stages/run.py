@@ -17,7 +17,8 @@ import time
 from typing import Any, Callable
 
 from leukray.config import RunConfig
-from leukray.io import runfolder, storage
+from leukray.io import runfolder, storage, tracking
+from leukray.io.tables import log
 from leukray.stages.extract import extract_stage, load_extracted
 from leukray.stages.train import load_trained, train_stage
 from leukray.stages.tune import tune_stage
@@ -32,13 +33,16 @@ def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
             before Ray starts); without it Ray must already be initialised.
     """
     t0 = time.perf_counter()
+    tracking.check(cfg.tracking.mlflow)
     extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled)
     trained = None
     if cfg.train.enabled:
         trained = train_stage(extracted, write_config=False)
     elif storage.exists(storage.join(cfg.out, runfolder.TRAIN_RECORD)):
         storage.delete(storage.join(cfg.out, runfolder.TRAIN_RECORD))  # a stale custom model from an earlier run
-    return tune_stage(extracted, trained, total_start=t0, write_config=False)
+    summary = tune_stage(extracted, trained, total_start=t0, write_config=False)
+    track_run(cfg)
+    return summary
 
 
 def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -50,8 +54,24 @@ def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -
 def run_tune_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """`leukray tune` on a run folder that `leukray extract` (and `train`) wrote; returns
     summary.json's content."""
+    tracking.check(cfg.tracking.mlflow)
     extracted = load_extracted(cfg, "tune")
     trained = None
     if cfg.train.enabled:
         trained = load_trained(cfg.out, extracted.record["fingerprint"], extracted.weights.name)
-    return tune_stage(extracted, trained, start_ray)
+    summary = tune_stage(extracted, trained, start_ray)
+    track_run(cfg)
+    return summary
+
+
+def track_run(cfg: RunConfig) -> dict[str, Any] | None:
+    """Log the finished run to MLflow when `tracking.mlflow` asks for it. The run's results
+    are already written, so a tracking failure is a warning, not a lost run."""
+    uri = tracking.resolve_uri(cfg.tracking.mlflow)
+    if not uri:
+        return None
+    try:
+        return tracking.log_run_folder(cfg.out, uri, cfg.tracking.experiment)
+    except Exception as exc:  # noqa: BLE001 - the run is complete; tracking must not undo it
+        log(f"WARNING: the run could not be logged to MLflow {uri}: {type(exc).__name__}: {exc}")
+        return None
