@@ -453,6 +453,26 @@ def cmd_config_show(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace, out: Output) -> int:
+    from leukray.io import tracking
+
+    uri = tracking.resolve_uri(args.mlflow)
+    if not uri:
+        raise ConfigError("leukray track: give --mlflow URI (or 'env' for $MLFLOW_TRACKING_URI)")
+    summary_path = storage.join(args.run, "summary.json")
+    if not _exists(summary_path):  # the wrong folder: a user mistake (exit 2), not bad data
+        raise InputNotFoundError(f"{summary_path} not found: only a finished run (its tune stage done) can be tracked")
+    with _stage(out, "track"):
+        logged = tracking.log_run_folder(args.run, uri, args.experiment)
+    out.final(
+        f"logged {args.run} to MLflow {uri}: run {logged['run_id']} in experiment {args.experiment!r}, "
+        f"{logged['sweep_runs']} sweep and {logged['tuning_runs']} tuning runs, {len(logged['artifacts'])} artifacts",
+        run_id=logged["run_id"],
+        tracking_uri=uri,
+    )
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace, out: Output) -> int:
     from leukray.report.runs import format_runs, list_runs
 
@@ -614,6 +634,14 @@ def _add_model_commands(sub, auto: argparse.ArgumentParser, ray: argparse.Argume
         "classifiers", parents=[auto], help="list the classifiers of the sweep (Lazy Predict's list)"
     )
     classifiers.set_defaults(func=cmd_classifiers)
+
+    track = sub.add_parser(
+        "track", parents=[auto], help="log a finished run folder to MLflow (what `--tracking.mlflow` does)"
+    )
+    track.add_argument("run", help="a run folder (local or URI) whose tune stage finished")
+    track.add_argument("--mlflow", required=True, help="tracking URI, a folder (file store), or 'env'")
+    track.add_argument("--experiment", default="leukray", help="MLflow experiment name (default: leukray)")
+    track.set_defaults(func=cmd_track)
 
 
 def _add_folder_commands(sub, auto: argparse.ArgumentParser, data_help: str) -> None:

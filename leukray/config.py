@@ -285,6 +285,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking: the finished run logged to MLflow (`leukray.io.tracking`)."""
+
+    mlflow: str = ""
+    """MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:./mlruns or a folder);
+    "env" = $MLFLOW_TRACKING_URI; "" = no tracking."""
+    experiment: str = "leukray"
+    """MLflow experiment name the run is logged under."""
+
+    def __post_init__(self) -> None:
+        if self.mlflow.strip() == "env" and not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+            raise ConfigError("tracking.mlflow is 'env' but MLFLOW_TRACKING_URI is not set")
+        if self.mlflow.strip() and not self.experiment.strip():
+            raise ConfigError("tracking.experiment is empty: name the MLflow experiment")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything `leukray run` needs."""
 
@@ -297,6 +314,7 @@ class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -40,7 +40,8 @@ OUTPUTS = [
 @pytest.fixture(scope="module")
 def tiny_run(ray_local, tiny_cells, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    assert main(["run", "--data", str(tiny_cells), "--out", str(out), *FAST]) == 0
+    store = out.parent / "mlruns"  # the run also logs itself to a local MLflow file store
+    assert main(["run", "--data", str(tiny_cells), "--out", str(out), *FAST, "--tracking.mlflow", str(store)]) == 0
     return out
 
 
@@ -251,3 +252,51 @@ def test_user_mistakes_give_one_line_and_their_exit_code(tmp_path, tiny_cells, s
     assert "Traceback" not in result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("leukray: error: ") and message in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_the_run_is_logged_to_mlflow(tiny_run):
+    """`--tracking.mlflow DIR`: one parent run holding the config, the chosen model's test
+    metrics and the head's curve, one nested run per sweep row and tuning trial."""
+    check_logged_to_mlflow(tiny_run, tiny_run.parent / "mlruns")
+
+
+def check_logged_to_mlflow(tiny_run: Path, store: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    client = MlflowClient(tracking_uri="file:" + str(store))
+    experiment = client.get_experiment_by_name("leukray")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_name == "run" and parent.info.status == "FINISHED"
+    tags, params, metrics = parent.data.tags, parent.data.params, parent.data.metrics
+    assert tags["leukray.weights"] == summary["weights"]["name"] == "random-init"
+    assert tags["leukray.chosen_model"] == summary["chosen_model"]["name"]
+    assert tags["leukray.data_fingerprint"] == summary["data"]["fingerprint"]
+    assert params["train.epochs"] == "2" and params["preprocess.size"] == "64"
+    assert metrics["test_balanced_accuracy"] == pytest.approx(summary["chosen_model"]["test"]["Balanced Accuracy"])
+    curve = client.get_metric_history(parent.info.run_id, "head_val_loss")
+    assert sorted(m.step for m in curve) == [1, 2]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    boards = [pd.read_csv(tiny_run / s["file"]) for s in summary["feature_sets"]]
+    boards.append(pd.read_csv(tiny_run / "custom_leaderboard.csv"))
+    tuning = pd.read_csv(tiny_run / "tuning.csv")
+    kinds = [r.data.tags["leukray.kind"] for r in children]
+    assert kinds.count("sweep") == sum(len(b) for b in boards) and kinds.count("tuning") == len(tuning)
+    logistic = [
+        r for r in children if r.info.run_name == "sweep/resnet50/LogisticRegression"
+    ]  # fmt: skip
+    row = boards[0].set_index("Model").loc["LogisticRegression"]
+    assert logistic[0].data.metrics["balanced_accuracy"] == pytest.approx(row["Balanced Accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "config.yaml", "model_choice.csv", "model"} <= artifacts
+
+
+def test_track_refuses_an_unfinished_run_in_one_line(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    assert main(["track", str(tmp_path / "half"), "--mlflow", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "summary.json not found" in err and "Traceback" not in err

@@ -18,7 +18,8 @@ import time
 from typing import Any, Callable, Iterator
 
 from leukray.config import RunConfig
-from leukray.io import runfolder, storage
+from leukray.io import runfolder, storage, tracking
+from leukray.io.tables import log
 from leukray.stages.extract import extract_stage, load_extracted
 from leukray.stages.train import load_trained, train_stage
 from leukray.stages.tune import tune_stage
@@ -39,6 +40,7 @@ def run_pipeline(
             seconds=...)` around extract, train and tune (the CLI's --json events).
     """
     t0 = time.perf_counter()
+    tracking.check(cfg.tracking.mlflow)
     with _stage(on_stage, "extract"):
         extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled)
     trained = None
@@ -48,7 +50,11 @@ def run_pipeline(
     elif storage.exists(storage.join(cfg.out, runfolder.TRAIN_RECORD)):
         storage.delete(storage.join(cfg.out, runfolder.TRAIN_RECORD))  # a stale custom model from an earlier run
     with _stage(on_stage, "tune"):
-        return tune_stage(extracted, trained, total_start=t0, write_config=False)
+        summary = tune_stage(extracted, trained, total_start=t0, write_config=False)
+    if cfg.tracking.mlflow:
+        with _stage(on_stage, "track"):
+            track_run(cfg)
+    return summary
 
 
 @contextlib.contextmanager
@@ -70,8 +76,24 @@ def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -
 def run_tune_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """`leukray tune` on a run folder that `leukray extract` (and `train`) wrote; returns
     summary.json's content."""
+    tracking.check(cfg.tracking.mlflow)
     extracted = load_extracted(cfg, "tune")
     trained = None
     if cfg.train.enabled:
         trained = load_trained(cfg.out, extracted.record["fingerprint"], extracted.weights.name)
-    return tune_stage(extracted, trained, start_ray)
+    summary = tune_stage(extracted, trained, start_ray)
+    track_run(cfg)
+    return summary
+
+
+def track_run(cfg: RunConfig) -> dict[str, Any] | None:
+    """Log the finished run to MLflow when `tracking.mlflow` asks for it. The run's results
+    are already written, so a tracking failure is a warning, not a lost run."""
+    uri = tracking.resolve_uri(cfg.tracking.mlflow)
+    if not uri:
+        return None
+    try:
+        return tracking.log_run_folder(cfg.out, uri, cfg.tracking.experiment)
+    except Exception as exc:  # noqa: BLE001 - the run is complete; tracking must not undo it
+        log(f"WARNING: the run could not be logged to MLflow {uri}: {type(exc).__name__}: {exc}")
+        return None
