@@ -422,9 +422,7 @@ def cmd_classifiers(args: argparse.Namespace, out: Output) -> int:
     from leukray.models.classifiers import select_classifiers
 
     names = select_classifiers("all")
-    for name in names:
-        print(name)
-    out.final(f"{len(names)} classifiers", classifiers=names)
+    out.final("\n".join(names), classifiers=names)  # one name a line: the list is the result
     return 0
 
 

@@ -89,8 +89,9 @@ def test_config_show_counts_what_a_run_would_read_without_starting_ray(tiny_cell
         "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY', file=sys.stderr); sys.exit(code)"
     )
     args = ["config", "show", "--data", str(tiny_cells), "--config", "cfg.yaml", "--weights", "random", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "NO_RAY" in result.stderr
