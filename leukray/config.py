@@ -94,8 +94,28 @@ class PreprocessConfig:
     """Images whose header declares more pixels are refused before decoding (errors.csv):
     a small file can declare a huge image (a decompression bomb). Single-cell images are far
     smaller (C-NMC: 450x450)."""
+    stain: str = "none"
+    """Stain normalisation of each image before the crop (`leukray.ops.stain`): none |
+    reinhard (Reinhard et al. 2001) | macenko (Macenko et al. 2009). Smear fields are
+    normalised per field, from the stained pixels of their detected cells."""
+    stain_target: str = ""
+    """The colour target images are normalised toward, comma-separated numbers (reinhard: 6,
+    macenko: 8); empty = fitted on the training images and stored in the bundle, so predict
+    and screen normalise toward the training stain."""
 
     def __post_init__(self) -> None:
+        check_choice("preprocess.stain", self.stain, ("none", "reinhard", "macenko"))
+        if self.stain_target:
+            want = {"reinhard": 6, "macenko": 8}.get(self.stain, 0)
+            try:
+                count = len([float(v) for v in self.stain_target.split(",")])
+            except ValueError:
+                count = -1
+            if count != want:
+                raise ConfigError(
+                    f"preprocess.stain_target must be {want} comma-separated numbers for preprocess.stain "
+                    f"{self.stain}, got {self.stain_target!r}"
+                )
         check_at_least("preprocess.size", self.size, 16)
         check_at_least("preprocess.max_pixels", self.max_pixels, 1)
         check_at_least("preprocess.min_side", self.min_side, 1)
