@@ -385,6 +385,40 @@ class ScreenConfig:
         check_at_least("screen.max_pixels", self.max_pixels, 1)
 
 
+@dataclass(frozen=True)
+class SmearTrainConfig:
+    """`leukray smear-train`: a cell classifier for the smear domain, trained on cells cut out
+    of annotated smear fields exactly as `leukray screen` cuts them."""
+
+    features: str = "cells"
+    """The cell feature families the classifier reads ('+'-joined: morphology, colour,
+    texture; cells = the three)."""
+    classifier: str = "logistic"
+    """logistic (standardised logistic regression) | random_forest; both class-balanced."""
+    cv_folds: int = 0
+    """Leave-slides-out cross-validation folds (groups = slides); 0 = leave one slide out."""
+    seed: int = 0
+    stain_sample: int = 16
+    """Fields (a seeded sample) whose detected cells the stain target is fitted on, when
+    preprocess.stain is set and preprocess.stain_target is empty."""
+
+    def __post_init__(self) -> None:
+        (families,) = parse_feature_sets(self.features)
+        if "resnet50" in families:
+            raise ConfigError(
+                "smear.features: the smear classifier reads cell features only (morphology, colour, texture)"
+            )
+        check_choice("smear.classifier", self.classifier, ("logistic", "random_forest"))
+        check_at_least("smear.cv_folds", self.cv_folds, 0)
+        if self.cv_folds == 1:
+            raise ConfigError("smear.cv_folds must be 0 (leave one slide out) or >= 2, got 1")
+        check_at_least("smear.stain_sample", self.stain_sample, 1)
+
+    @property
+    def cell_families(self) -> tuple[str, ...]:
+        return parse_feature_sets(self.features)[0]
+
+
 # -- building a config from defaults, a YAML file and command-line overrides -------------
 
 
