@@ -193,9 +193,7 @@ def test_smear_train_learns_blasts_and_screen_takes_its_bundle(ray_local, annota
 
 
 def test_smear_train_mistakes_are_one_line_errors(annotated_fields, tmp_path, capsys):
-    code = main(
-        ["smear-train", "--fields", str(annotated_fields / "im"), "--annotations", str(tmp_path), "--out", "x"]
-    )
+    code = main(["smear-train", "--fields", str(annotated_fields / "im"), "--annotations", str(tmp_path), "--out", "x"])
     assert code == 2
     assert "no annotations" in capsys.readouterr().err
     code = main(
