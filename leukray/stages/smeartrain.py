@@ -216,6 +216,22 @@ def label_rows(rows: pd.DataFrame, annotations: dict[str, SlideAnnotation]) -> p
     return rows
 
 
+def _cross_validate(
+    rows: pd.DataFrame, features: np.ndarray, ok: np.ndarray, positive: dict[str, bool], cfg: SmearTrainConfig
+) -> np.ndarray:
+    """Out-of-fold prob_all of every row (NaN on failed rows).
+
+    Raises:
+        DataError: the labelled cells hold a single class.
+    """
+    labels = rows["label"].to_numpy()
+    if len(np.unique(labels[ok & (labels != UNLABELLED)])) < 2:
+        raise DataError(f"the annotated fields' detected cells hold one class only ({np.unique(labels).tolist()})")
+    prob = np.full(len(rows), np.nan)
+    prob[ok] = out_of_fold(features[ok], labels[ok], rows["key"].to_numpy()[ok], positive, cfg)
+    return prob
+
+
 def smear_train(
     fields_root: str,
     annotation_sources: list[str],
@@ -237,9 +253,7 @@ def smear_train(
     if not out:
         raise ConfigError("no output folder: pass --out DIR")
     if not annotation_sources:
-        raise ConfigError(
-            "no annotations: pass --annotations DIR_OR_FILE (.xyc, Pascal-VOC .xml, slide,x,y,label .csv)"
-        )
+        raise ConfigError("no annotations: pass --annotations DIR_OR_FILE (.xyc, VOC .xml, slide,x,y,label .csv)")
     t0 = time.perf_counter()
     fields, annotations, unannotated, orphans = _annotated_fields(fields_root, annotation_sources)
     if start_ray is not None:
@@ -249,12 +263,9 @@ def smear_train(
     rows, features, _ = detect_cells(fields, screen_cfg, preprocess_cfg, cfg.cell_families)
     rows = label_rows(rows, annotations)
     labels = rows["label"].to_numpy()
-    if len(np.unique(labels[labels != UNLABELLED])) < 2:
-        raise DataError(f"the annotated fields' detected cells hold one class only ({np.unique(labels).tolist()})")
     ok = ((rows["cell_index"] >= 0) & (rows["error"] == "")).to_numpy()
     positive = {k: a.positive for k, a in annotations.items()}
-    rows["prob_all"] = np.nan
-    rows.loc[ok, "prob_all"] = out_of_fold(features[ok], labels[ok], rows["key"].to_numpy()[ok], positive, cfg)
+    rows["prob_all"] = _cross_validate(rows, features, ok, positive, cfg)
     slides = slide_table(rows[ok], annotations, screen_cfg.blast_threshold)
     scores = metrics(rows[ok], slides, screen_cfg.blast_threshold)
     trained = ok & (labels != UNLABELLED)
@@ -267,9 +278,8 @@ def smear_train(
         "annotations": annotation_sources,
         "model": model_dir,
         "config": {
-            "smear": dataclasses.asdict(cfg),
-            "screen": dataclasses.asdict(screen_cfg),
-            "preprocess": dataclasses.asdict(preprocess_cfg),
+            name: dataclasses.asdict(c)
+            for name, c in (("smear", cfg), ("screen", screen_cfg), ("preprocess", preprocess_cfg))
         },
         "counts": _counts(rows, ok, labels, fields, unannotated, orphans),
         "cv": {
