@@ -1,5 +1,5 @@
 """The `leukray` command: `synth`, `run`, `demo`, `extract`, `train`, `tune`, `predict`,
-`screen`, `classifiers`, `config show`, `runs`, `report`.
+`screen`, `smear-train`, `classifiers`, `track`, `config show`, `runs`, `report`.
 
 `run` is `extract` -> `train` -> `tune` in one job (the trunk maps stay in Ray's object store
 between extraction and training); the three can also run as separate jobs on the same run
@@ -418,6 +418,60 @@ def cmd_screen(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def cmd_smear_train(args: argparse.Namespace, out: Output) -> int:
+    from leukray.config import PreprocessConfig, SmearTrainConfig, build_section
+    from leukray.stages.smeartrain import smear_train
+
+    def section(name: str, cls: type):
+        prefix = f"cfg:{name}."
+        values = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+        return build_section(name, cls, values)
+
+    result = smear_train(
+        args.fields,
+        args.annotations,
+        args.out,
+        section("smear", SmearTrainConfig),
+        section("screen", ScreenConfig),
+        section("preprocess", PreprocessConfig),
+        start_ray=_ray_starter(args, out),
+    )
+    scores = result["metrics"]["all"]
+    out.final(
+        f"smear-train: {result['counts']['cells']} cells ({result['counts']['blast_cells']} blasts) from "
+        f"{result['counts']['fields']} fields; leave-slides-out cell AUROC {scores['cell_auroc']:.3f}, slide AUROC "
+        f"{scores['slide_auroc_mean_prob']:.3f} ({scores['slides']} slides); bundle in {result['model']}",
+        model=result["model"],
+        metrics=result["metrics"],
+    )
+    return 0
+
+
+def _add_smear_train(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from leukray.config import PreprocessConfig, SmearTrainConfig
+
+    smear = sub.add_parser(
+        "smear-train",
+        parents=parents,
+        help="train a cell classifier on annotated smear fields, cut as `screen` cuts them",
+    )
+    smear.add_argument("--fields", required=True, help="folder or URI of smear-field images (searched recursively)")
+    smear.add_argument(
+        "--annotations",
+        required=True,
+        nargs="+",
+        help="folders or files of annotations: ALL-IDB .xyc blast centres, Pascal-VOC .xml (WBC boxes), "
+        "slide,x,y,label .csv; matched to fields by file name",
+    )
+    smear.add_argument(
+        "--out", required=True, help="output folder: model/, cells.parquet, slides.csv, smear_train.json"
+    )
+    _add_section_options(smear.add_argument_group("classifier (smear.field)"), "smear", SmearTrainConfig)
+    _add_section_options(smear.add_argument_group("detection (screen.field)"), "screen", ScreenConfig)
+    _add_section_options(smear.add_argument_group("preprocessing (preprocess.field)"), "preprocess", PreprocessConfig)
+    smear.set_defaults(func=cmd_smear_train)
+
+
 def cmd_classifiers(args: argparse.Namespace, out: Output) -> int:
     from leukray.models.classifiers import select_classifiers
 
@@ -627,6 +681,8 @@ def _add_model_commands(sub, auto: argparse.ArgumentParser, ray: argparse.Argume
     scr.add_argument("--config", help="YAML with model/data/out and a `screen:` section (overridden by options)")
     _add_section_options(scr.add_argument_group("screening settings (screen.field)"), "screen", ScreenConfig)
     scr.set_defaults(func=cmd_screen)
+
+    _add_smear_train(sub, [auto, ray])
 
     classifiers = sub.add_parser(
         "classifiers", parents=[auto], help="list the classifiers of the sweep (Lazy Predict's list)"

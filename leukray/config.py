@@ -94,8 +94,28 @@ class PreprocessConfig:
     """Images whose header declares more pixels are refused before decoding (errors.csv):
     a small file can declare a huge image (a decompression bomb). Single-cell images are far
     smaller (C-NMC: 450x450)."""
+    stain: str = "none"
+    """Stain normalisation of each image before the crop (`leukray.ops.stain`): none |
+    reinhard (Reinhard et al. 2001) | macenko (Macenko et al. 2009). Smear fields are
+    normalised per field, from the stained pixels of their detected cells."""
+    stain_target: str = ""
+    """The colour target images are normalised toward, comma-separated numbers (reinhard: 6,
+    macenko: 8); empty = fitted on the training images and stored in the bundle, so predict
+    and screen normalise toward the training stain."""
 
     def __post_init__(self) -> None:
+        check_choice("preprocess.stain", self.stain, ("none", "reinhard", "macenko"))
+        if self.stain_target:
+            want = {"reinhard": 6, "macenko": 8}.get(self.stain, 0)
+            try:
+                count = len([float(v) for v in self.stain_target.split(",")])
+            except ValueError:
+                count = -1
+            if count != want:
+                raise ConfigError(
+                    f"preprocess.stain_target must be {want} comma-separated numbers for preprocess.stain "
+                    f"{self.stain}, got {self.stain_target!r}"
+                )
         check_at_least("preprocess.size", self.size, 16)
         check_at_least("preprocess.max_pixels", self.max_pixels, 1)
         check_at_least("preprocess.min_side", self.min_side, 1)
@@ -394,6 +414,40 @@ class ScreenConfig:
         check_at_least("screen.min_cells", self.min_cells, 0)
         check_at_least("screen.batch_size", self.batch_size, 1)
         check_at_least("screen.max_pixels", self.max_pixels, 1)
+
+
+@dataclass(frozen=True)
+class SmearTrainConfig:
+    """`leukray smear-train`: a cell classifier for the smear domain, trained on cells cut out
+    of annotated smear fields exactly as `leukray screen` cuts them."""
+
+    features: str = "cells"
+    """The cell feature families the classifier reads ('+'-joined: morphology, colour,
+    texture; cells = the three)."""
+    classifier: str = "logistic"
+    """logistic (standardised logistic regression) | random_forest; both class-balanced."""
+    cv_folds: int = 0
+    """Leave-slides-out cross-validation folds (groups = slides); 0 = leave one slide out."""
+    seed: int = 0
+    stain_sample: int = 16
+    """Fields (a seeded sample) whose detected cells the stain target is fitted on, when
+    preprocess.stain is set and preprocess.stain_target is empty."""
+
+    def __post_init__(self) -> None:
+        (families,) = parse_feature_sets(self.features)
+        if "resnet50" in families:
+            raise ConfigError(
+                "smear.features: the smear classifier reads cell features only (morphology, colour, texture)"
+            )
+        check_choice("smear.classifier", self.classifier, ("logistic", "random_forest"))
+        check_at_least("smear.cv_folds", self.cv_folds, 0)
+        if self.cv_folds == 1:
+            raise ConfigError("smear.cv_folds must be 0 (leave one slide out) or >= 2, got 1")
+        check_at_least("smear.stain_sample", self.stain_sample, 1)
+
+    @property
+    def cell_families(self) -> tuple[str, ...]:
+        return parse_feature_sets(self.features)[0]
 
 
 # -- building a config from defaults, a YAML file and command-line overrides -------------

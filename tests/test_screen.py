@@ -26,6 +26,7 @@ from leukray.ops.smear import (
     detection_recall,
     estimate_red_cell_diameter,
     leukocyte_mask,
+    normalise_field_cells,
 )
 from leukray.stages.screen import CELL_COLUMNS, SLIDE_COLUMNS, screen, summarise_slides
 
@@ -213,6 +214,25 @@ class TestBatchAndReport:
         broken = frame[frame["slide"] == "broken.jpg"]
         assert broken["cell_index"].tolist() == [-1] and "not a decodable image" in broken["error"].item()
         assert not out["image"][broken.index].any()
+
+    def test_a_fields_cells_are_stain_normalised_together_toward_the_bundles_target(self):
+        from leukray.ops import stain
+
+        field = smear_field(seed=0)
+        cells = detect_leukocytes(field, ScreenConfig())
+        crops = [cell_crop(field, c, ScreenConfig()) for c in cells]
+        target = np.array([40.0, 35.0, -30.0, 9.0, 7.0, 6.0])
+        cfg = PreprocessConfig(size=64, stain="reinhard", stain_target=stain.format_target(target))
+        normalised = normalise_field_cells(crops, cfg)
+        # pooled over the field's cells the target holds; each cell keeps its own offset
+        np.testing.assert_allclose(stain.reinhard_stats(normalised), target, atol=0.8)
+        assert [(c == 0).all(axis=2).sum() for c in normalised] == [(c == 0).all(axis=2).sum() for c in crops]
+        files = {"a.png": encode(field)}
+        out = detect_and_crop({"path": np.asarray(["a.png"], object)}, ScreenConfig(), cfg, files.__getitem__)
+        assert (out["error"] == "").all() and len(out["error"]) == 3
+        no_target = PreprocessConfig(size=64, stain="macenko")
+        out = detect_and_crop({"path": np.asarray(["a.png"], object)}, ScreenConfig(), no_target, files.__getitem__)
+        assert out["cell_index"].tolist() == [-1] and "stain_target is empty" in out["error"][0]
 
     def test_detect_and_crop_measures_the_cells_families_when_the_bundle_asks(self):
         from leukray.ops.cellfeatures import feature_dim

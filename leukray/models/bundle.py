@@ -101,7 +101,7 @@ def save_bundle(
         import skops.io
 
         put(CLASSIFIER_FILE, skops.io.dumps(classifier))
-    if weights["kind"] != "imagenet":
+    if weights["kind"] not in ("imagenet", "none"):  # none: a classifier on cell features alone
         if trunk_state is None:
             raise ValueError("a bundle with non-ImageNet weights must carry trunk_state")
         buffer = io.BytesIO()
@@ -331,6 +331,8 @@ def _trunk_spec(model_dir: str, manifest: dict[str, Any], blobs: dict[str, bytes
     """The `weights` spec the trunk extractor loads: imagenet:VARIANT (checked against the
     cached file's sha256) or a verified local copy of trunk.pt."""
     weights = manifest["weights"]
+    if weights["kind"] == "none":  # no trunk: the classifier reads cell features only
+        return ""
     if weights["kind"] == "imagenet":
         from leukray.models.trunk import imagenet_cache_file, sha256_file
 

@@ -16,20 +16,23 @@ Safety: `decode_image` reads the width and height from the header (PNG, BMP, JPE
 GIF, WebP, PNM) and refuses an image of more than `max_pixels` pixels before decoding it,
 so a small file that declares a huge image cannot allocate gigabytes.
 
-May import: numpy, cv2, `leukray.config`, `leukray.ops.augment`.
+May import: numpy, cv2, `leukray.config`, `leukray.ops.augment`, `leukray.ops.stain`,
+`leukray.ops.cellfeatures`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
 import cv2
 import numpy as np
 
 from leukray.config import AugmentConfig, PreprocessConfig
-from leukray.ops import cellfeatures
+from leukray.ops import cellfeatures, stain
 from leukray.ops.augment import augment_image, augmentation_rng
 
 # Decoding and resizing run one image per Ray worker; cv2's own thread pool would only
@@ -455,7 +458,25 @@ def _check_rgb(image: np.ndarray) -> None:
         raise ImageError(f"expected HxWx3 uint8, got {image.shape} {image.dtype}")
 
 
+def normalise_stain(image: np.ndarray, cfg: PreprocessConfig, bgr: bool = False) -> np.ndarray:
+    """`image` (RGB, or BGR when `bgr`) normalised toward `cfg.stain_target` by `cfg.stain`
+    (`leukray.ops.stain`), from its own stained pixels; returned in RGB when normalised.
+
+    Raises:
+        ImageError: no target configured, or too few stained pixels to estimate the stain.
+    """
+    if not cfg.stain_target:
+        raise ImageError(f"preprocess.stain is {cfg.stain} but preprocess.stain_target is empty")
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if bgr else image
+    try:
+        return stain.normalise(rgb, cfg.stain, stain.parse_target(cfg.stain, cfg.stain_target))
+    except stain.StainError as exc:
+        raise ImageError(f"stain normalisation: {exc}") from None
+
+
 def _preprocess(image: np.ndarray, cfg: PreprocessConfig, bgr: bool, with_cell: bool):
+    if cfg.stain != "none":
+        image, bgr = normalise_stain(image, cfg, bgr), False
     found = _segment(image, cfg, bgr)
     crop = resize_square(_margin_crop(image, found.box, cfg.margin), cfg.size, cfg.keep_aspect)
     if bgr:
@@ -582,3 +603,33 @@ def _cell_measure(families: tuple[str, ...]) -> Callable[[bytes, PreprocessConfi
         return crop, cellfeatures.cell_features(cell_rgb, cell_mask, families)
 
     return measure
+
+
+STAIN_SAMPLE = 64  # reference images a stain target is fitted on (a seeded sample)
+
+
+def fit_stain_target(
+    paths: Sequence[str], cfg: PreprocessConfig, read_bytes: Callable[[str], bytes], seed: int = 0
+) -> PreprocessConfig:
+    """`cfg` with `stain_target` fitted (`leukray.ops.stain.fit_target`) on a seeded sample of
+    up to 64 of `paths`, each cropped to its cell first (as it will be classified); `cfg`
+    itself when stain is none or a target is already set. Unreadable images are skipped
+    (they are reported by the pass that preprocesses them).
+
+    Raises:
+        ImageError: none of the sampled images could be used.
+    """
+    if cfg.stain == "none" or cfg.stain_target:
+        return cfg
+    order = np.random.default_rng(seed).permutation(len(paths))[:STAIN_SAMPLE]
+    cells = []
+    for i in order:
+        try:
+            cells.append(crop_to_foreground(decode_image(read_bytes(str(paths[i])), cfg.max_pixels), cfg))
+        except (*READ_ERRORS, ValueError):
+            continue
+    try:
+        target = stain.fit_target(cfg.stain, cells)
+    except stain.StainError as exc:
+        raise ImageError(f"cannot fit a {cfg.stain} stain target on {len(cells)} sampled images: {exc}") from None
+    return dataclasses.replace(cfg, stain_target=stain.format_target(target))

@@ -20,11 +20,13 @@ red cells, so screening is detection -> crop -> the bundle's own preprocessing -
 `detect_and_crop` is the batch function (slides in, preprocessed cells out) that
 `leukray.distributed.actors.detect_batch` hands to Ray Data.
 
-May import: numpy, cv2, scipy, `leukray.config`, `leukray.ops.preprocess`. No Ray, no torch.
+May import: numpy, cv2, scipy, `leukray.config`, `leukray.ops.preprocess`, `leukray.ops.stain`,
+`leukray.ops.cellfeatures`. No Ray, no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ import cv2
 import numpy as np
 
 from leukray.config import PreprocessConfig, ScreenConfig
-from leukray.ops import cellfeatures
+from leukray.ops import cellfeatures, stain
 from leukray.ops.preprocess import (
     READ_ERRORS,
     ImageError,
@@ -162,9 +164,9 @@ def _working_scale(image: np.ndarray, cfg: ScreenConfig) -> tuple[float, float]:
 def _nucleus_mask(image: np.ndarray, cfg: ScreenConfig, red_cell_px: float) -> np.ndarray:
     """The nucleus mask (HxW uint8 0/1) at the scale where a red cell is `red_cell_px` wide."""
 
-    stain = cv2.GaussianBlur(stain_channel(image), (3, 3), 0)
-    threshold = max(otsu_threshold(stain), cfg.min_stain)
-    mask = (stain > threshold).astype(np.uint8)
+    channel = cv2.GaussianBlur(stain_channel(image), (3, 3), 0)
+    threshold = max(otsu_threshold(channel), cfg.min_stain)
+    mask = (channel > threshold).astype(np.uint8)
     # Opening by a disk of 1/8 red cell removes platelet fragments and stained specks;
     # closing by the same disk reconnects a nucleus cut by a pale chromatin seam.
     kernel = _disk(red_cell_px / 8.0)
@@ -486,6 +488,27 @@ def detect_and_crop(
     return out
 
 
+def normalise_field_cells(crops: list[np.ndarray], cfg: PreprocessConfig) -> list[np.ndarray]:
+    """The cut-out cells of one field normalised toward `cfg.stain_target` by `cfg.stain`
+    (`leukray.ops.stain`), all with one source estimate from their stained pixels pooled:
+    the field's leukocytes, like for like with the reference cells (a field's red cells and
+    plasma would skew it), and one mapping per field, so differences between its cells stay.
+
+    Raises:
+        ImageError: no target configured, or too few stained pixels in the field's cells.
+    """
+    if cfg.stain == "none":
+        return crops
+    if not cfg.stain_target:
+        raise ImageError(f"preprocess.stain is {cfg.stain} but preprocess.stain_target is empty")
+    try:
+        target = stain.parse_target(cfg.stain, cfg.stain_target)
+        source = stain.fit_target(cfg.stain, crops)
+        return [stain.normalise(crop, cfg.stain, target, source) for crop in crops]
+    except stain.StainError as exc:
+        raise ImageError(f"stain normalisation: {exc}") from None
+
+
 # slide, cell index (-1: the slide itself), box (BOX_COLUMNS), preprocessed crop, error, cell features
 CellRow = tuple[str, int, tuple[float, ...], np.ndarray, str, np.ndarray]
 NO_BOX = (0, 0, 0, 0, math.nan, math.nan, 0)
@@ -508,11 +531,17 @@ def _slide_rows(
         return [(path, -1, NO_BOX, blank, read_error_reason(exc), no_cell)]
     if not cells:
         return [(path, -1, NO_BOX, blank, NO_CELLS, no_cell)]
+    crops = [cell_crop(field_image, cell, cfg) for cell in cells]
+    try:
+        crops = normalise_field_cells(crops, preprocess_cfg)
+    except ImageError as exc:
+        return [(path, -1, NO_BOX, blank, str(exc), no_cell)]
+    crop_cfg = dataclasses.replace(preprocess_cfg, stain="none", stain_target="")
     rows: list[CellRow] = []
-    for index, cell in enumerate(cells):
+    for index, (cell, cut) in enumerate(zip(cells, crops, strict=True)):
         coords = (cell.x0, cell.y0, cell.x1, cell.y1, cell.cx, cell.cy, cell.area)
         try:
-            crop, cell_rgb, cell_mask = preprocess_image_with_cell(cell_crop(field_image, cell, cfg), preprocess_cfg)
+            crop, cell_rgb, cell_mask = preprocess_image_with_cell(cut, crop_cfg)
             measured = cellfeatures.cell_features(cell_rgb, cell_mask, cell_families) if cell_families else no_cell
             rows.append((path, index, coords, crop, "", measured))
         except ImageError as exc:

@@ -6,6 +6,7 @@ hands the same on in memory (`Extracted`); `load_extracted` rebuilds it from a r
 for the stages run as separate jobs.
 
 May import: `leukray.config`, `leukray.errors`, `leukray.io`, `leukray.data`, `leukray.models`,
+`leukray.ops` (the stain target),
 `leukray.distributed`.
 """
 
@@ -30,6 +31,7 @@ from leukray.io.features import META_COLUMNS, load_features
 from leukray.io.tables import log, read_csv, read_parquet, write_errors, write_json, write_parquet
 from leukray.models.classifiers import select_classifiers
 from leukray.models.trunk import WeightsInfo, resolve_weights
+from leukray.ops.preprocess import fit_stain_target
 
 
 @dataclass
@@ -70,6 +72,10 @@ def extract_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, k
 
     tick = time.perf_counter()
     images, skipped = discover_all(cfg)
+    # the stain target (preprocess.stain) is fitted once on the data's colours, no labels
+    cfg = dataclasses.replace(
+        cfg, preprocess=fit_stain_target(list(images["path"]), cfg.preprocess, storage.read_bytes)
+    )
     storage.makedirs(cfg.out)
     runfolder.write_config(cfg)
     if start_ray is not None:
