@@ -80,6 +80,19 @@ def _overrides(args: argparse.Namespace, base: dict[str, Any] | None = None) -> 
     return values
 
 
+def _add_existing_options(parser: argparse.ArgumentParser) -> None:
+    """What `run`/`extract` do with an earlier run in --out (default: refuse one of other data or settings)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="start --out again, deleting its earlier run")
+    group.add_argument("--resume", action="store_true", help="reuse the stages in --out whose identity matches")
+
+
+def _existing(args: argparse.Namespace) -> str:
+    return (
+        "overwrite" if getattr(args, "overwrite", False) else "resume" if getattr(args, "resume", False) else "refuse"
+    )
+
+
 def _config_from(args: argparse.Namespace, base: dict[str, Any] | None = None):
     yaml_values = load_yaml(args.config) if args.config else {}
     return build_config(yaml_values, _overrides(args, base))
@@ -106,7 +119,7 @@ def cmd_run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> int
     from leukray.stages.run import run_pipeline
 
     cfg = _config_from(args, base)
-    summary = run_pipeline(cfg, start_ray=init_ray)
+    summary = run_pipeline(cfg, start_ray=init_ray, existing=_existing(args))
     print_leaderboard(cfg.out, summary)
     return 0
 
@@ -122,7 +135,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from leukray.stages.extract import extract_stage
 
     cfg = _config_from(args)
-    extracted = extract_stage(cfg, start_ray=init_ray)
+    extracted = extract_stage(cfg, start_ray=init_ray, existing=_existing(args))
     counts = extracted.record["counts"]
     print(
         f"extracted {counts['feature_rows']} feature rows ({counts['errors']} errors) "
@@ -224,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="preprocess, extract ResNet50 features and sweep classifiers on Ray")
     run.add_argument("--data", help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject])")
     _add_config_options(run)
+    _add_existing_options(run)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="synthesise cells into RUN/data, then `run` on them")
@@ -231,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--subjects", type=int, default=24)
     demo.add_argument("--seed", type=int, default=0)
     _add_config_options(demo)
+    _add_existing_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     extract = sub.add_parser(
@@ -238,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--data", help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject])")
     _add_config_options(extract)
+    _add_existing_options(extract)
     extract.set_defaults(func=cmd_extract)
 
     train = sub.add_parser(

@@ -71,6 +71,13 @@ class DataConfig:
     """auto | cnmc | folders | csv."""
     positive_label: str = "all"
     """The label scored as positive (ALL). Ignored when it is not among the labels."""
+    allowed_prefixes: str = ""
+    """Comma-separated folders/URI prefixes a CSV manifest may point into besides its own
+    folder (e.g. s3://other-bucket/cells); anything else it lists is refused."""
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.allowed_prefixes.split(",") if p.strip())
 
     def __post_init__(self) -> None:
         check_choice("data.layout", self.layout, ("auto", "cnmc", "folders", "csv"))

@@ -5,6 +5,7 @@ bundle, summary, report). `extract`, `train` and `tune` are also jobs of their o
 same run folder (`run_stage`).
 
 The run folder (other tools read these names):
+  run.json (the journal: which stages finished, their identity and files' sha256),
   config.yaml, manifest.parquet, features.parquet, leaderboard.csv, leaderboard.md,
   errors.csv, summary.json, ... (README: "The run folder")
 
@@ -17,28 +18,53 @@ import time
 from typing import Any, Callable
 
 from leukray.config import RunConfig
-from leukray.io import runfolder, storage
-from leukray.stages.extract import extract_stage, load_extracted
-from leukray.stages.train import load_trained, train_stage
+from leukray.io import journal, runfolder, storage
+from leukray.io.tables import log, read_json
+from leukray.stages.extract import Extracted, extract_stage, load_extracted
+from leukray.stages.train import Trained, extract_id, load_trained, train_stage
 from leukray.stages.tune import tune_stage
 
 
-def run_pipeline(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    cfg: RunConfig, start_ray: Callable[[], None] | None = None, existing: str = "refuse"
+) -> dict[str, Any]:
     """Run everything in one job and write the run folder; returns summary.json's content.
 
     Args:
         cfg: the resolved configuration.
         start_ray: called once the inputs are checked (so a user mistake is reported
             before Ray starts); without it Ray must already be initialised.
+        existing: what to do with an earlier run in `cfg.out`: refuse one of other data or
+            settings, overwrite it, or resume it (stages whose identity matches are read
+            back, the others redone); see `leukray.io.journal`.
     """
     t0 = time.perf_counter()
-    extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled)
+    extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled, existing=existing)
+    cfg, out = extracted.cfg, extracted.cfg.out
     trained = None
     if cfg.train.enabled:
-        trained = train_stage(extracted, write_config=False)
-    elif storage.exists(storage.join(cfg.out, runfolder.TRAIN_RECORD)):
-        storage.delete(storage.join(cfg.out, runfolder.TRAIN_RECORD))  # a stale custom model from an earlier run
-    return tune_stage(extracted, trained, total_start=t0, write_config=False)
+        identity = runfolder.train_identity(cfg, extract_id(extracted.record))
+        if existing == "resume" and journal.committed(out, "train", identity):
+            log(f"resuming: the custom model in {out} was trained on the same maps with the same settings")
+            trained = load_trained(out, extracted.record["fingerprint"], extracted.weights.name)
+        else:
+            trained = train_stage(extracted, write_config=False)
+    else:
+        journal.discard(out, "train")  # an earlier run's custom model and tables are not this run's
+    upstream = trained.record.get("identity", "") if trained is not None else extract_id(extracted.record)
+    identity = runfolder.tune_identity(cfg, upstream)
+    if existing == "resume" and journal.committed(out, "tune", identity):
+        log(f"resuming: the sweeps, model choice and bundle in {out} are already this run's")
+        return read_json(storage.join(out, "summary.json"))
+    return _tune(extracted, trained, identity, total_start=t0, write_config=False)
+
+
+def _tune(extracted: Extracted, trained: Trained | None, identity: str, **kwargs: Any) -> dict[str, Any]:
+    """The tune stage between its journal entries: its tables count only once it finished."""
+    journal.begin(extracted.cfg.out, "tune", identity)
+    summary = tune_stage(extracted, trained, **kwargs)
+    journal.commit(extracted.cfg.out, "tune")
+    return summary
 
 
 def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -54,4 +80,5 @@ def run_tune_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
     trained = None
     if cfg.train.enabled:
         trained = load_trained(cfg.out, extracted.record["fingerprint"], extracted.weights.name)
-    return tune_stage(extracted, trained, start_ray)
+    upstream = trained.record.get("identity", "") if trained is not None else extract_id(extracted.record)
+    return _tune(extracted, trained, runfolder.tune_identity(cfg, upstream), start_ray=start_ray)
