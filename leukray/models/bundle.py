@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from leukray import __version__
-from leukray.config import CELL_FAMILIES, PreprocessConfig, parse_feature_sets
+from leukray.config import CELL_FAMILIES, PreprocessConfig, build_section, parse_feature_sets
 from leukray.errors import ConfigError, LeukrayError
 from leukray.io import storage
 from leukray.models.classifiers import positive_index
@@ -309,6 +309,8 @@ def _malformed(manifest: dict[str, Any]) -> str:
     for name, digest in files.items():
         if not FILE_KEY.match(str(name)) or not isinstance(digest, str) or not SHA256_HEX.match(digest):
             return f"`files` lists {str(name)[:80]!r}: expected one of {', '.join(BUNDLE_FILES)} with a sha256"
+    if len({str(n).rsplit("/", 1)[-1] for n in files}) != len(files):
+        return "`files` lists one file twice"
     expected = {"classes": list, "positive_label": str, "preprocess": dict, "weights": dict, "feature_source": str}
     for key, kind in expected.items():
         if not isinstance(manifest.get(key), kind):
@@ -317,7 +319,7 @@ def _malformed(manifest: dict[str, Any]) -> str:
     if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or manifest["positive_label"] not in classes:
         return "`classes` must name at least two classes, the positive label among them"
     try:
-        PreprocessConfig(**manifest["preprocess"])
+        build_section("preprocess", PreprocessConfig, manifest["preprocess"])
         source_families(manifest["feature_source"])
     except (TypeError, ValueError, ConfigError) as exc:
         return str(exc).splitlines()[0][:200]
