@@ -182,6 +182,9 @@ class ExtractConfig:
     colour, texture (hand-crafted, per cell; `cells` = all three). The first set is
     leaderboard.csv, the others leaderboard-<families>.csv; e.g. resnet50+cells sweeps both
     joined."""
+    deterministic: bool = False
+    """torch's deterministic algorithms for the trunk (the same features bit for bit on a
+    GPU too, run after run; slower)."""
 
     def __post_init__(self) -> None:
         parse_feature_sets(self.features)

@@ -161,3 +161,20 @@ def test_a_csv_manifest_is_confined_to_its_folder(tmp_path):
 
     images, skipped = discover(str(data / "m.csv"), allowed=(str(outside.parent), "s3://another-bucket/cells"))
     assert sorted(images["path"].map(lambda p: p.rsplit("/", 1)[-1])) == ["a.png", "b.png", "c.png", "c.png", "d.png"]
+
+
+def test_the_deterministic_flag_turns_on_torchs_deterministic_algorithms():
+    import torch
+
+    from leukray.models.trunk import TrunkExtractor
+
+    assert build_config(overrides={"extract.deterministic": "true"}).extract.deterministic is True
+    try:
+        extractor = TrunkExtractor("random", seed=0, device="cpu", deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        crops = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+        batch = {"image": crops, "error": np.array(["", ""], dtype=object)}
+        first, second = extractor(dict(batch))["features"], extractor(dict(batch))["features"]
+        assert first.shape == (2, 2048) and np.array_equal(first, second)
+    finally:
+        torch.use_deterministic_algorithms(False)
