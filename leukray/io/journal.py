@@ -75,7 +75,12 @@ def open_run(out: str, settings: dict[str, Any], existing: str) -> None:
     """
     if existing not in EXISTING_MODES:
         raise ConfigError(f"unknown mode {existing!r} for an existing run folder (expected {EXISTING_MODES})")
-    journal = read_journal(out) if existing != "overwrite" or storage.exists(storage.join(out, JOURNAL_FILE)) else None
+    try:
+        journal = read_journal(out)
+    except DataError:
+        if existing != "overwrite":
+            raise
+        journal = None  # a broken journal: start clean like a folder from before journals
     if journal is None and storage.exists(storage.join(out, "config.yaml")) and existing != "overwrite":
         raise ConfigError(
             f"{out} holds a run without a journal (run.json), from another leukray version or another tool; "
