@@ -338,8 +338,9 @@ def test_run_without_training_after_a_killed_sweep_resumes_clean_and_reproduces(
     """Run B is `run --train.enabled false` over a copy of tiny_run, killed once in the
     sweep, then resumed (extract reused, the custom model's files discarded, the sweep
     redone). Run C is the same job from a copy of the data in another folder. Both must
-    give the same features (tolerance 1e-5: batched CPU convolutions), the same
-    leaderboards (exactly), the same chosen model and the same predictions (exactly)."""
+    give the same features (within 1e-5: batched CPU convolutions), the same leaderboards
+    and model choice (exactly), the same chosen model (exactly) and the same predictions
+    (labels exactly, probabilities within pandas' rtol 1e-5)."""
     from leukray.stages import tune
 
     b_out = _copy_run(tiny_run, tmp_path / "b")
