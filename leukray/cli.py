@@ -157,6 +157,19 @@ def _yaml_of(args: argparse.Namespace) -> dict[str, Any]:
     return load_yaml(args.config) if getattr(args, "config", None) else {}
 
 
+def _add_existing_options(parser: argparse.ArgumentParser) -> None:
+    """What `run`/`extract` do with an earlier run in --out (default: refuse one of other data or settings)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="start --out again, deleting its earlier run")
+    group.add_argument("--resume", action="store_true", help="reuse the stages in --out whose identity matches")
+
+
+def _existing(args: argparse.Namespace) -> str:
+    return (
+        "overwrite" if getattr(args, "overwrite", False) else "resume" if getattr(args, "resume", False) else "refuse"
+    )
+
+
 def _config_from(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
     return build_config(_yaml_of(args), _overrides(args, base))
 
@@ -286,7 +299,7 @@ def cmd_run(args: argparse.Namespace, out: Output, base: dict[str, Any] | None =
     from leukray.report.console import final_line, print_leaderboard
     from leukray.stages.run import run_pipeline
 
-    summary = run_pipeline(cfg, start_ray=_ray_starter(args, out), on_stage=out.stage)
+    summary = run_pipeline(cfg, start_ray=_ray_starter(args, out), on_stage=out.stage, existing=_existing(args))
     print_leaderboard(cfg.out, summary)
     out.final(final_line(cfg.out, summary), **_run_result(cfg.out, summary))
     return 0
@@ -318,7 +331,7 @@ def cmd_extract(args: argparse.Namespace, out: Output) -> int:
     from leukray.stages.extract import extract_stage
 
     with _stage(out, "extract"):
-        extracted = extract_stage(cfg, start_ray=_ray_starter(args, out))
+        extracted = extract_stage(cfg, start_ray=_ray_starter(args, out), existing=_existing(args))
     counts = extracted.record["counts"]
     out.final(
         f"extracted {counts['feature_rows']} feature rows ({counts['errors']} errors) "
@@ -621,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--data", help=data_help)
     _add_config_options(run)
+    _add_existing_options(run)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", parents=[auto, ray], help="synthesise cells into RUN/data, then `run` on them")
@@ -628,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--subjects", type=int, default=24, help="subjects they come from (default: 24)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
     _add_config_options(demo, DEMO_DEFAULTS)
+    _add_existing_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     extract = sub.add_parser(
@@ -637,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--data", help=data_help)
     _add_config_options(extract)
+    _add_existing_options(extract)
     extract.set_defaults(func=cmd_extract)
 
     train = sub.add_parser(

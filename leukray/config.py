@@ -71,6 +71,13 @@ class DataConfig:
     """auto | cnmc | folders | csv."""
     positive_label: str = "all"
     """The label scored as positive (ALL). Ignored when it is not among the labels."""
+    allowed_prefixes: str = ""
+    """Comma-separated folders/URI prefixes a CSV manifest may point into besides its own
+    folder (e.g. s3://other-bucket/cells); anything else it lists is refused."""
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.allowed_prefixes.split(",") if p.strip())
 
     def __post_init__(self) -> None:
         check_choice("data.layout", self.layout, ("auto", "cnmc", "folders", "csv"))
@@ -203,6 +210,9 @@ class ExtractConfig:
     colour, texture (hand-crafted, per cell; `cells` = all three). The first set is
     leaderboard.csv, the others leaderboard-<families>.csv; e.g. resnet50+cells sweeps both
     joined."""
+    deterministic: bool = False
+    """torch's deterministic algorithms for the trunk (the same features bit for bit on a
+    GPU too, run after run; slower)."""
 
     def __post_init__(self) -> None:
         parse_feature_sets(self.features)

@@ -106,7 +106,8 @@ class TestSweep:
         labels = np.where(rng.random(4000) < 0.5, "all", "hem")
         slow_data = SweepData(noise, labels, noise[:10], labels[:10], noise[:10], labels[:10])
         slow = run_one("SVC", slow_data, seed=0, timeout_s=0.3)
-        assert slow["status"] == "timeout" and "timeout_s=0.3" in slow["detail"] and slow["Time Taken"] < 5
+        assert slow["status"] == "timeout" and "timeout_s=0.3" in slow["detail"]
+        assert slow["Time Taken"] >= 0.3  # it waited its budget out (an upper bound would be a timing flake)
         assert np.isnan(slow["Balanced Accuracy"])
 
     def test_search_params_reach_the_classifier_and_keep_the_seed(self):

@@ -47,9 +47,31 @@ def tiny_run(ray_local, tiny_cells, tmp_path_factory):
 
 @pytest.mark.slow
 class TestRun:
-    def test_every_output_is_written(self, tiny_run):
-        for name in OUTPUTS:
-            assert (tiny_run / name).is_file(), name
+    def test_every_output_holds_this_runs_results(self, tiny_run):
+        import yaml
+        from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+        config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+        assert config["preprocess"]["size"] == 64 and config["extract"]["weights"] == "random"
+        assert config["sweep"]["tune_trials"] == 4 and config["out"] == str(tiny_run)
+        summary = json.loads((tiny_run / "summary.json").read_text())
+        manifest = pd.read_parquet(tiny_run / "manifest.parquet")
+        errors = pd.read_csv(tiny_run / "errors.csv")
+        assert list(errors.columns) == ["path", "stage", "reason"] and len(errors) == summary["counts"]["errors"] == 0
+        assert len(manifest) == summary["counts"]["found"] == len(list(Path(config["data"]["path"]).rglob("*.bmp")))
+        board_md = (tiny_run / "leaderboard.md").read_text()
+        assert all(f"| {m} " in board_md for m in pd.read_csv(tiny_run / "leaderboard.csv")["Model"])
+        # the predictions are the chosen model's on exactly the test images, and its test scores come from them
+        predictions = pd.read_parquet(tiny_run / "predictions.parquet")
+        assert list(predictions.columns) == ["path", "label", "subject", "predicted_label", "prob_all"]
+        assert sorted(predictions["path"]) == sorted(manifest.loc[manifest["split"] == "test", "path"])
+        assert predictions["prob_all"].between(0, 1).all() and set(predictions["predicted_label"]) <= {"all", "hem"}
+        test = summary["chosen_model"]["test"]
+        assert test["Accuracy"] == pytest.approx(accuracy_score(predictions["label"], predictions["predicted_label"]))
+        assert test["Balanced Accuracy"] == pytest.approx(
+            balanced_accuracy_score(predictions["label"], predictions["predicted_label"])
+        )
+        assert_one_finished_run(tiny_run)
 
     def test_manifest_split_is_subject_level(self, tiny_run):
         manifest = pd.read_parquet(tiny_run / "manifest.parquet")
@@ -153,6 +175,27 @@ class TestRun:
         assert set(counts) == {"train", "val", "test"}
         assert set(summary["seconds"]) >= {"discover_hash_split", "preprocess_augment_extract", "sweep", "total"}
         assert summary["ray"]["node_ids"]["extract"]
+
+
+def assert_one_finished_run(out: Path) -> dict:
+    """Every stage finished and intact, and every file a stage could have written belongs to
+    exactly one finished stage: nothing from a killed attempt or an earlier run is left."""
+    from leukray.io import journal
+
+    record = json.loads((out / "run.json").read_text())
+    owners: dict[str, str] = {}
+    for stage, entry in record["stages"].items():
+        journal.verify(str(out), stage, "test")
+        for name in entry["files"]:
+            assert name not in owners, f"{name} claimed by {owners.get(name)} and {stage}"
+            owners[name] = stage
+    on_disk = {
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and p.relative_to(out).parts[0] not in ("model", "train", "tune", "data")
+    } - {"config.yaml", "run.json"}
+    assert on_disk == set(owners), on_disk ^ set(owners)
+    return record
 
 
 def write(path: Path, image: np.ndarray | None = None, data: bytes | None = None) -> None:
@@ -300,3 +343,136 @@ def test_track_refuses_an_unfinished_run_in_one_line(tmp_path, capsys):
     assert main(["track", str(tmp_path / "half"), "--mlflow", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "summary.json not found" in err and "Traceback" not in err
+
+
+def _crash(monkeypatch, module, name: str) -> None:
+    """Make `module.name` raise: the stage dies half-way, after some of its files are written."""
+
+    def killed(*args, **kwargs):
+        raise RuntimeError(f"killed at {name}")
+
+    monkeypatch.setattr(module, name, killed)
+
+
+def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out, ignore=shutil.ignore_patterns("tune", "train"))  # Ray's storage stays behind
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_train_stage_leaves_nothing_trusted_and_the_old_bundle_loads(tiny_run, tmp_path, monkeypatch, capsys):
+    from leukray.models.bundle import load_bundle
+    from leukray.stages import train
+
+    out = _copy_run(tiny_run, tmp_path)
+    bundle_json = (out / "model" / "bundle.json").read_bytes()
+    _crash(monkeypatch, train, "embed_maps")  # after the new model and history.csv are written
+    args = ["run", "--data", json.loads((out / "run.json").read_text())["settings"]["data.path"], "--out", str(out)]
+    with pytest.raises(RuntimeError, match="killed at embed_maps"):
+        main([*args, *FAST, "--train.epochs", "1", "--resume"])
+    assert (out / "history.csv").is_file() and (out / "custom_model" / "custom_resnet50.pt").is_file()
+    assert not (out / "leaderboard.csv").exists() and not (out / "report.md").exists()  # the old tables are gone
+    assert main(["tune", "--out", str(out)]) == 3  # the half-trained model is never read (exit 3: the folder's data)
+    (err,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("leukray: error: ")]  # Ray logs too
+    assert "the train stage of" in err and "did not finish (killed, or still running)" in err
+    assert (out / "model" / "bundle.json").read_bytes() == bundle_json
+    load_bundle(str(out / "model"))  # the previous bundle is whole and loads
+
+
+@pytest.mark.slow
+def test_run_without_training_after_a_killed_sweep_resumes_clean_and_reproduces(
+    tiny_run, tiny_cells, tmp_path, monkeypatch
+):
+    """Run B is `run --train.enabled false` over a copy of tiny_run, killed once in the
+    sweep, then resumed (extract reused, the custom model's files discarded, the sweep
+    redone). Run C is the same job from a copy of the data in another folder. Both must
+    give the same features (within 1e-5: batched CPU convolutions), the same leaderboards
+    and model choice (exactly), the same chosen model (exactly) and the same predictions
+    (labels exactly, probabilities within pandas' rtol 1e-5)."""
+    from leukray.stages import tune
+
+    b_out = _copy_run(tiny_run, tmp_path / "b")
+    no_train = [*FAST, "--train.enabled", "false"]
+    _crash(monkeypatch, tune, "write_model_bundle")  # after the leaderboards and predictions are written
+    with pytest.raises(RuntimeError, match="killed at write_model_bundle"):
+        main(["run", "--data", str(tiny_cells), "--out", str(b_out), *no_train, "--resume"])
+    assert (b_out / "leaderboard.csv").is_file() and not (b_out / "history.csv").exists()
+    assert json.loads((b_out / "run.json").read_text())["stages"]["tune"]["state"] == "running"
+    monkeypatch.undo()
+    assert main(["run", "--data", str(tiny_cells), "--out", str(b_out), *no_train, "--resume"]) == 0
+    record = assert_one_finished_run(b_out)
+    assert set(record["stages"]) == {"extract", "tune"}
+    for stale in [
+        "custom_leaderboard.csv",
+        "history.csv",
+        "custom_features.parquet",
+        "train.json",
+        "head_probs.parquet",
+    ]:
+        assert not (b_out / stale).exists(), stale
+    assert "the custom model was not trained in this run" in (b_out / "report.md").read_text()  # no stale Table IV
+    assert (b_out / "features.parquet").stat().st_mtime == (tiny_run / "features.parquet").stat().st_mtime  # reused
+
+    data_copy = tmp_path / "elsewhere" / "cells"
+    shutil.copytree(tiny_cells, data_copy)
+    c_out = tmp_path / "c"
+    assert main(["run", "--data", str(data_copy), "--out", str(c_out), *no_train]) == 0
+    _assert_same_results(b_out, c_out)
+
+
+def _by_content(out: Path, name: str) -> tuple[pd.DataFrame, np.ndarray]:
+    meta, matrix = load_features(str(out / name))
+    sha = pd.read_parquet(out / "manifest.parquet").set_index("path")["sha256"]
+    key = meta["path"].map(sha) + ":" + meta["aug_index"].astype(str)
+    order = np.argsort(key.to_numpy())
+    return meta.iloc[order].reset_index(drop=True), matrix[order]
+
+
+def _assert_same_results(a: Path, b: Path) -> None:
+    for name in ["features.parquet", "cell_features.parquet"]:
+        (meta_a, x_a), (meta_b, x_b) = _by_content(a, name), _by_content(b, name)
+        assert list(meta_a["aug_index"]) == list(meta_b["aug_index"]) and x_a.shape == x_b.shape
+        np.testing.assert_allclose(x_a, x_b, rtol=0, atol=1e-5)
+    metrics = ["Model", "Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score", "Val Balanced Accuracy", "status"]
+    summary_a, summary_b = (json.loads((o / "summary.json").read_text()) for o in (a, b))
+    for entry in summary_a["feature_sets"]:
+        pd.testing.assert_frame_equal(pd.read_csv(a / entry["file"])[metrics], pd.read_csv(b / entry["file"])[metrics])
+    pd.testing.assert_frame_equal(*(pd.read_csv(o / "model_choice.csv").drop(columns=["Time Taken"], errors="ignore")
+                                    .drop(columns=["node_id"], errors="ignore") for o in (a, b)))  # fmt: skip
+    assert summary_a["chosen_model"] == summary_b["chosen_model"]
+    pa_, pb_ = (pd.read_parquet(o / "predictions.parquet") for o in (a, b))
+    pa_["path"], pb_["path"] = pa_["path"].map(lambda p: Path(p).name), pb_["path"].map(lambda p: Path(p).name)
+    pd.testing.assert_frame_equal(
+        pa_.sort_values("path").reset_index(drop=True), pb_.sort_values("path").reset_index(drop=True)
+    )
+
+
+@pytest.mark.slow
+def test_a_new_preprocessing_setting_is_refused_then_overwrite_starts_clean(tiny_run, tmp_path, monkeypatch, capsys):
+    from leukray.models.bundle import load_bundle
+    from leukray.stages import extract
+
+    out = _copy_run(tiny_run, tmp_path)
+    data = json.loads((out / "run.json").read_text())["settings"]["data.path"]
+    cheap = [*FAST, "--train.enabled", "false", "--sweep.tune_trials", "0", "--features", "resnet50",
+             "--classifiers", "GaussianNB,LogisticRegression", "--sweep.cv_folds", "0"]  # fmt: skip
+    assert main(["run", "--data", data, "--out", str(out), *FAST, "--preprocess.margin", "6"]) == 2
+    (err,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("leukray: error: ")]
+    assert "preprocess.margin 4 -> 6" in err and "--overwrite" in err
+
+    _crash(monkeypatch, extract, "write_errors")  # after the new manifest and features are written
+    with pytest.raises(RuntimeError, match="killed at write_errors"):
+        main(["run", "--data", data, "--out", str(out), *cheap, "--preprocess.margin", "6", "--overwrite"])
+    assert (out / "features.parquet").is_file() and not (out / "leaderboard.csv").exists()
+    assert main(["tune", "--out", str(out)]) == 3
+    assert "extract stage of" in capsys.readouterr().err
+    load_bundle(str(out / "model"))  # the previous bundle survives until a new one is complete
+    monkeypatch.undo()
+
+    assert main(["run", "--data", data, "--out", str(out), *cheap, "--preprocess.margin", "6", "--overwrite"]) == 0
+    record = assert_one_finished_run(out)
+    assert set(record["stages"]) == {"extract", "tune"} and record["settings"]["preprocess.margin"] == 6
+    assert not (out / "custom_leaderboard.csv").exists() and not (out / "tuning.csv").exists()
+    bundle = load_bundle(str(out / "model"))
+    assert bundle.preprocess.margin == 6 and len(list((out / "model").glob("v-*"))) == 1

@@ -121,11 +121,11 @@ def test_tune_refuses_features_that_changed_under_the_custom_model(trained_and_t
     out = tmp_path / "run"
     shutil.copytree(trained_and_tuned, out)
     record = json.loads((out / "extract.json").read_text())
-    record["fingerprint"] = "0" * 64  # as if extract had run again on other data
+    record["fingerprint"] = "0" * 64  # as if extract.json had been swapped for another run's
     (out / "extract.json").write_text(json.dumps(record))
     assert main(["tune", "--out", str(out)]) == 3  # the folder's records disagree: bad data
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "train.json belongs to other features" in err
+    assert len(err.splitlines()) == 1 and "extract.json changed after the extract stage finished" in err
 
 
 @pytest.mark.parametrize(

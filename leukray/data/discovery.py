@@ -69,7 +69,7 @@ def detect_layout(root: str) -> str:
     return "folders"
 
 
-def discover(root: str, layout: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
+def discover(root: str, layout: str = "auto", allowed: tuple[str, ...] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """List a dataset.
 
     Returns:
@@ -88,7 +88,7 @@ def discover(root: str, layout: str = "auto") -> tuple[pd.DataFrame, pd.DataFram
     if layout == "auto":
         layout = "csv" if info.type.name == "File" else detect_layout(root)
     if layout == "csv":
-        images, skipped = _discover_csv(root)
+        images, skipped = _discover_csv(root, allowed)
     else:
         if info.type.name != "Directory":
             raise DataError(f"data path is not a folder: {root} (use a CSV manifest ending in .csv)")
@@ -136,7 +136,7 @@ def _discover_tree(root: str, cnmc: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     )
 
 
-def _discover_csv(manifest: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _discover_csv(manifest: str, allowed: tuple[str, ...] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     import io
 
     try:
@@ -164,8 +164,10 @@ def _discover_csv(manifest: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         else paths.map(lambda p: parse_cnmc_name(p).subject if parse_cnmc_name(p) else NO_SUBJECT)
     )
     images = pd.DataFrame({"path": paths, "label": table["label"].str.strip(), "subject": subjects.fillna(NO_SUBJECT)})
-    bad = images["label"] == ""
-    skipped = pd.DataFrame({"path": images.loc[bad, "path"], "stage": "discover", "reason": "empty label in manifest"})
+    reasons = images["path"].map(lambda p: storage.refused_path(p, base, allowed, IMAGE_EXTENSIONS))
+    reasons = reasons.where(reasons != "", images["label"].map(lambda x: "" if x else "empty label in manifest"))
+    bad = reasons != ""
+    skipped = pd.DataFrame({"path": images.loc[bad, "path"], "stage": "discover", "reason": reasons[bad]})
     return images[~bad], skipped
 
 
@@ -229,7 +231,7 @@ def assign_groups(images: pd.DataFrame) -> tuple[pd.Series, str]:
     )
 
 
-def list_images(root: str, known_labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def list_images(root: str, known_labels: list[str], allowed: tuple[str, ...] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every image below `root` (or in a CSV manifest), labelled where the layout says so,
     for prediction: no class folders are required. A label comes from a C-NMC name, else
     from the parent folder when that is one of `known_labels`, else it is "".
@@ -243,7 +245,7 @@ def list_images(root: str, known_labels: list[str]) -> tuple[pd.DataFrame, pd.Da
     if info.type.name == "NotFound":
         raise DataError(f"data path not found: {root}")
     if info.type.name == "File" and root.lower().endswith(".csv"):
-        return _discover_csv(root)
+        return _discover_csv(root, allowed)
     paths = [root] if info.type.name == "File" else storage.list_files(root)
     rows, skipped = [], []
     for path in paths:

@@ -21,10 +21,10 @@ from leukray.ops.augment import plan_copies
 
 def discover_all(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The images of --data (and --test-data), with a `dataset` column; no Ray needed."""
-    images, skipped = discover(cfg.data.path, cfg.data.layout)
+    images, skipped = discover(cfg.data.path, cfg.data.layout, cfg.data.allowed)
     images["dataset"] = "data"
     if cfg.data.test_path:
-        test_images, test_skipped = discover(cfg.data.test_path, cfg.data.layout)
+        test_images, test_skipped = discover(cfg.data.test_path, cfg.data.layout, cfg.data.allowed)
         test_images["dataset"] = "test-data"
         images = pd.concat([images, test_images], ignore_index=True)
         skipped = pd.concat([skipped, test_skipped], ignore_index=True)

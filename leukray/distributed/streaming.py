@@ -90,7 +90,12 @@ def _features_dataset(
         FeatureExtractor,
         batch_format="numpy",
         batch_size=cfg.extract.batch_size,
-        fn_constructor_kwargs={"weights": cfg.extract.weights, "seed": cfg.extract.seed, "maps_stage": maps_stage},
+        fn_constructor_kwargs={
+            "weights": cfg.extract.weights,
+            "seed": cfg.extract.seed,
+            "maps_stage": maps_stage,
+            "deterministic": cfg.extract.deterministic,
+        },
         compute=pool,
         **actor_resources,
     )

@@ -16,7 +16,7 @@ import pandas as pd
 
 from leukray.config import RunConfig, build_config, load_yaml_text
 from leukray.errors import ConfigError, DataError
-from leukray.io import storage
+from leukray.io import journal, storage
 from leukray.io.tables import read_json
 
 CONFIG_FILE = "config.yaml"
@@ -109,3 +109,53 @@ def _get(cfg: RunConfig, key: str) -> Any:
     for part in key.split("."):
         value = getattr(value, part)
     return value
+
+
+# Settings that change how fast a run goes or where it keeps Ray's state, not what it computes.
+RESOURCE_KEYS = (
+    "extract.batch_size",
+    "extract.actors",
+    "extract.use_gpu",
+    "extract.accelerator_resource",
+    "extract.preprocess_batch_size",
+    "sweep.cpus_per_trial",
+    "train.use_gpu",
+    "train.max_failures",
+    "train.storage_path",
+)
+STATE_FILE = "custom_model/custom_resnet50.pt"  # the train stage's model; the bundle keeps its own copy
+
+
+def result_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting that can change a result, flat (`preprocess.size` -> 64): what a run
+    folder's journal records, and what a rerun into the folder is compared with."""
+    flat: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+    return {k: v for k, v in flat.items() if k not in RESOURCE_KEYS}
+
+
+def _section_settings(cfg: RunConfig, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in result_settings(cfg).items() if k.startswith(prefixes)}
+
+
+def extract_identity(cfg: RunConfig, fingerprint: str, weights: dict[str, Any]) -> str:
+    """What the extract stage's outputs depend on: the images (content, label, split),
+    where they are, preprocessing, augmentation, the split, and the trunk's weights."""
+    fixed = tuple(k if "." in k else f"{k}." for k in FIXED_BY_EXTRACT)
+    return journal.identity_of(
+        "extract", _section_settings(cfg, fixed), fingerprint, weights.get("sha256", ""), weights.get("name", "")
+    )
+
+
+def train_identity(cfg: RunConfig, extract_id: str) -> str:
+    """The custom model's identity: the maps it was trained on (the extract identity) and
+    every training and head setting."""
+    settings = {k: v for k, v in _section_settings(cfg, ("train.",)).items() if k != "train.enabled"}
+    return journal.identity_of("train", extract_id, settings, cfg.data.positive_label)
+
+
+def tune_identity(cfg: RunConfig, upstream_id: str) -> str:
+    """The sweep's identity: its inputs (the extract or train identity) and sweep settings."""
+    return journal.identity_of("tune", upstream_id, _section_settings(cfg, ("sweep.", "data.positive_label")))

@@ -8,7 +8,9 @@ whole object on close, which is atomic already.)
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import posixpath
 import tempfile
 import uuid
 
@@ -52,6 +54,30 @@ def full_name(fs: pafs.FileSystem, inner: str, like: str) -> str:
     return inner
 
 
+def _normalised(path: str) -> str:
+    """A path or URI with `.`/`..` resolved (local: absolute)."""
+    if is_uri(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path.removeprefix("file://"))))
+
+
+def refused_path(path: str, folder: str, allowed: tuple[str, ...], extensions: tuple[str, ...]) -> str:
+    """Why a path listed in a manifest file is refused ("" when it is not): it must lie in
+    `folder` (the manifest's own) or under one of the `allowed` prefixes, and end in one of
+    `extensions`. `../../etc/passwd`, absolute paths elsewhere and other buckets are refused.
+    """
+    if not path.lower().endswith(extensions):
+        return f"not an image file extension (manifest entries must end in {', '.join(extensions)})"
+    where = _normalised(path)
+    for root in (folder, *allowed):
+        base = _normalised(root).rstrip("/" if is_uri(root) else os.sep)
+        sep = "/" if is_uri(root) else os.sep
+        if where.startswith(base + sep):
+            return ""
+    return f"outside the manifest's folder {folder} (allow other places with data.allowed_prefixes)"
+
+
 def file_info(path: str) -> pafs.FileInfo:
     fs, inner = resolve(path)
     return fs.get_file_info(inner)
@@ -77,6 +103,36 @@ def list_dirs(root: str) -> list[str]:
     fs, inner = resolve(root)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
     return sorted(full_name(fs, i.path, root) for i in infos if i.type == pafs.FileType.Directory)
+
+
+def file_signatures(root: str) -> dict[str, tuple[int, int]]:
+    """(size, mtime in ns) of every file below `root`, keyed by its path relative to `root`
+    ("/"-separated); empty when `root` does not exist."""
+    fs, inner = resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    prefix = inner.rstrip("/") + "/"
+    return {
+        i.path[len(prefix) :]: (int(i.size or 0), int(i.mtime_ns or 0))
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.startswith(prefix)
+    }
+
+
+def sha256_of(path: str) -> str:
+    """sha256 of a file's bytes, streamed (feature files can be large)."""
+    fs, inner = resolve(path)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(inner) as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def delete_dir(path: str) -> None:
+    """Remove a folder and everything below it (nothing when it does not exist)."""
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        fs.delete_dir(inner)
 
 
 def read_bytes(path: str) -> bytes:

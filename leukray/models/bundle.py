@@ -5,6 +5,7 @@ Files:
   bundle.json          preprocessing parameters, trunk weights reference (name + sha256),
                        head config, chosen classifier and its feature source, label names,
                        versions, and the sha256 of every other file in the bundle;
+  v-<id>/              the files of the current generation (see `save_bundle`):
   custom_resnet50.pt   the custom model's state dict (torch.save; loaded weights_only);
   trunk.pt             the trunk's state dict when it is not torchvision's ImageNet file;
   classifier.skops     the fitted scikit-learn pipeline in skops' format, loaded with an
@@ -31,14 +32,16 @@ import io
 import json
 import os
 import platform
+import re
 import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from leukray import __version__
-from leukray.config import CELL_FAMILIES, PreprocessConfig, parse_feature_sets
+from leukray.config import CELL_FAMILIES, PreprocessConfig, build_section, parse_feature_sets
 from leukray.errors import ConfigError, LeukrayError
 from leukray.io import storage
 from leukray.models.classifiers import positive_index
@@ -47,6 +50,13 @@ BUNDLE_FILE = "bundle.json"
 FORMAT_VERSION = 2  # 1 stored the classifier as a pickle
 KEY_ENV = "LEUKRAY_BUNDLE_KEY"
 CLASSIFIER_FILE = "classifier.skops"
+CUSTOM_FILE = "custom_resnet50.pt"
+TRUNK_FILE = "trunk.pt"
+BUNDLE_FILES = (CLASSIFIER_FILE, CUSTOM_FILE, TRUNK_FILE)
+# A listed file: one of BUNDLE_FILES, in the bundle's generation folder (or flat, as older
+# bundles wrote them); nothing else, so bundle.json cannot point outside its folder.
+FILE_KEY = re.compile(r"^(?:v-[0-9a-f]{12}/)?(?:" + "|".join(re.escape(n) for n in BUNDLE_FILES) + r")$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # Beyond skops' own defaults (numpy, scipy and scikit-learn estimators), the types the sweep's
 # fitted pipelines hold; nothing else is ever built from a bundle.
 TRUSTED_TYPES = [
@@ -84,18 +94,26 @@ def save_bundle(
     classifier: Any = None,
     head_config: dict[str, Any] | None = None,
     trunk_state: dict[str, Any] | None = None,
+    custom_state_path: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """Write the bundle (custom_resnet50.pt must already be in `model_dir` when the feature
-    source is custom or head). Returns the path of bundle.json."""
+    """Write the bundle; `custom_state_path` is the custom model's state dict (the train
+    stage's file), needed when the feature source is custom or head. Returns the path of
+    bundle.json.
+
+    The files go into a new generation folder (`v-<random>/`) and bundle.json, one atomic
+    write, switches to them last; only then are the previous generation's files deleted. So
+    the previous bundle stays loadable until the new one is complete, on local folders and
+    object stores alike."""
     import torch
 
     families = source_families(feature_source)  # raises ValueError on an unknown source
     files: dict[str, str] = {}
+    generation = f"v-{uuid.uuid4().hex[:12]}"
 
     def put(name: str, data: bytes) -> None:
-        storage.write_bytes(storage.join(model_dir, name), data)
-        files[name] = sha256_bytes(data)
+        storage.write_bytes(storage.join(model_dir, generation, name), data)
+        files[f"{generation}/{name}"] = sha256_bytes(data)
 
     if classifier is not None:
         import skops.io
@@ -106,9 +124,11 @@ def save_bundle(
             raise ValueError("a bundle with non-ImageNet weights must carry trunk_state")
         buffer = io.BytesIO()
         torch.save(trunk_state, buffer)
-        put("trunk.pt", buffer.getvalue())
-    if feature_source in ("custom", "head"):
-        files["custom_resnet50.pt"] = sha256_bytes(storage.read_bytes(storage.join(model_dir, "custom_resnet50.pt")))
+        put(TRUNK_FILE, buffer.getvalue())
+    if feature_source in MODEL_SOURCES:
+        if custom_state_path is None:
+            raise ValueError(f"a bundle with feature source {feature_source!r} needs custom_state_path")
+        put(CUSTOM_FILE, storage.read_bytes(custom_state_path))
     manifest = {
         "format": FORMAT_VERSION,
         "classes": classes,
@@ -129,7 +149,21 @@ def save_bundle(
         manifest["signature"] = _signature(manifest, os.environ[KEY_ENV])
     path = storage.join(model_dir, BUNDLE_FILE)
     storage.write_text(path, json.dumps(manifest, indent=2) + "\n")  # written last: a bundle without it is not a bundle
+    _delete_other_generations(model_dir, generation)
     return path
+
+
+def _delete_other_generations(model_dir: str, keep: str) -> None:
+    """The previous bundle's files (a generation folder, or the flat files of older bundles)."""
+    stale_dirs = set()
+    for name in storage.file_signatures(model_dir):
+        top = name.split("/", 1)[0]
+        if name in BUNDLE_FILES or (top.startswith("v-") and top != keep):
+            storage.delete(storage.join(model_dir, name))
+            stale_dirs |= {top} if "/" in name else set()
+    if not storage.is_uri(model_dir):  # object stores have no empty folders to remove
+        for top in stale_dirs:
+            storage.delete_dir(storage.join(model_dir, top))
 
 
 @dataclass
@@ -224,7 +258,7 @@ def load_bundle(model_dir: str) -> Bundle:
 
         from leukray.models.custom import build_custom_model
 
-        state = torch.load(io.BytesIO(blobs["custom_resnet50.pt"]), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blobs[CUSTOM_FILE]), map_location="cpu", weights_only=True)
         custom_model = build_custom_model(head_config, state=state)
     classifier = _load_classifier(model_dir, blobs[CLASSIFIER_FILE]) if CLASSIFIER_FILE in blobs else None
     return Bundle(
@@ -250,6 +284,8 @@ def _read_manifest(path: str) -> dict[str, Any]:
         manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: malformed bundle.json (a {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format")
         hint = (
@@ -258,10 +294,43 @@ def _read_manifest(path: str) -> dict[str, Any]:
             else ""
         )
         raise BundleError(f"{path}: unsupported bundle format {found!r} (this leukray reads {FORMAT_VERSION}){hint}")
-    if not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{path}: malformed bundle.json (no `files` table)")
+    problem = _malformed(manifest)
+    if problem:
+        raise BundleError(f"{path}: malformed bundle.json ({problem})")
     _check_signature(path, manifest)
     return manifest
+
+
+def _malformed(manifest: dict[str, Any]) -> str:
+    """What is wrong with bundle.json's shape ("" when nothing), checked before any of it is used."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "no `files` table"
+    for name, digest in files.items():
+        if not FILE_KEY.match(str(name)) or not isinstance(digest, str) or not SHA256_HEX.match(digest):
+            return f"`files` lists {str(name)[:80]!r}: expected one of {', '.join(BUNDLE_FILES)} with a sha256"
+    if len({str(n).rsplit("/", 1)[-1] for n in files}) != len(files):
+        return "`files` lists one file twice"
+    expected = {"classes": list, "positive_label": str, "preprocess": dict, "weights": dict, "feature_source": str}
+    for key, kind in expected.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"`{key}` missing or not a {kind.__name__}"
+    classes = manifest["classes"]
+    if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or manifest["positive_label"] not in classes:
+        return "`classes` must name at least two classes, the positive label among them"
+    try:
+        build_section("preprocess", PreprocessConfig, manifest["preprocess"])
+        source_families(manifest["feature_source"])
+    except (TypeError, ValueError, ConfigError) as exc:
+        return str(exc).splitlines()[0][:200]
+    if manifest["weights"].get("kind") not in ("imagenet", "file", "random"):
+        return "`weights.kind` must be imagenet, file or random"
+    needs = {CLASSIFIER_FILE} if manifest["feature_source"] != "head" else set()
+    needs |= {CUSTOM_FILE} if manifest["feature_source"] in MODEL_SOURCES else set()
+    if manifest["feature_source"] in MODEL_SOURCES and not isinstance(manifest.get("head_config"), dict):
+        return "`head_config` missing for a custom-model bundle"
+    missing = needs - {str(n).rsplit("/", 1)[-1] for n in files}
+    return f"`files` lacks {', '.join(sorted(missing))}" if missing else ""
 
 
 def _versions() -> dict[str, str]:
@@ -323,7 +392,7 @@ def _verified_files(model_dir: str, manifest: dict[str, Any]) -> dict[str, bytes
                 f"model bundle {model_dir} was modified: {name} does not match its sha256 in {BUNDLE_FILE}; "
                 "refusing to load it"
             )
-        blobs[name] = data
+        blobs[name.rsplit("/", 1)[-1]] = data
     return blobs
 
 
@@ -343,10 +412,23 @@ def _trunk_spec(model_dir: str, manifest: dict[str, Any], blobs: dict[str, bytes
                 f"the ImageNet weights at {cached} differ from the ones this model was trained with (sha256)"
             )
         return spec
+    key = next((k for k in manifest["files"] if k.rsplit("/", 1)[-1] == TRUNK_FILE), None)
+    if key is None:
+        raise BundleError(f"model bundle {model_dir} is incomplete: {weights['kind']} weights but no {TRUNK_FILE}")
     if storage.is_uri(model_dir):
-        # The extractor loads weights from a local file: keep a verified local copy.
-        spec = os.path.join(tempfile.gettempdir(), f"leukray-trunk-{manifest['files']['trunk.pt'][:16]}.pt")
-        if not os.path.exists(spec):
-            storage.write_bytes(spec, blobs["trunk.pt"])
-        return spec
-    return os.path.join(model_dir, "trunk.pt")
+        return _local_trunk_copy(manifest["files"][key], blobs[TRUNK_FILE])
+    return os.path.join(model_dir, key)
+
+
+def _local_trunk_copy(digest: str, data: bytes) -> str:
+    """The extractor loads weights from a local file: a private copy named by its full
+    sha256, re-hashed before it is reused here (a file left by anyone else is rewritten)
+    and checked against its name again whenever the trunk loads it (`trunk._load_file`)."""
+    from leukray.models.trunk import sha256_file
+
+    cache = os.path.join(tempfile.gettempdir(), f"leukray-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    spec = os.path.join(cache, f"trunk-{digest}.pt")
+    if not os.path.isfile(spec) or sha256_file(spec) != digest:
+        storage.write_bytes(spec, data)
+    return spec

@@ -198,6 +198,16 @@ def images_to_tensor(images: np.ndarray, device, channels_last: bool):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
+def use_deterministic_algorithms() -> None:
+    """torch's deterministic kernels for this process (and the fixed cuBLAS workspace CUDA
+    needs for them): the same input gives the same output bit for bit, run after run."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 class TrunkExtractor:
     """Loads the trunk once, then maps batches of crops to 2,048 features.
 
@@ -210,9 +220,13 @@ class TrunkExtractor:
     `maps_stage` stages are fine-tuned), computed in the same pass as the features.
     """
 
-    def __init__(self, weights: str, seed: int = 0, device: str = "auto", maps_stage: int = -1):
+    def __init__(
+        self, weights: str, seed: int = 0, device: str = "auto", maps_stage: int = -1, deterministic: bool = False
+    ):
         import torch
 
+        if deterministic:
+            use_deterministic_algorithms()
         state, self.weights_info = resolve_weights(weights, seed)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,10 +15,11 @@ import pandas as pd
 from leukray.config import AugmentConfig
 
 
-def augmentation_rng(seed: int, path: str, copy_index: int) -> np.random.Generator:
-    """A generator that depends only on (seed, image path, copy index): the same run
-    produces the same augmented copies on any worker, in any order."""
-    digest = hashlib.sha256(f"{seed}\0{path}\0{copy_index}".encode()).digest()
+def augmentation_rng(seed: int, content_hash: str, copy_index: int) -> np.random.Generator:
+    """A generator that depends only on (seed, the image's content hash, copy index): the
+    same run produces the same augmented copies on any worker, in any order, and the same
+    images copied to another folder or bucket get the same copies (a path would not)."""
+    digest = hashlib.sha256(f"{seed}\0{content_hash}\0{copy_index}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
@@ -67,7 +68,10 @@ def plan_copies(train: pd.DataFrame, cfg: AugmentConfig, seed: int) -> pd.Series
         extra = target - have
         if extra <= 0:
             continue
-        idx = train.index[train["label"] == label].to_numpy()
+        of_label = train[train["label"] == label]
+        if "sha256" in of_label:  # by content: the same images in another folder get the same extras
+            of_label = of_label.sort_values("sha256", kind="stable")
+        idx = of_label.index.to_numpy()
         base, rest = divmod(extra, count)
         n_aug.loc[idx] += base
         if rest:

@@ -23,6 +23,7 @@ May import: numpy, cv2, `leukray.config`, `leukray.ops.augment`, `leukray.ops.st
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import struct
 from collections.abc import Sequence
@@ -557,9 +558,10 @@ def load_and_preprocess(
     aug_index: list[int] = []
     source_row: list[int] = []
     for row, path in enumerate(paths):
-        path = str(path)
+        path, content = str(path), b""
         try:
-            crop, cell = measure(read_bytes(path), cfg)
+            content = read_bytes(path)
+            crop, cell = measure(content, cfg)
             error = ""
         except READ_ERRORS as exc:
             crop, cell, error = blank, None, read_error_reason(exc)
@@ -570,8 +572,9 @@ def load_and_preprocess(
         source_row.append(row)
         if error:
             continue  # an unreadable image has no augmented copies; its error is recorded once
-        for k in range(1, int(n_aug[row]) + 1):
-            images.append(augment_image(crop, augmentation_rng(seed, path, k), augment))
+        content_hash = hashlib.sha256(content).hexdigest() if int(n_aug[row]) else ""
+        for k in range(1, int(n_aug[row]) + 1):  # seeded by content: the same image anywhere, the same copies
+            images.append(augment_image(crop, augmentation_rng(seed, content_hash, k), augment))
             cells.append(cell)
             errors.append("")
             aug_index.append(k)

@@ -26,7 +26,7 @@ from leukray.config import RunConfig
 from leukray.data.manifest import build_manifest, discover_all
 from leukray.distributed.streaming import extract_features, hash_paths
 from leukray.errors import ConfigError, DataError
-from leukray.io import runfolder, storage
+from leukray.io import journal, runfolder, storage
 from leukray.io.features import META_COLUMNS, load_features
 from leukray.io.tables import log, read_csv, read_parquet, write_errors, write_json, write_parquet
 from leukray.models.classifiers import select_classifiers
@@ -61,22 +61,26 @@ def _frozen_weights(cfg: RunConfig) -> tuple[RunConfig, WeightsInfo]:
     return dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, weights=spec)), weights
 
 
-def extract_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, keep_maps: bool = False) -> Extracted:
+def extract_stage(
+    cfg: RunConfig, start_ray: Callable[[], None] | None = None, keep_maps: bool = False, existing: str = "refuse"
+) -> Extracted:
     """Run the stage (see the module docstring); `keep_maps` keeps the trunk maps for the
-    train stage of the same job."""
+    train stage of the same job; `existing` says what to do with an earlier run in
+    `cfg.out` (`leukray.io.journal.open_run`): with `resume`, a finished extraction of the
+    same images and settings is read back instead of being redone."""
     if not cfg.out:
         raise ConfigError("no output folder: pass --out RUN")
     seconds: dict[str, float] = {}
     select_classifiers(cfg.sweep.classifiers)  # a bad list fails now, not after extraction
-    cfg, weights = _frozen_weights(cfg)
-
     tick = time.perf_counter()
-    images, skipped = discover_all(cfg)
+    images, skipped = discover_all(cfg)  # paths and layout speak before the weights do
+    cfg, weights = _frozen_weights(cfg)
+    storage.makedirs(cfg.out)
+    journal.open_run(cfg.out, runfolder.result_settings(cfg), existing)
     # the stain target (preprocess.stain) is fitted once on the data's colours, no labels
     cfg = dataclasses.replace(
         cfg, preprocess=fit_stain_target(list(images["path"]), cfg.preprocess, storage.read_bytes)
     )
-    storage.makedirs(cfg.out)
     runfolder.write_config(cfg)
     if start_ray is not None:
         start_ray()
@@ -85,6 +89,20 @@ def extract_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, k
     manifest, errors, facts = build_manifest(cfg, images, skipped, hash_paths(images["path"]))
     seconds["discover_hash_split"] = time.perf_counter() - tick
     provenance = _provenance(cfg, weights, runfolder.data_fingerprint(manifest))
+    identity = runfolder.extract_identity(cfg, provenance["data_fingerprint"], weights.as_dict())
+    if existing == "resume" and journal.committed(cfg.out, "extract", identity):
+        log(f"resuming: the extraction in {cfg.out} is of the same images and settings; reading it back")
+        return load_extracted(cfg, "run", with_features=True)
+    if existing == "refuse":
+        journal.refuse_other(
+            cfg.out, "extract", identity, f"data fingerprint now {provenance['data_fingerprint'][:12]}"
+        )
+    journal.begin(cfg.out, "extract", identity)
+    return _extract_into(cfg, weights, provenance, manifest, errors, facts, seconds, keep_maps, identity)
+
+
+def _extract_into(cfg, weights, provenance, manifest, errors, facts, seconds, keep_maps, identity) -> Extracted:
+    """The stage's work once the run folder is claimed: manifest, features, record, commit."""
     write_parquet(storage.join(cfg.out, runfolder.MANIFEST_FILE), manifest[runfolder.MANIFEST_COLUMNS], provenance)
     usable = manifest[manifest["split"] != ""]
     log(
@@ -92,7 +110,6 @@ def extract_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, k
         f"{len(errors)} unreadable or skipped); "
         f"split: " + ", ".join(f"{k} {v}" for k, v in usable["split"].value_counts().items())
     )
-
     tick = time.perf_counter()
     log(f"preprocessing and extracting features with {weights.describe()}")
     features_path = storage.join(cfg.out, runfolder.FEATURES_FILE)
@@ -104,7 +121,9 @@ def extract_stage(cfg: RunConfig, start_ray: Callable[[], None] | None = None, k
     errors = pd.concat([errors, streamed.errors], ignore_index=True)
     write_errors(cfg.out, errors)
     record = _extract_record(weights, provenance, facts, manifest, usable, errors, streamed.facts, seconds)
+    record["identity"] = identity
     write_json(storage.join(cfg.out, runfolder.EXTRACT_RECORD), record)
+    journal.commit(cfg.out, "extract")
     log(f"wrote {features_path}: {streamed.facts['feature_rows']} rows ({len(errors)} errors in errors.csv)")
     return Extracted(
         cfg, record, manifest, streamed.meta, streamed.matrix, errors, streamed.maps_ds, streamed.cell_matrix
@@ -156,6 +175,7 @@ def load_extracted(cfg: RunConfig, needed_by: str, with_features: bool = True) -
     2,048-d vectors are not read (`matrix` is empty)."""
     out = cfg.out
     record = runfolder.read_record(out, runfolder.EXTRACT_RECORD, needed_by, "extract")
+    journal.verify(out, "extract", needed_by)  # finished, and nothing changed since
     manifest = read_parquet(storage.join(out, runfolder.MANIFEST_FILE))
     features_path = storage.join(out, runfolder.FEATURES_FILE)
     cell_matrix = None

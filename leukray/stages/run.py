@@ -5,6 +5,7 @@ bundle, summary, report). `extract`, `train` and `tune` are also jobs of their o
 same run folder (`run_stage`).
 
 The run folder (other tools read these names):
+  run.json (the journal: which stages finished, their identity and files' sha256),
   config.yaml, manifest.parquet, features.parquet, leaderboard.csv, leaderboard.md,
   errors.csv, summary.json, ... (README: "The run folder")
 
@@ -18,10 +19,10 @@ import time
 from typing import Any, Callable, Iterator
 
 from leukray.config import RunConfig
-from leukray.io import runfolder, storage, tracking
-from leukray.io.tables import log
-from leukray.stages.extract import extract_stage, load_extracted
-from leukray.stages.train import load_trained, train_stage
+from leukray.io import journal, runfolder, storage, tracking
+from leukray.io.tables import log, read_json
+from leukray.stages.extract import Extracted, extract_stage, load_extracted
+from leukray.stages.train import Trained, extract_id, load_trained, train_stage
 from leukray.stages.tune import tune_stage
 
 
@@ -29,6 +30,7 @@ def run_pipeline(
     cfg: RunConfig,
     start_ray: Callable[[], None] | None = None,
     on_stage: Callable[..., None] | None = None,
+    existing: str = "refuse",
 ) -> dict[str, Any]:
     """Run everything in one job and write the run folder; returns summary.json's content.
 
@@ -38,23 +40,42 @@ def run_pipeline(
             before Ray starts); without it Ray must already be initialised.
         on_stage: called as `on_stage(stage, "start")` and `on_stage(stage, "end",
             seconds=...)` around extract, train and tune (the CLI's --json events).
+        existing: what to do with an earlier run in `cfg.out`: refuse one of other data or
+            settings, overwrite it, or resume it (stages whose identity matches are read
+            back, the others redone); see `leukray.io.journal`.
     """
     t0 = time.perf_counter()
     tracking.check(cfg.tracking.mlflow)
     with _stage(on_stage, "extract"):
-        extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled)
+        extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled, existing=existing)
+    cfg, out = extracted.cfg, extracted.cfg.out
     trained = None
     if cfg.train.enabled:
         with _stage(on_stage, "train"):
-            trained = train_stage(extracted, write_config=False)
-    elif storage.exists(storage.join(cfg.out, runfolder.TRAIN_RECORD)):
-        storage.delete(storage.join(cfg.out, runfolder.TRAIN_RECORD))  # a stale custom model from an earlier run
+            trained = _train(extracted, existing)
+    else:
+        journal.discard(out, "train")  # an earlier run's custom model and tables are not this run's
+    upstream = trained.record.get("identity", "") if trained is not None else extract_id(extracted.record)
+    identity = runfolder.tune_identity(cfg, upstream)
+    if existing == "resume" and journal.committed(out, "tune", identity):
+        log(f"resuming: the sweeps, model choice and bundle in {out} are already this run's")
+        return read_json(storage.join(out, "summary.json"))
     with _stage(on_stage, "tune"):
-        summary = tune_stage(extracted, trained, total_start=t0, write_config=False)
+        summary = _tune(extracted, trained, identity, total_start=t0, write_config=False)
     if cfg.tracking.mlflow:
         with _stage(on_stage, "track"):
             track_run(cfg)
     return summary
+
+
+def _train(extracted: Extracted, existing: str) -> Trained:
+    """The train stage, or its committed result when resuming with the same identity."""
+    cfg, out = extracted.cfg, extracted.cfg.out
+    identity = runfolder.train_identity(cfg, extract_id(extracted.record))
+    if existing == "resume" and journal.committed(out, "train", identity):
+        log(f"resuming: the custom model in {out} was trained on the same maps with the same settings")
+        return load_trained(out, extracted.record["fingerprint"], extracted.weights.name)
+    return train_stage(extracted, write_config=False)
 
 
 @contextlib.contextmanager
@@ -65,6 +86,14 @@ def _stage(on_stage: Callable[..., None] | None, name: str) -> Iterator[None]:
     yield
     if on_stage is not None:
         on_stage(name, "end", seconds=round(time.perf_counter() - tick, 2))
+
+
+def _tune(extracted: Extracted, trained: Trained | None, identity: str, **kwargs: Any) -> dict[str, Any]:
+    """The tune stage between its journal entries: its tables count only once it finished."""
+    journal.begin(extracted.cfg.out, "tune", identity)
+    summary = tune_stage(extracted, trained, **kwargs)
+    journal.commit(extracted.cfg.out, "tune")
+    return summary
 
 
 def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -81,7 +110,8 @@ def run_tune_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
     trained = None
     if cfg.train.enabled:
         trained = load_trained(cfg.out, extracted.record["fingerprint"], extracted.weights.name)
-    summary = tune_stage(extracted, trained, start_ray)
+    upstream = trained.record.get("identity", "") if trained is not None else extract_id(extracted.record)
+    summary = _tune(extracted, trained, runfolder.tune_identity(cfg, upstream), start_ray=start_ray)
     track_run(cfg)
     return summary
 

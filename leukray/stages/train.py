@@ -4,7 +4,7 @@ second classifier sweep (the paper's Table IV).
 
 Within `leukray run` the maps come from the extraction pass; as a job of its own the stage
 streams the run's images through the trunk again (same preprocessing, same seeded
-augmentation) to get them. Writes model/custom_resnet50.pt, history.csv,
+augmentation) to get them. Writes custom_model/custom_resnet50.pt, history.csv,
 custom_features.parquet, head_probs.parquet and train.json, and hands the same on in memory.
 
 May import: `leukray.config`, `leukray.errors`, `leukray.io`, `leukray.data`, `leukray.models`,
@@ -26,7 +26,7 @@ from leukray.distributed.resources import wants_gpu
 from leukray.distributed.streaming import embed_maps, extract_features
 from leukray.distributed.training import TrainResult, run_name, split_maps, train_head
 from leukray.errors import ConfigError, DataError
-from leukray.io import runfolder, storage
+from leukray.io import journal, runfolder, storage
 from leukray.io.features import load_features
 from leukray.io.tables import log, read_json, read_parquet, write_csv, write_json, write_parquet
 from leukray.models.classifiers import class_order
@@ -60,6 +60,8 @@ def train_stage(
         raise ConfigError("training the custom model needs a validation split: set split.val_fraction > 0")
     if write_config:
         runfolder.write_config(cfg)
+    identity = runfolder.train_identity(cfg, extract_id(record))
+    journal.begin(cfg.out, "train", identity)
     if start_ray is not None:
         start_ray()
     maps_ds, node_ids = extracted.maps_ds, {}
@@ -69,7 +71,7 @@ def train_stage(
         streamed = extract_features(usable, cfg, None, record["provenance"], keep_maps=True)
         maps_ds, node_ids = streamed.maps_ds, streamed.facts["node_ids"]
     tick = time.perf_counter()
-    result = _train(cfg, maps_ds, classes, record["fingerprint"])
+    result = _train(cfg, maps_ds, classes, journal.identity_of(extract_id(record), classes))
     head_config = head_config_of(
         head_in_features(cfg.preprocess.size),
         len(classes),
@@ -77,7 +79,7 @@ def train_stage(
         cfg.train.unfreeze_stages,
         cfg.train.embedding,
     )
-    state_path = storage.join(cfg.out, "model", "custom_resnet50.pt")
+    state_path = storage.join(cfg.out, runfolder.STATE_FILE)  # not in model/: the bundle there stays whole
     save_model_state(state_path, result.state_dict)
     features_path = storage.join(cfg.out, runfolder.CUSTOM_FEATURES_FILE)
     meta, matrix, head_probs = embed_maps(maps_ds, cfg, state_path, head_config, features_path, record["provenance"])
@@ -86,18 +88,28 @@ def train_stage(
     train_record = _train_record(
         cfg, record, classes, head_config, state_path, result, node_ids, time.perf_counter() - tick
     )
+    train_record["identity"] = identity
     write_json(storage.join(cfg.out, runfolder.TRAIN_RECORD), train_record)
+    journal.commit(cfg.out, "train")
     return Trained(train_record, meta, matrix, head_probs, result.state_dict)
 
 
-def _train(cfg: RunConfig, maps_ds: Any, classes: list[str], fingerprint: str) -> TrainResult:
-    """Ray Train over the maps; history.csv; the best epoch's result."""
+def extract_id(record: dict[str, Any]) -> str:
+    """The extract stage's identity (older records: the data fingerprint alone)."""
+    return record.get("identity", record["fingerprint"])
+
+
+def _train(cfg: RunConfig, maps_ds: Any, classes: list[str], maps_identity: str) -> TrainResult:
+    """Ray Train over the maps; history.csv; the best epoch's result. The checkpoints'
+    name covers `maps_identity` (data, preprocessing, augmentation, split, weights: what
+    changes the maps or labels) and every training setting, so a shared storage_path never
+    hands one run another's finished checkpoint."""
     c, h, w = map_shape(cfg.preprocess.size, cfg.train.unfreeze_stages)
     in_features = head_in_features(cfg.preprocess.size)
     train_ds, val_ds = split_maps(maps_ds, classes)
     use_gpu = wants_gpu(cfg.train.use_gpu)
     storage_path = runfolder.local_or_uri(cfg.train.storage_path or storage.join(cfg.out, "train"))
-    name = run_name(cfg.train, fingerprint, cfg.extract.weights, in_features, len(classes))
+    name = run_name(cfg.train, maps_identity, cfg.extract.weights, in_features, len(classes))
     log(
         "training the custom ResNet50 head (Table II) with Ray Train: "
         f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, "
@@ -160,9 +172,12 @@ def load_trained(out: str, fingerprint: str, weights_name: str) -> Trained | Non
         DataError: train.json belongs to other features (the data or weights changed).
     """
     path = storage.join(out, runfolder.TRAIN_RECORD)
-    if not storage.exists(path):
+    entry = ((journal.read_journal(out) or {"stages": {}})["stages"]).get("train")
+    if entry is None and not storage.exists(path):
         return None
+    journal.verify(out, "train", "tune")  # begun but unfinished, or changed since: one line
     record = read_json(path)
+    record["state_path"] = storage.join(out, runfolder.STATE_FILE)  # where it is now (a copied folder too)
     if record["fingerprint"] != fingerprint or record["weights"] != weights_name:
         raise DataError(
             f"{path} belongs to other features (data or weights changed): run `leukray train --out {out}` again"

@@ -436,6 +436,7 @@ def write_model_bundle(extracted: Extracted, trained: Trained | None, chosen: Ch
         classifier=chosen.classifier,
         head_config=trained.record["head_config"] if trained is not None else None,
         trunk_state=trunk_state,
+        custom_state_path=trained.record["state_path"] if trained is not None else None,
         extra={
             "data_fingerprint": extracted.record["fingerprint"],
             "chosen_by": chosen.chosen_by,
