@@ -42,10 +42,20 @@ DEMO_DEFAULTS = {
 }
 
 
+class _JoinRoots(argparse.Action):
+    """A repeatable --data / --test-data: `--data A --data B` -> "A,B" (data roots are comma-separated)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        previous = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{previous},{values}" if previous else values)
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder (created; outputs are written here)")
     parser.add_argument("--config", help="YAML file with config sections (overridden by options)")
-    parser.add_argument("--test-data", dest="test_data", help="separate dataset to test on, not resplit")
+    parser.add_argument(
+        "--test-data", dest="test_data", action=_JoinRoots, help="separate dataset to test on, not resplit (repeatable)"
+    )
     parser.add_argument("--weights", help="imagenet | imagenet:IMAGENET1K_V2 | random | auto | PATH to a state dict")
     parser.add_argument("--split", choices=["subject", "image"], help="subject (default) or image (leaks subjects)")
     parser.add_argument("--classifiers", help="all, or comma-separated names (see `leukray classifiers`)")
@@ -222,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     run = sub.add_parser("run", help="preprocess, extract ResNet50 features and sweep classifiers on Ray")
-    run.add_argument("--data", help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject])")
+    run.add_argument(
+        "--data",
+        action=_JoinRoots,
+        help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject]); repeatable",
+    )
     _add_config_options(run)
     run.set_defaults(func=cmd_run)
 
@@ -236,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     extract = sub.add_parser(
         "extract", help="the first stage of `run`: discover, split, preprocess, extract ResNet50 features"
     )
-    extract.add_argument("--data", help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject])")
+    extract.add_argument(
+        "--data",
+        action=_JoinRoots,
+        help="dataset root, URI (s3://...) or CSV manifest (path,label[,subject]); repeatable",
+    )
     _add_config_options(extract)
     extract.set_defaults(func=cmd_extract)
 
