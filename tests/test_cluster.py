@@ -252,6 +252,12 @@ def http_status(url: str, token: str | None) -> int:
 REFUSALS = {
     # a client that does not know the cluster wants a token sends none: the job API answers 401
     "no token": ({}, "Authentication required: Unauthorized: Missing authentication token", 401),
+    # the right token without RAY_AUTH_MODE=token: Ray's job client sends no token either (401)
+    "token without the mode": (
+        {"RAY_AUTH_TOKEN": "the cluster's"},
+        "Authentication required: Unauthorized: Missing authentication token",
+        401,
+    ),
     # the right mode, a wrong token: 403
     "wrong token": (
         {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
@@ -272,6 +278,8 @@ def test_a_submission_without_the_right_token_is_refused(cluster, tmp_path, case
     given, refusal, status = REFUSALS[case]
     env = {k: v for k, v in cluster["env"].items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     env.update(given, HOME=str(tmp_path))  # no ~/.ray/auth_token either
+    if env.get("RAY_AUTH_TOKEN") == "the cluster's":
+        env["RAY_AUTH_TOKEN"] = cluster["token"]
     marker = f"should-not-run-{secrets.token_hex(4)}"
     result = ray_cli(
         "job", "submit", f"--address={cluster['url']}", "--", "python", "-c", f"print('{marker}')",
@@ -282,7 +290,7 @@ def test_a_submission_without_the_right_token_is_refused(cluster, tmp_path, case
     assert marker not in ray_cli("job", "list", f"--address={cluster['url']}", env=cluster["env"]).stdout
     if status:  # the same refusal over plain HTTP, from the endpoint that accepts the right token
         jobs = f"{cluster['url']}/api/jobs/"
-        assert http_status(jobs, env.get("RAY_AUTH_TOKEN")) == status
+        assert http_status(jobs, None if status == 401 else env["RAY_AUTH_TOKEN"]) == status
         assert http_status(jobs, cluster["token"]) == 200
 
 
