@@ -109,14 +109,15 @@ def cluster(tmp_path_factory):
 def start_head(env: dict[str, str], attempts: int = 5) -> int:
     """`ray start --head` on ports that were free a moment ago; another process can take one
     in between, so a failed start is cleaned up and retried on other ports. (The GCS port is
-    chosen here, not by Ray, because it marks this cluster's processes for `stop_cluster`.)
-    Returns the GCS port."""
+    chosen here, not by Ray, because it marks this cluster's processes for `stop_cluster`.) The
+    dashboard agent gets its own port too: Ray's default (52365) is shared by every Ray on the
+    host, and a head whose agent lost it cannot accept jobs. Returns the GCS port."""
     for _ in range(attempts):
         gcs_port = free_port()
         result = ray_cli(
             "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=1",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-            "--disable-usage-stats", env=env, check=False,
+            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", env=env, check=False,
         )  # fmt: skip
         if result.returncode == 0:
             return gcs_port
@@ -129,8 +130,8 @@ def start_worker(env: dict[str, str], address: str, *extra: str, attempts: int =
     deadline, so a failed start is retried."""
     for attempt in range(attempts):
         result = ray_cli(
-            "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", *extra,
-            env=env, check=attempt == attempts - 1,
+            "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            f"--dashboard-agent-listen-port={free_port()}", *extra, env=env, check=attempt == attempts - 1,
         )  # fmt: skip
         if result.returncode == 0:
             return
@@ -333,7 +334,7 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
         known = {n["id"] for n in nodes(cluster)}
         ray_cli(
             "start", f"--address={cluster['address']}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-            f"--resources={json.dumps(pool)}", env=cluster["env"],
+            f"--resources={json.dumps(pool)}", f"--dashboard-agent-listen-port={free_port()}", env=cluster["env"],
         )  # fmt: skip
         deadline = time.time() + 120
         while not (new := {n["id"] for n in nodes(cluster) if n["res"].get("leukray_extract_pool")} - known):
