@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.leukray-deps-$(shell (cat pyproject.toml; uname -m) | sha
 OUT ?= runs/demo
 JOB ?= pipeline
 
-.PHONY: setup demo test lint format bench clean cluster-up cluster-down submit
+.PHONY: setup demo test lint format bench clean submit-setup cluster-up dashboard cluster-down submit
 
 setup: $(DEPS_STAMP)
 	@$(PY) -c "import leukray, os, sys; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(leukray.__file__))) != os.getcwd())" 2>/dev/null \
@@ -37,20 +37,37 @@ format: setup
 bench: setup
 	$(PY) -m leukray.bench
 
-# -- a Ray cluster (cluster.yaml, AWS) ------------------------------------------------------
+# -- a Ray cluster (cluster.yaml, AWS; or KubeRay) -------------------------------------------
+# Submitting needs only Ray's client, not leukray's PyTorch environment: these targets use
+# $(RAY) from a small submit-only venv (ray[default] at the version pyproject.toml pins, and
+# boto3 for the AWS launcher), made on first use. RAY=/path/to/ray uses another one.
 # `make submit JOB=pipeline ARGS="--config jobs/configs/cnmc-s3.yaml"` submits jobs/$(JOB).py to
-# $(RAY_ADDRESS), or to the launcher cluster's job API port-forwarded by `ray dashboard cluster.yaml`.
+# $(RAY_ADDRESS) (default: the launcher cluster's job API as `make dashboard` forwards it), with
+# the token from RAY_AUTH_TOKEN (export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...).
+SUBMIT_VENV ?= .venv-submit
+RAY_PIN := $(shell sed -n 's/.*"ray\[[a-z,]*\]==\([0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
+RAY ?= $(SUBMIT_VENV)/bin/ray
 RAY_ADDRESS ?= http://127.0.0.1:8265
 ARGS ?=
 
-cluster-up: setup
-	$(VENV)/bin/ray up -y cluster.yaml
+submit-setup:
+	@test -x "$(RAY)" || test "$(RAY)" != "$(SUBMIT_VENV)/bin/ray" || { \
+	  echo "installing ray[default]==$(RAY_PIN) and boto3 into $(SUBMIT_VENV) (submit-only, no PyTorch)"; \
+	  python3 -m venv $(SUBMIT_VENV) && $(SUBMIT_VENV)/bin/python -m pip install -q "ray[default]==$(RAY_PIN)" boto3; }
 
-cluster-down: setup
-	$(VENV)/bin/ray down -y cluster.yaml
+cluster-up: submit-setup
+	@! grep -q 'sg-REPLACE-WITH-YOURS' cluster.yaml || { \
+	  echo "cluster.yaml: put your security group in SecurityGroupIds first (jobs/aws/create-security-group.sh VPC_ID CIDR)" >&2; exit 2; }
+	$(RAY) up -y cluster.yaml
 
-submit: setup
-	$(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . --runtime-env jobs/runtime_env.yaml \
+dashboard: submit-setup
+	$(RAY) dashboard cluster.yaml
+
+cluster-down: submit-setup
+	$(RAY) down -y cluster.yaml
+
+submit: submit-setup
+	$(RAY) job submit --address $(RAY_ADDRESS) --working-dir . --runtime-env jobs/runtime_env.yaml \
 	  -- python jobs/$(JOB).py $(ARGS)
 
 clean:

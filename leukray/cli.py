@@ -64,6 +64,14 @@ DEMO_DEFAULTS = {
 }
 
 
+class _JoinRoots(argparse.Action):
+    """A repeatable --data / --test-data: `--data A --data B` -> "A,B" (data roots are comma-separated)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        previous = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{previous},{values}" if previous else values)
+
+
 # -- help from the config's field docstrings ----------------------------------------------
 
 
@@ -119,7 +127,12 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: dict[str, Any
     defaults = defaults or {}
     parser.add_argument("--out", help="run folder, created; outputs are written here (or `out:` in --config)")
     parser.add_argument("--config", help="YAML file with config sections and `out:` (overridden by options)")
-    parser.add_argument("--test-data", dest="test_data", help=_key_help(ALIASES["test_data"], defaults))
+    parser.add_argument(
+        "--test-data",
+        dest="test_data",
+        action=_JoinRoots,
+        help=_key_help(ALIASES["test_data"], defaults) + "; repeatable",
+    )
     for option in ("weights", "classifiers", "features"):
         parser.add_argument(f"--{option}", help=_key_help(ALIASES[option], defaults))
     parser.add_argument("--split", choices=["subject", "image"], help=_key_help(ALIASES["split"], defaults))
@@ -195,10 +208,12 @@ def _check_inputs(cfg: RunConfig, need_out: bool = True) -> None:
         raise ConfigError("no output folder: pass --out RUN or set `out:` in the --config file")
     if not cfg.data.path:
         raise ConfigError("no data given: pass --data DIR (or a CSV manifest), or set data.path in --config")
-    if not _exists(cfg.data.path):
-        raise InputNotFoundError(f"data path not found: {cfg.data.path}")
-    if cfg.data.test_path and not _exists(cfg.data.test_path):
-        raise InputNotFoundError(f"test data path not found: {cfg.data.test_path}")
+    for root in cfg.data.path.split(","):  # --data may be repeated (folds): "A,B"
+        if not _exists(root.strip()):
+            raise InputNotFoundError(f"data path not found: {root.strip()}")
+    for root in cfg.data.test_path.split(",") if cfg.data.test_path else []:
+        if not _exists(root.strip()):
+            raise InputNotFoundError(f"test data path not found: {root.strip()}")
 
 
 # -- output modes: text, --quiet, --json ---------------------------------------------------
@@ -628,11 +643,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_synth_command(sub, auto)
 
-    data_help = "dataset root, URI (s3://...) or CSV manifest (path,label[,subject]); data.path in --config"
+    data_help = (
+        "dataset root, URI (s3://...) or CSV manifest (path,label[,subject]); data.path in --config; repeatable (folds)"
+    )
     run = sub.add_parser(
         "run", parents=[auto, ray], help="preprocess, extract ResNet50 features and sweep classifiers on Ray"
     )
-    run.add_argument("--data", help=data_help)
+    run.add_argument("--data", action=_JoinRoots, help=data_help)
     _add_config_options(run)
     _add_existing_options(run)
     run.set_defaults(func=cmd_run)
@@ -650,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[auto, ray],
         help="the first stage of `run`: discover, split, preprocess, extract ResNet50 features",
     )
-    extract.add_argument("--data", help=data_help)
+    extract.add_argument("--data", action=_JoinRoots, help=data_help)
     _add_config_options(extract)
     _add_existing_options(extract)
     extract.set_defaults(func=cmd_extract)
@@ -723,7 +740,7 @@ def _add_folder_commands(sub, auto: argparse.ArgumentParser, data_help: str) -> 
         parents=[auto],
         help="print the resolved config, image counts per class/subject/split, weights and outputs; runs nothing",
     )
-    show.add_argument("--data", help=data_help)
+    show.add_argument("--data", action=_JoinRoots, help=data_help)
     _add_config_options(show)
     show.set_defaults(func=cmd_config_show)
 

@@ -36,14 +36,14 @@ def test_cluster_yaml_passes_rays_schema_validation():
     starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert starts.count("RAY_AUTH_MODE=token") == 2 and "secretsmanager" in starts
     assert "--dashboard-host=127.0.0.1" in starts  # dashboard/job API never on a public interface
-    ports = [p["FromPort"] for p in config["provider"]["security_group"]["IpPermissions"]]
-    assert ports == [22]
+    # SSH, the security group and IAM: tests/test_cluster_config.py
     broken = dict(config, available_node_types={"head": {"resources": {}, "node_config": {}, "typo": 1}})
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
 
 
 def free_port() -> int:
+    """A port that was free a moment ago: only a guess, so whoever uses it retries on failure."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -71,25 +71,13 @@ def cluster(tmp_path_factory):
         "RAY_DEDUP_LOGS": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dashboard_port = free_port(), free_port()
-    ray_cli(
-        "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=1",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        "--disable-usage-stats", env=env,
-    )  # fmt: skip
+    gcs_port = start_head(env)
     address = f"127.0.0.1:{gcs_port}"
-    ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", env=env)
-    ray_cli(
-        "start",
-        f"--address={address}",
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=1",
-        f"--resources={json.dumps({ACCEL: 1})}",
-        env=env,
-    )
-    url = f"http://127.0.0.1:{dashboard_port}"
     try:
-        deadline = time.time() + 180
+        start_worker(env, address)
+        start_worker(env, address, f"--resources={json.dumps({ACCEL: 1})}")
+        url = cluster_facts(env, address)["dashboard_url"]  # where this cluster's job API really is
+        deadline = time.time() + 420  # a loaded machine: the agents can take minutes
         while True:  # the job agents come up a little after `ray start` returns
             probe = ray_cli(
                 "job",
@@ -110,9 +98,56 @@ def cluster(tmp_path_factory):
                     f"the job API never accepted a job:\n{probe.stdout[-2000:]}\n{probe.stderr[-2000:]}"
                 )
             time.sleep(3)
-        yield {"env": env, "url": url, "address": address}
+        started = nodes({"env": env, "address": address})
+        accel = [n["id"] for n in started if n["res"].get(ACCEL)]
+        assert len(started) >= 3 and len(accel) == 1, started
+        yield {"env": env, "url": url, "address": address, "token": token, "nodes": {n["id"] for n in started}}
     finally:
         stop_cluster(gcs_port)
+
+
+def start_head(env: dict[str, str], attempts: int = 5) -> int:
+    """`ray start --head` on ports that were free a moment ago; another process can take one
+    in between, so a failed start is cleaned up and retried on other ports. (The GCS port is
+    chosen here, not by Ray, because it marks this cluster's processes for `stop_cluster`.) The
+    dashboard agent gets its own port too: Ray's default (52365) is shared by every Ray on the
+    host, and a head whose agent lost it cannot accept jobs. Returns the GCS port."""
+    for _ in range(attempts):
+        gcs_port = free_port()
+        result = ray_cli(
+            "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=1",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", env=env, check=False,
+        )  # fmt: skip
+        if result.returncode == 0:
+            return gcs_port
+        stop_cluster(gcs_port)  # whatever the failed start left running
+    raise AssertionError(f"ray start --head failed {attempts} times:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+
+
+def start_worker(env: dict[str, str], address: str, *extra: str, attempts: int = 3) -> None:
+    """`ray start --address …` for one more node; on a loaded machine the GCS can miss its RPC
+    deadline, so a failed start is retried."""
+    for attempt in range(attempts):
+        result = ray_cli(
+            "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            f"--dashboard-agent-listen-port={free_port()}", *extra, env=env, check=attempt == attempts - 1,
+        )  # fmt: skip
+        if result.returncode == 0:
+            return
+
+
+def cluster_facts(env: dict[str, str], address: str) -> dict:
+    """The running cluster's own account of itself (dashboard URL), from a driver attached to it."""
+    code = (
+        "import json, ray; ctx = ray.init(address='auto', logging_level='ERROR'); "
+        "print(json.dumps({'dashboard_url': 'http://' + ctx.dashboard_url}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def kill_process_trees(matches) -> int:
@@ -161,22 +196,25 @@ def stop_cluster(gcs_port: int) -> None:
         pass
 
 
-def nodes(cluster) -> list[dict]:
+def nodes(cluster, alive: bool = True) -> list[dict]:
+    """The cluster's nodes as Ray's GCS lists them (only the live ones unless alive=False)."""
     code = (
         "import json, ray; ray.init(address='auto', logging_level='ERROR'); "
-        "print(json.dumps([{'id': n['NodeID'], 'res': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+        "print(json.dumps([{'id': n['NodeID'], 'res': n['Resources'], 'alive': n['Alive']} for n in ray.nodes()]))"
     )
     env = {**cluster["env"], "RAY_ADDRESS": cluster["address"]}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    listed = json.loads(out.stdout.strip().splitlines()[-1])
+    return [n for n in listed if n["alive"] or not alive]
 
 
 @pytest.mark.slow
 def test_pipeline_job_runs_across_nodes(cluster, tiny_cells, tmp_path):
     alive = nodes(cluster)
-    assert len(alive) == 3
+    assert cluster["nodes"] <= {n["id"] for n in alive}  # the fixture's three nodes (other tests may add more)
     accel_nodes = {n["id"] for n in alive if n["res"].get(ACCEL)}
+    assert len(accel_nodes) == 1
     out = tmp_path / "run"
     # All three nodes share this host's /tmp/ray session folder, where a `--working-dir`
     # package unpacked for one node can be swept away under another node's running driver
@@ -195,29 +233,73 @@ def test_pipeline_job_runs_across_nodes(cluster, tiny_cells, tmp_path):
     used = summary["ray"]["node_ids"]
     assert set(used["extract"]) == accel_nodes  # the stand-in accelerator got the extractor actors
     assert len(set(used["preprocess"]) | set(used["extract"])) >= 2  # work ran on more than one node
-    assert all(len(node) == 56 and int(node, 16) >= 0 for node in used["preprocess"] + used["extract"])
+    known = {n["id"] for n in nodes(cluster, alive=False)}
+    assert set(used["preprocess"]) | set(used["extract"]) <= known  # real node IDs of this cluster
     assert (out / "report.html").is_file() and (out / "model" / "bundle.json").is_file()
 
 
-def test_submission_without_the_token_is_refused(cluster, tmp_path):
-    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_TOKEN"}
-    env["HOME"] = str(tmp_path)  # no token file either
+def http_status(url: str, token: str | None) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+REFUSALS = {
+    # a client that does not know the cluster wants a token sends none: the job API answers 401
+    "no token": ({}, "Authentication required: Unauthorized: Missing authentication token", 401),
+    # the right token without RAY_AUTH_MODE=token: Ray's job client sends no token either (401)
+    "token without the mode": (
+        {"RAY_AUTH_TOKEN": "the cluster's"},
+        "Authentication required: Unauthorized: Missing authentication token",
+        401,
+    ),
+    # the right mode, a wrong token: 403
+    "wrong token": (
+        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+        "Authentication failed: Forbidden: Invalid authentication token",
+        403,
+    ),
+    # token mode without any token: Ray's client refuses before sending anything
+    "token mode, no token": (
+        {"RAY_AUTH_MODE": "token"},
+        "Token authentication is enabled but Ray couldn't find an authentication token",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_submission_without_the_right_token_is_refused(cluster, tmp_path, case):
+    given, refusal, status = REFUSALS[case]
+    env = {k: v for k, v in cluster["env"].items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env.update(given, HOME=str(tmp_path))  # no ~/.ray/auth_token either
+    if env.get("RAY_AUTH_TOKEN") == "the cluster's":
+        env["RAY_AUTH_TOKEN"] = cluster["token"]
+    marker = f"should-not-run-{secrets.token_hex(4)}"
     result = ray_cli(
-        "job", "submit", f"--address={cluster['url']}", "--", "python", "-c", "print('should not run')",
+        "job", "submit", f"--address={cluster['url']}", "--", "python", "-c", f"print('{marker}')",
         env=env, check=False, timeout=120,
     )  # fmt: skip
-    assert result.returncode != 0
-    text = (result.stdout + result.stderr).lower()
-    assert "should not run" not in text and ("auth" in text or "401" in text or "token" in text)
+    text = plain(result.stdout + result.stderr)
+    assert result.returncode != 0 and refusal in text, text[-3000:]
+    assert marker not in ray_cli("job", "list", f"--address={cluster['url']}", env=cluster["env"]).stdout
+    if status:  # the same refusal over plain HTTP, from the endpoint that accepts the right token
+        jobs = f"{cluster['url']}/api/jobs/"
+        assert http_status(jobs, None if status == 401 else env["RAY_AUTH_TOKEN"]) == status
+        assert http_status(jobs, cluster["token"]) == 200
 
 
-def kill_node(node_manager_port: int) -> int:
-    """SIGKILL one node: its raylet (found by its unique node-manager port) and everything
+def kill_node(node_id: str) -> int:
+    """SIGKILL one node: its raylet (found by its node ID, on its command line) and everything
     under it — as a machine that loses power would. Returns how many processes died."""
-    killed = kill_process_trees(
-        lambda cmdline: "raylet" in cmdline and f"--node_manager_port={node_manager_port} " in cmdline + " "
-    )
-    assert killed, f"no raylet with node manager port {node_manager_port}"
+    killed = kill_process_trees(lambda cmdline: "raylet" in cmdline and f"--node_id={node_id} " in cmdline + " ")
+    assert killed, f"no raylet of node {node_id}"
     return killed
 
 
@@ -248,11 +330,11 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
 
     pool = {"leukray_extract_pool": 1}
 
-    def add_node(port: int) -> str:
+    def add_node() -> str:
         known = {n["id"] for n in nodes(cluster)}
         ray_cli(
             "start", f"--address={cluster['address']}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-            f"--resources={json.dumps(pool)}", f"--node-manager-port={port}", env=cluster["env"],
+            f"--resources={json.dumps(pool)}", f"--dashboard-agent-listen-port={free_port()}", env=cluster["env"],
         )  # fmt: skip
         deadline = time.time() + 120
         while not (new := {n["id"] for n in nodes(cluster) if n["res"].get("leukray_extract_pool")} - known):
@@ -260,8 +342,7 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
             time.sleep(2)
         return new.pop()
 
-    victim_port = free_port()
-    victim = add_node(victim_port)
+    victim = add_node()
     hook = tmp_path / "extractor-batches"
     out = tmp_path / "run"
     job_id = f"leukray-node-kill-{secrets.token_hex(4)}"
@@ -285,9 +366,9 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
             next_status = time.time() + 10
         assert time.time() < deadline, "no extractor batch ran on the victim node"
         time.sleep(0.2)
-    assert kill_node(victim_port) >= 2  # the raylet and at least the extractor worker under it
+    assert kill_node(victim) >= 2  # the raylet and at least the extractor worker under it
     killed_at = time.time()
-    replacement = add_node(free_port())
+    replacement = add_node()
 
     deadline = time.time() + 600
     while (status := job_status(cluster, job_id)) in ("PENDING", "RUNNING"):
@@ -384,3 +465,15 @@ def test_make_submit_style_upload_excludes_the_venv_and_runs_the_job(cluster):
     assert {"jobs/tune.py", "leukray/cli.py", "pyproject.toml"} <= set(files)
     leaked = [f for f in files if f.split("/")[0] in {".venv", "runs", ".git", "data"} or f == "bench.json"]
     assert not leaked, leaked[:20]
+
+
+def test_make_submit_as_documented_runs_the_job(cluster):
+    """`make submit JOB=… ARGS=…` itself, with Ray's client from this environment (RAY=…) in
+    place of the submit-only venv it would otherwise make."""
+    result = subprocess.run(
+        ["make", "-s", "submit", f"RAY={Path(sys.executable).parent / 'ray'}", f"RAY_ADDRESS={cluster['url']}",
+         "JOB=tune", "ARGS=--help"],
+        cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    text = plain(result.stdout + result.stderr)
+    assert result.returncode == 0 and "usage: leukray tune" in text and "succeeded" in text, text[-3000:]

@@ -4,7 +4,8 @@ Layouts:
 - C-NMC: `fold_*/{all,hem}/UID_<subject>_<image>_<cell>_<all|hem>.<ext>` or `{all,hem}/...`;
 - any class-per-folder tree: each immediate subfolder is a class (files below it, recursive);
 - a CSV manifest with columns `path,label[,subject]` (relative paths are relative to the CSV).
-Roots can be local paths or filesystem URIs (s3://, gs://).
+Roots can be local paths or filesystem URIs (s3://, gs://), and several roots can be given at
+once, comma-separated (`C-NMC/fold_0,C-NMC/fold_1`: C-NMC's folds as they ship).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from leukray.errors import DataError
+from leukray.errors import DataError, InputNotFoundError
 from leukray.io import storage
 
 IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
@@ -69,8 +70,27 @@ def detect_layout(root: str) -> str:
     return "folders"
 
 
+def split_roots(spec: str) -> list[str]:
+    """The roots of a `data.path` / `data.test_path` value: one, or several comma-separated
+    (`--data A --data B` on the command line gives "A,B").
+
+    Raises:
+        DataError: an empty entry, a root given twice, or one root inside another (its images
+            would be listed twice).
+    """
+    roots = [root.strip() for root in spec.split(",")]
+    if any(not root for root in roots):
+        raise DataError(f"empty entry in the list of data roots {spec!r} (comma-separated, e.g. A,B)")
+    bare = [root.rstrip("/") for root in roots]
+    for i, outer in enumerate(bare):
+        for inner in bare[i + 1 :]:
+            if inner == outer or inner.startswith(outer + "/") or outer.startswith(inner + "/"):
+                raise DataError(f"data roots overlap: {outer} and {inner} (each image must be listed once)")
+    return roots
+
+
 def discover(root: str, layout: str = "auto", allowed: tuple[str, ...] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """List a dataset.
+    """List a dataset: one root, or several comma-separated (see `split_roots`).
 
     Returns:
         (images, skipped): `images` has columns path, label, subject (upper-case; "" when
@@ -78,13 +98,25 @@ def discover(root: str, layout: str = "auto", allowed: tuple[str, ...] = ()) -> 
         images (e.g. `notes.txt`), so nothing is dropped silently.
 
     Raises:
-        DataError: the root does not exist, holds no images, or has fewer than two classes.
+        DataError: a root does not exist or holds no images, the roots overlap, or all of
+            them together have fewer than two classes.
     """
     if not root:
         raise DataError("no data given: pass --data DIR (or a CSV manifest)")
+    found = [_discover_root(one, layout, allowed) for one in split_roots(root)]
+    images = pd.concat([f[0] for f in found], ignore_index=True)
+    skipped = pd.concat([f[1] for f in found], ignore_index=True)
+    labels = sorted(images["label"].unique())
+    if len(labels) < 2:
+        raise DataError(f"need at least two classes, found only {labels[0]!r} in {root}")
+    images = images.sort_values("path", kind="stable").reset_index(drop=True)
+    return images, skipped
+
+
+def _discover_root(root: str, layout: str, allowed: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
     info = storage.file_info(root)
     if info.type.name == "NotFound":
-        raise DataError(f"data path not found: {root}")
+        raise InputNotFoundError(f"data path not found: {root}")
     if layout == "auto":
         layout = "csv" if info.type.name == "File" else detect_layout(root)
     if layout == "csv":
@@ -95,10 +127,6 @@ def discover(root: str, layout: str = "auto", allowed: tuple[str, ...] = ()) -> 
         images, skipped = _discover_tree(root, cnmc=(layout == "cnmc"))
     if images.empty:
         raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    labels = sorted(images["label"].unique())
-    if len(labels) < 2:
-        raise DataError(f"need at least two classes, found only {labels[0]!r} in {root}")
-    images = images.sort_values("path", kind="stable").reset_index(drop=True)
     return images, skipped
 
 
@@ -243,7 +271,7 @@ def list_images(root: str, known_labels: list[str], allowed: tuple[str, ...] = (
         raise DataError("no data given: pass --data DIR (or a CSV manifest)")
     info = storage.file_info(root)
     if info.type.name == "NotFound":
-        raise DataError(f"data path not found: {root}")
+        raise InputNotFoundError(f"data path not found: {root}")
     if info.type.name == "File" and root.lower().endswith(".csv"):
         return _discover_csv(root, allowed)
     paths = [root] if info.type.name == "File" else storage.list_files(root)
