@@ -227,6 +227,20 @@ def best_tunable_row(board: pd.DataFrame, has_val: bool, seed: int = 0) -> pd.Se
     return best_row(ok, has_val, seed) if not ok.empty else None
 
 
+class _DefineByRun:
+    """Optuna's define-by-run space of a search: a candidate classifier, then its own
+    hyperparameters (named `c<index>__<key>`, as Optuna wants one distribution per name).
+    A class, not a closure: Tune pickles the searcher's state to resume it."""
+
+    def __init__(self, labels: list[str], spaces: list[dict[str, Any]]):
+        self.labels, self.spaces = labels, spaces
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        i = self.labels.index(trial.suggest_categorical("candidate", self.labels))
+        suggest(trial, self.spaces[i], prefix=f"c{i}__")
+        return {"index": i}
+
+
 SEARCH_COLUMNS = [
     "source", "Model", "params", "CV Balanced Accuracy", "CV sd", "cv_folds", "Time Taken", "status", "detail",
     "node_id", "trial_id",
@@ -280,11 +294,6 @@ def run_search_tune(
     n_jobs = max(1, int(cpus_per_trial))
     settings = {"trials": trials, "seed": seed, "folds": folds, "timeout_s": timeout_s, "n_jobs": n_jobs}
 
-    def define_by_run(trial: Any) -> dict[str, Any]:
-        i = labels.index(trial.suggest_categorical("candidate", labels))
-        suggest(trial, spaces[i], prefix=f"c{i}__")
-        return {k: v for k, v in spaces[i].items() if not isinstance(v, tuple)} | {"index": i}
-
     def setting(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         i = config["index"]
         drawn = {k[len(f"c{i}__") :]: v for k, v in config.items() if k.startswith(f"c{i}__")}
@@ -312,7 +321,7 @@ def run_search_tune(
     parallel = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
     tune_config = tune.TuneConfig(
         num_samples=trials, max_concurrent_trials=parallel, reuse_actors=True,
-        search_alg=OptunaSearch(define_by_run, metric="objective", mode="max", sampler=sampler),
+        search_alg=OptunaSearch(_DefineByRun(labels, spaces), metric="objective", mode="max", sampler=sampler),
     )  # fmt: skip
     rows = _run_trials(
         data, fit_row, {}, tune_config,

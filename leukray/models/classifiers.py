@@ -522,35 +522,42 @@ def subject_bootstrap(
 ) -> dict[str, Any]:
     """Percentile intervals of balanced accuracy and ROC AUC by resampling subjects with
     replacement (all cells of a drawn subject come along: cells of one patient share a
-    smear and a stain, so they are not independent). Resamples with a single class are
+    smear and a stain, so they are not independent). Resamples that lack a class are
     discarded and counted.
+
+    A resample is a vector of subject multiplicities `w`, so both metrics come from
+    per-subject tables computed once: balanced accuracy from cells and correct cells per
+    subject and class, binary ROC AUC (Mann-Whitney) as `w @ M @ w / (pos(w) * neg(w))`
+    with M[a, b] the positive cells of subject a scored above the negative cells of
+    subject b (ties count half).
 
     Args:
         y: (N,) integer labels; probs: (N, C) class probabilities; subjects: (N,) groups.
 
     Returns:
-        {"Balanced Accuracy": [lo, hi], "ROC AUC": [lo, hi], "level", "resamples" (used),
-        "subjects"}; the intervals are None when no resample was usable.
+        {"Balanced Accuracy": [lo, hi], "ROC AUC": [lo, hi] (None for more than two
+        classes), "level", "resamples" (used), "subjects"}; an interval is None when no
+        resample was usable.
     """
-    from sklearn.metrics import balanced_accuracy_score
-
     _, code = np.unique(np.asarray(subjects).astype(str), return_inverse=True)
-    n_subjects = int(code.max()) + 1 if len(code) else 0
-    classes = np.arange(probs.shape[1])
-    pred = probs.argmax(axis=1)
-    scores = probs[:, 1] if probs.shape[1] == 2 else probs
+    n_subjects, n_classes = (int(code.max()) + 1 if len(code) else 0), probs.shape[1]
+    totals, correct = np.zeros((n_subjects, n_classes)), np.zeros((n_subjects, n_classes))
+    np.add.at(totals, (code, y), 1.0)
+    np.add.at(correct, (code, y), (probs.argmax(axis=1) == y).astype(float))
     rng = np.random.default_rng(seed)
-    bacc, auc = [], []
-    for _ in range(n_boot if n_subjects else 0):
-        weight = np.bincount(rng.integers(0, n_subjects, n_subjects), minlength=n_subjects)[code].astype(float)
-        if len(np.unique(y[weight > 0])) < 2:
-            continue
-        bacc.append(balanced_accuracy_score(y, pred, sample_weight=weight))
-        auc.append(_weighted_auc(y, scores, classes, weight))
+    draws = rng.integers(0, max(n_subjects, 1), size=(n_boot if n_subjects else 0, n_subjects))
+    w = np.stack([np.bincount(d, minlength=n_subjects) for d in draws]).astype(float) if len(draws) else draws
+    support = w @ totals if len(draws) else np.zeros((0, n_classes))
+    usable = (support > 0).all(axis=1)
+    w, support = w[usable], support[usable]
+    bacc = ((w @ correct) / np.where(support > 0, support, 1.0)).mean(axis=1)
+    auc = None
+    if n_classes == 2:
+        pairs = _pair_wins(y, probs[:, 1], code, n_subjects)
+        auc = np.einsum("ra,ab,rb->r", w, pairs, w) / (support[:, 1] * support[:, 0])
 
-    def interval(values: list[float]) -> list[float] | None:
-        values = [v for v in values if np.isfinite(v)]
-        if not values:
+    def interval(values: np.ndarray | None) -> list[float] | None:
+        if values is None or not len(values):
             return None
         return [float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))]
 
@@ -558,22 +565,24 @@ def subject_bootstrap(
         "Balanced Accuracy": interval(bacc),
         "ROC AUC": interval(auc),
         "level": 1 - alpha,
-        "resamples": len(bacc),
+        "resamples": int(usable.sum()),
         "subjects": n_subjects,
     }
 
 
-def _weighted_auc(y: np.ndarray, scores: np.ndarray, classes: np.ndarray, weight: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if scores.ndim == 1:
-        return float(roc_auc_score(y == classes[1], scores, sample_weight=weight))
-    keep = weight > 0
-    return float(
-        roc_auc_score(
-            y[keep], scores[keep], sample_weight=weight[keep], multi_class="ovr", average="weighted", labels=classes
-        )
-    )
+def _pair_wins(y: np.ndarray, score: np.ndarray, code: np.ndarray, n_subjects: int) -> np.ndarray:
+    """M[a, b]: pairs (positive cell of subject a, negative cell of subject b) where the
+    positive scores higher, ties counting half."""
+    wins = np.zeros((n_subjects, n_subjects))
+    pos = y == 1
+    for b in range(n_subjects):
+        neg = np.sort(score[(code == b) & ~pos])
+        if not len(neg):
+            continue
+        below = np.searchsorted(neg, score[pos], side="left")
+        ties = np.searchsorted(neg, score[pos], side="right") - below
+        np.add.at(wins[:, b], code[pos], below + 0.5 * ties)
+    return wins
 
 
 def choose_model(candidates: list[tuple[str, pd.Series | None]]) -> tuple[str, pd.Series] | None:
