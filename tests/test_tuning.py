@@ -105,11 +105,13 @@ class TestPipelineSettings:
         from leukray.models.classifiers import PREP_KEYS, lazypredict_classifiers
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        spaces = {n: search_space(n, block=6) for n in lazypredict_classifiers() if search_space(n) is not None}
+        spaces = {n: search_space(n, block=10) for n in lazypredict_classifiers() if search_space(n) is not None}
         assert {"LogisticRegression", "RandomForestClassifier", "XGBClassifier", "LGBMClassifier"} <= set(spaces)
         assert spaces["LogisticRegression"]["class_weight"] == ("choice", [None, "balanced"])
         assert "class_weight" not in spaces["GaussianNB"] and "prep_reduce" not in search_space("GaussianNB")
-        data = subjects_data(dim=8)
+        assert spaces["GaussianNB"]["prep_dim"] == ("choice", [8])  # below the block of 10 columns
+        assert "prep_reduce" not in search_space("GaussianNB", block=2048, rows=15)  # too few rows to reduce
+        data = subjects_data(dim=12)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         for name, space in spaces.items():
             for _ in range(1):
@@ -210,8 +212,8 @@ class TestSearch:
     def test_optuna_search_scores_by_grouped_cv_and_resumes(self, tmp_path):
         from leukray.distributed.tuning import run_search_tune, search_fingerprint, search_space
 
-        data = {"cells": subjects_data(dim=8)}
-        candidates = [{"source": "cells", "Model": "LogisticRegression", "block": 6},
+        data = {"cells": subjects_data(dim=12)}
+        candidates = [{"source": "cells", "Model": "LogisticRegression", "block": 10},
                       {"source": "cells", "Model": "GaussianNB", "block": 0}]  # fmt: skip
         kwargs = dict(seed=0, folds=3, timeout_s=60, cpus_per_trial=1, storage_path=str(tmp_path))
         first = run_search_tune(candidates, data, 4, **kwargs)
@@ -219,7 +221,9 @@ class TestSearch:
         assert first["trial_id"].nunique() == 4 and (first["cv_folds"] == 3).all()
         for _, trial in first.iterrows():
             params = json.loads(trial["params"])
-            assert set(params) == set(search_space(trial["Model"], 6 if trial["Model"] == "LogisticRegression" else 0))
+            assert set(params) == set(
+                search_space(trial["Model"], 10 if trial["Model"] == "LogisticRegression" else 0, 240)
+            )
             # the score is the grouped CV of that very setting (folds shuffled with seed + 1)
             again = grouped_cv(trial["Model"], data["cells"], 1, 3, params)
             assert trial["CV Balanced Accuracy"] == pytest.approx(again["CV Balanced Accuracy"])
@@ -234,6 +238,6 @@ class TestSearch:
         name = search_fingerprint(labels, data, settings)
         assert (tmp_path / f"tuning-{name}").is_dir()
         assert search_fingerprint(labels, data, {**settings, "trials": 5}) != name
-        changed = subjects_data(dim=8)
+        changed = subjects_data(dim=12)
         changed.y[0] = 1 - changed.y[0]
         assert search_fingerprint(labels, {"cells": changed}, settings) != name

@@ -173,12 +173,13 @@ _SPACES: dict[str, dict[str, Any]] = {
 }
 
 
-def search_space(name: str, block: int = 0) -> dict[str, Any] | None:
+def search_space(name: str, block: int = 0, rows: int = 1_000_000) -> dict[str, Any] | None:
     """The search space of a classifier, or None when leukray has none for it. Ranges centre
     on each library's defaults. Beside the classifier's own hyperparameters: class weights
     (none or balanced) where the classifier takes them, the scaler, and with a column
     `block` (the 2,048-d trunk features) its reduction (none, PCA or the k best by ANOVA F)
-    before the classifier (see `leukray.models.classifiers.PREP_KEYS`)."""
+    to fewer dimensions than the block and than half the `rows` cross-validation trains on
+    (see `leukray.models.classifiers.PREP_KEYS`)."""
     from leukray.models.classifiers import lazypredict_classifiers
 
     if name not in _SPACES:
@@ -187,12 +188,9 @@ def search_space(name: str, block: int = 0) -> dict[str, Any] | None:
     if "class_weight" in lazypredict_classifiers()[name]().get_params():
         space["class_weight"] = ("choice", [None, "balanced"])
     space["prep_scaler"] = ("choice", ["standard", "robust"])
-    if block > 0:
-        space.update(
-            prep_block=block,
-            prep_reduce=("choice", ["none", "pca", "kbest"]),
-            prep_dim=("choice", [d for d in (32, 64, 128, 256) if d < block] or [block]),
-        )
+    dims = [d for d in (8, 32, 64, 128, 256) if d < block and d <= rows // 2]
+    if dims:
+        space.update(prep_block=block, prep_reduce=("choice", ["none", "pca", "kbest"]), prep_dim=("choice", dims))
     return space
 
 
@@ -288,7 +286,7 @@ def run_search_tune(
     from ray.tune.search.optuna import OptunaSearch
 
     labels = [f"{c['Model']} on {c['source']}" for c in candidates]
-    spaces = [search_space(c["Model"], c.get("block", 0)) for c in candidates]
+    spaces = [search_space(c["Model"], c.get("block", 0), len(data[c["source"]].y)) for c in candidates]
     if not candidates or any(space is None for space in spaces):
         raise ConfigError(f"no hyperparameter search space for {[c['Model'] for c in candidates]}")
     n_jobs = max(1, int(cpus_per_trial))
