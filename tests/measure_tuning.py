@@ -77,7 +77,7 @@ def main() -> None:
     print(
         f"{len(y)} cells ({y.sum()} ALL / {(1 - y).sum()} normal), {len(set(groups))} subjects, {X.shape[1]} features"
     )
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     store = tempfile.mkdtemp(prefix="leukray-measure-tuning-")
     seconds = {}
 
