@@ -178,7 +178,8 @@ def search_space(name: str, block: int = 0, rows: int = 1_000_000) -> dict[str, 
     on each library's defaults. Beside the classifier's own hyperparameters: class weights
     (none or balanced) where the classifier takes them, the scaler, and with a column
     `block` (the 2,048-d trunk features) its reduction (none, PCA or the k best by ANOVA F)
-    to fewer dimensions than the block and than half the `rows` cross-validation trains on
+    to fewer dimensions than the block and than a quarter of the `rows` cross-validated (a
+    fold trains on about half of them at the least; PCA needs more rows than components)
     (see `leukray.models.classifiers.PREP_KEYS`)."""
     from leukray.models.classifiers import lazypredict_classifiers
 
@@ -188,7 +189,7 @@ def search_space(name: str, block: int = 0, rows: int = 1_000_000) -> dict[str, 
     if "class_weight" in lazypredict_classifiers()[name]().get_params():
         space["class_weight"] = ("choice", [None, "balanced"])
     space["prep_scaler"] = ("choice", ["standard", "robust"])
-    dims = [d for d in (8, 32, 64, 128, 256) if d < block and d <= rows // 2]
+    dims = [d for d in (8, 32, 64, 128, 256) if d < block and d <= rows // 4]
     if dims:
         space.update(prep_block=block, prep_reduce=("choice", ["none", "pca", "kbest"]), prep_dim=("choice", dims))
     return space

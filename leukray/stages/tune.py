@@ -401,9 +401,8 @@ def soft_voting_row(table: pd.DataFrame, data: dict[str, GroupedData], size: int
     probs = np.mean([np.asarray(p, dtype=np.float64) for p in members["oof"]], axis=0)
     y = data[source].y[data[source].original]
     described = [
-        {"model": m["base_model"], "name": m["Model"], "params": json.loads(m["params"]) if m["params"] else None}
-        for _, m in members.iterrows()
-    ]  # fmt: skip
+        {"model": m["base_model"], "name": m["Model"], "params": _params(m["params"])} for _, m in members.iterrows()
+    ]
     return {
         "source": source,
         "Model": "Soft voting: " + " + ".join(members["Model"]),
@@ -413,6 +412,11 @@ def soft_voting_row(table: pd.DataFrame, data: dict[str, GroupedData], size: int
         "status": "ok",
         "detail": f"mean probability of {len(members)} models, scored from their out-of-fold predictions",
     }
+
+
+def _params(value: Any) -> dict[str, Any] | None:
+    """A candidate's settings: JSON text, or None (NaN in a table) for the defaults."""
+    return json.loads(value) if isinstance(value, str) else None
 
 
 def _pool_rows(sweeps: Sweeps) -> list[tuple[str, pd.Series]]:
