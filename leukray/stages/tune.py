@@ -366,6 +366,12 @@ def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tup
     if ensemble is not None:
         print(_format_cv(ensemble), flush=True)
         table = pd.concat([table, pd.DataFrame([ensemble])], ignore_index=True)
+        # best first; on a tie the single model stays ahead (the ensemble must beat it)
+        order = table.assign(_ok=table["status"] == "ok", _ens=table["Model"] == ensemble["Model"])
+        order = order.sort_values(
+            ["_ok", "CV Balanced Accuracy", "_ens", "Model"], ascending=[False, False, True, True]
+        )
+        table = table.loc[order.index].reset_index(drop=True)
     sweeps.choice = table.drop(columns=["base_model", "oof", "fold", "members"], errors="ignore")
     write_csv(storage.join(cfg.out, "model_choice.csv"), sweeps.choice)
     ok = table[(table["status"] == "ok") & (table["Model"] != (ensemble or {}).get("Model"))]
