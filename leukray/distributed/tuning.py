@@ -1,8 +1,17 @@
-"""The classifier sweep and the hyperparameter search as Ray Tune trials, one per
-classifier or setting, spread over every CPU of every node (the paper's steps 4 and 6).
-Each trial fits in a forked child with a wall-time limit (`leukray.models.classifiers`).
+"""The classifier sweep, the hyperparameter search and the model choice's cross-validation
+as Ray Tune trials, one per classifier or setting, spread over every CPU of every node (the
+paper's steps 4 and 6). Each trial fits in a forked child with a CPU-time limit
+(`leukray.models.classifiers.run_limited`).
 
-May import: Ray, `leukray.models.classifiers`, `leukray.errors`.
+The search is Optuna's TPE (seeded) through Ray Tune's `OptunaSearch`, over a define-by-run
+space: a candidate classifier of the sweeps' best, then its hyperparameters, class weights,
+scaler and trunk-block reduction. Every trial is scored by subject-grouped cross-validation
+over train+val; the test split never reaches it. The experiment is named by a fingerprint of
+everything it depends on and resumes with `Tuner.restore`. There is no ASHA scheduler: a
+trial is one cross-validation whose folds are fitted in a child process and reported once,
+so there are no intermediate results (boosting rounds, epochs) to stop early on.
+
+May import: Ray, Optuna, numpy, pandas, `leukray.models.classifiers`, `leukray.errors`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The classifiers of the sweep (the paper's step 4, Tables III and IV) and how they are
 scored and chosen, without Ray: Lazy Predict's classifier list and pipeline, one scorer for
-every model (ROC AUC from scores), a fit in a forked child with a wall-time limit, the
-leaderboard, and the choice of the model on validation.
+every model (ROC AUC from scores), a fit in a forked child with a CPU-time limit, the
+leaderboard, the choice of the model on validation, subject-grouped cross-validation with
+out-of-fold predictions, the soft-voting ensemble and subject-bootstrap intervals.
 
 Each classifier is Lazy Predict's pipeline (mean imputation, standard scaling, the
 classifier with `random_state` set where it takes one), fitted on the training split and
@@ -9,9 +10,12 @@ scored on validation (which picks the best model) and test (which reports it). R
 from scores (`predict_proba`, else `decision_function`), never from hard labels: from labels
 it equals balanced accuracy, as every row of the paper's tables shows.
 
-A classifier is fitted in a forked child process, so that one past its wall-time limit is
-killed outright (its CPU is freed at once) and recorded as `timeout`; one that raises is
-recorded as `failed` with its error. Neither stops the sweep. `leukray.distributed.tuning`
+A classifier is fitted in a forked child process limited to `sweep.timeout_s` seconds of CPU
+time (RLIMIT_CPU), so that one past its limit is ended by the kernel (its CPU is freed at
+once) and recorded as `timeout`; one that raises is recorded as `failed` with its error.
+Neither stops the sweep. The limit is CPU time, not wall time, so a machine loaded by other
+work does not change which classifiers time out (a wall-time backstop, ten times the limit
+plus a minute, only catches fits that stop computing). `leukray.distributed.tuning`
 spreads these fits over the cluster as Ray Tune trials.
 
 May import: numpy, pandas, scikit-learn, Lazy Predict, `leukray.errors`, `leukray.data.splits`.
