@@ -241,14 +241,19 @@ class SweepConfig:
     classifiers: str = "all"
     """all, or a comma-separated list of classifier names (see `leukray classifiers`)."""
     timeout_s: float = 600.0
-    """Wall-time limit per classifier; past it the classifier is recorded as timed out."""
+    """CPU-time limit per classifier fit, in CPU seconds summed over the fit's threads (whole
+    seconds, at least 1); past it the classifier is recorded as timed out. CPU time, not
+    wall time, so that a loaded machine does not change which classifiers finish."""
     cpus_per_trial: float = 1.0
     """CPUs Ray Tune reserves for each classifier trial."""
     seed: int = 42
     """random_state given to every classifier that takes one (Lazy Predict's default: 42)."""
     tune_trials: int = 16
-    """Fine-tune the best classifier (the paper's step 6): this many Ray Tune trials of a
-    seeded random search over its hyperparameters, chosen on validation; 0 = off."""
+    """Hyperparameter search (the paper's step 6): this many Ray Tune trials in all, drawn by
+    Optuna (TPE) over the `tune_top` best classifiers with a search space, each scored by
+    subject-grouped cross-validation over train+val (needs `cv_folds` >= 2); 0 = off."""
+    tune_top: int = 5
+    """How many of the sweeps' best classifiers (on validation) the search covers."""
     cv_folds: int = 5
     """The model is chosen by cross-validation grouped by subject (StratifiedGroupKFold) over
     the training and validation subjects, with this many folds (fewer when a class has
@@ -256,6 +261,13 @@ class SweepConfig:
     cv_top: int = 5
     """How many candidates (the best on validation of every sweep and the fine-tuned one)
     are cross-validated for the choice."""
+    ensemble_size: int = 3
+    """A soft-voting ensemble of the best this many distinct classifiers of the CV choice
+    (on one feature set) is a candidate too, chosen only if its CV balanced accuracy beats
+    the best single model's; 0 or 1 = off."""
+    bootstrap: int = 1000
+    """Subject-bootstrap resamples for the 95% intervals of the chosen model's test
+    balanced accuracy and ROC AUC; 0 = no intervals."""
 
     def __post_init__(self) -> None:
         check_at_least("sweep.tune_trials", self.tune_trials, 0)
@@ -263,6 +275,9 @@ class SweepConfig:
         if self.cv_folds == 1:
             raise ConfigError("sweep.cv_folds must be 0 (off) or >= 2, got 1")
         check_at_least("sweep.cv_top", self.cv_top, 1)
+        check_at_least("sweep.tune_top", self.tune_top, 1)
+        check_at_least("sweep.ensemble_size", self.ensemble_size, 0)
+        check_at_least("sweep.bootstrap", self.bootstrap, 0)
         if not self.classifiers.strip():
             raise ConfigError("sweep.classifiers is empty: use 'all' or a comma-separated list")
         check_in_range("sweep.timeout_s", self.timeout_s, 0.1, 7 * 24 * 3600)

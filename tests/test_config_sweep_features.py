@@ -100,14 +100,15 @@ class TestSweep:
         assert xgb["status"] == "ok", xgb["detail"]
         failed = run_one("StackingClassifier", data, seed=0, timeout_s=60)
         assert failed["status"] == "failed" and "estimators" in failed["detail"]
-        # SVC on 4,000 noise rows of 300 features takes many seconds: far past 0.3 s
+        # SVC on 4,000 noise rows of 300 features takes many CPU seconds: far past 0.3 s (whole
+        # seconds: 1 s of CPU time)
         rng = np.random.default_rng(1)
         noise = rng.normal(size=(4000, 300)).astype(np.float32)
         labels = np.where(rng.random(4000) < 0.5, "all", "hem")
         slow_data = SweepData(noise, labels, noise[:10], labels[:10], noise[:10], labels[:10])
         slow = run_one("SVC", slow_data, seed=0, timeout_s=0.3)
-        assert slow["status"] == "timeout" and "timeout_s=0.3" in slow["detail"]
-        assert slow["Time Taken"] >= 0.3  # it waited its budget out (an upper bound would be a timing flake)
+        assert slow["status"] == "timeout" and "timeout_s=0.3 CPU s" in slow["detail"], slow["detail"]
+        assert "1 s of CPU time" in slow["detail"]
         assert np.isnan(slow["Balanced Accuracy"])
 
     def test_search_params_reach_the_classifier_and_keep_the_seed(self):
@@ -115,27 +116,6 @@ class TestSweep:
 
         model = make_pipeline("LogisticRegression", 7, params={"C": 0.03}).named_steps["classifier"]
         assert model.C == 0.03 and model.random_state == 7
-
-    def test_every_search_space_builds_its_classifier(self):
-        import random
-
-        from leukray.distributed.tuning import search_space
-        from leukray.models.classifiers import lazypredict_classifiers, make_pipeline
-
-        random.seed(0)
-        np.random.seed(0)
-        spaces = {n: search_space(n) for n in lazypredict_classifiers() if search_space(n) is not None}
-        assert {"LogisticRegression", "RandomForestClassifier", "XGBClassifier", "LGBMClassifier"} <= set(spaces)
-        rng = np.random.default_rng(0)
-        X, y = rng.normal(size=(60, 6)), np.repeat([0, 1], 30)
-        X[y == 1] += 0.8
-        for name, space in spaces.items():
-            for _ in range(3):
-                sample = {k: v.sample() if hasattr(v, "sample") else v for k, v in space.items()}
-                model = make_pipeline(name, 0, params=sample)
-                got = model.named_steps["classifier"].get_params()
-                assert all(got[k] == v for k, v in sample.items()), name  # every key is a real hyperparameter
-                assert model.fit(X, y).predict_proba(X).shape == (60, 2), name  # ... and every value a valid one
 
 
 class TestWeights:

@@ -71,30 +71,46 @@ def test_tune_without_train_sweeps_trunk_features_only(extracted, tmp_path):
     assert summary["ray"]["node_ids"] == record["ray"]["node_ids"]
 
 
-def test_tune_fine_tunes_the_best_classifier_with_ray_tune_and_chooses_on_validation(extracted, tmp_path):
+def test_tune_searches_by_grouped_cv_and_weighs_an_ensemble(extracted, tmp_path):
     from leukray.distributed.tuning import search_space
     from leukray.models.bundle import load_bundle
 
     out = tmp_path / "run"
     shutil.copytree(extracted, out)
-    assert main(["tune", "--out", str(out), "--sweep.tune_trials", "4", "--sweep.cv_folds", "0"]) == 0
+    assert main(["tune", "--out", str(out), "--sweep.tune_trials", "4", "--sweep.bootstrap", "200"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    board = pd.read_csv(out / "leaderboard.csv")
     trials = pd.read_csv(out / "tuning.csv")
     tuned = summary["tuned_model"]
-    # the best classifier on validation that has a search space (RidgeClassifier has no probabilities)
-    ok = board[(board["status"] == "ok") & board["Model"].isin(["LogisticRegression", "GaussianNB"])]
-    assert tuned["name"] == ok.sort_values(["Val Balanced Accuracy", "Model"], ascending=[False, True]).iloc[0]["Model"]
+    # the search covers the classifiers with a search space and probabilities (not RidgeClassifier)
+    assert sorted(tuned["searched"]) == ["GaussianNB on trunk", "LogisticRegression on trunk"]
     assert len(trials) == tuned["trials"] == 4 and (trials["status"] == "ok").all()
     params = [json.loads(p) for p in trials["params"]]
-    assert len({json.dumps(p, sort_keys=True) for p in params}) == 4  # four different settings
-    assert set(params[0]) == set(search_space(tuned["name"]))
-    assert tuned["params"] == params[0] and tuned["val_balanced_accuracy"] == trials["Val Balanced Accuracy"].max()
+    for model, setting in zip(trials["Model"], params):  # the trunk block may be reduced before the classifier
+        assert set(setting) <= set(search_space(model, 2048)) and "prep_scaler" in setting
+    assert tuned["params"] == params[0] and tuned["cv_balanced_accuracy"] == trials["CV Balanced Accuracy"].max()
+    # the choice: the candidates and the ensemble by grouped CV; the ensemble only if it beats them all
+    choice = pd.read_csv(out / "model_choice.csv")
+    ok = choice[choice["status"] == "ok"]
+    singles = ok[~ok["Model"].str.startswith("Soft voting")]
+    ensemble = ok[ok["Model"].str.startswith("Soft voting")]
+    assert f"{tuned['name']} (tuned)" in set(singles["Model"]) and len(ensemble) == 1
     chosen = summary["chosen_model"]
-    if chosen["name"].endswith("(tuned)"):  # the tuned model won on validation: the bundle has its settings
-        fitted = load_bundle(str(out / "model")).classifier.named_steps["classifier"].get_params()
-        assert all(fitted[k] == v for k, v in tuned["params"].items())
-    assert chosen["val_balanced_accuracy"] >= tuned["val_balanced_accuracy"]
+    best = singles.sort_values("CV Balanced Accuracy", ascending=False).iloc[0]
+    wins = ensemble.iloc[0]["CV Balanced Accuracy"] > best["CV Balanced Accuracy"]
+    assert chosen["name"] == (ensemble.iloc[0]["Model"] if wins else best["Model"])
+    assert summary["model_choice"]["ensemble"]["name"] == ensemble.iloc[0]["Model"]
+    classifier = load_bundle(str(out / "model")).classifier
+    if wins:  # the bundle holds the fitted soft-voting ensemble of the members the CV scored
+        assert type(classifier).__name__ == "VotingClassifier" and len(chosen["members"]) >= 2
+        assert len(classifier.estimators_) == len(chosen["members"])
+    elif chosen["name"].endswith("(tuned)"):  # the bundle has the tuned settings
+        fitted = classifier.named_steps["classifier"].get_params()
+        assert all(fitted[k] == v for k, v in tuned["params"].items() if not k.startswith("prep_"))
+    ci = chosen["test_ci95"]
+    assert ci["subjects"] == pd.read_parquet(out / "predictions.parquet")["subject"].nunique()
+    for metric in ("Balanced Accuracy", "ROC AUC"):
+        assert 0 <= ci[metric][0] <= ci[metric][1] <= 1, metric
+    assert 0 < ci["resamples"] <= 200 and ci["level"] == 0.95
 
 
 def test_train_recomputes_maps_for_every_row_and_tune_adds_table_iv(trained_and_tuned):

@@ -66,7 +66,9 @@ TRUSTED_TYPES = [
     "numpy.dtype",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
+    "sklearn.feature_selection._univariate_selection.f_classif",  # a searched SelectKBest's score
     "sklearn.tree._tree.Tree",
+    "sklearn.utils._bunch.Bunch",  # a soft-voting ensemble's named_estimators_
     "xgboost.core.Booster",
     "xgboost.sklearn.XGBClassifier",
 ]

@@ -1,7 +1,8 @@
 """The classifiers of the sweep (the paper's step 4, Tables III and IV) and how they are
 scored and chosen, without Ray: Lazy Predict's classifier list and pipeline, one scorer for
-every model (ROC AUC from scores), a fit in a forked child with a wall-time limit, the
-leaderboard, and the choice of the model on validation.
+every model (ROC AUC from scores), a fit in a forked child with a CPU-time limit, the
+leaderboard, the choice of the model on validation, subject-grouped cross-validation with
+out-of-fold predictions, the soft-voting ensemble and subject-bootstrap intervals.
 
 Each classifier is Lazy Predict's pipeline (mean imputation, standard scaling, the
 classifier with `random_state` set where it takes one), fitted on the training split and
@@ -9,9 +10,12 @@ scored on validation (which picks the best model) and test (which reports it). R
 from scores (`predict_proba`, else `decision_function`), never from hard labels: from labels
 it equals balanced accuracy, as every row of the paper's tables shows.
 
-A classifier is fitted in a forked child process, so that one past its wall-time limit is
-killed outright (its CPU is freed at once) and recorded as `timeout`; one that raises is
-recorded as `failed` with its error. Neither stops the sweep. `leukray.distributed.tuning`
+A classifier is fitted in a forked child process limited to `sweep.timeout_s` seconds of CPU
+time (RLIMIT_CPU), so that one past its limit is ended by the kernel (its CPU is freed at
+once) and recorded as `timeout`; one that raises is recorded as `failed` with its error.
+Neither stops the sweep. The limit is CPU time, not wall time, so a machine loaded by other
+work does not change which classifiers time out (a wall-time backstop, ten times the limit
+plus a minute, only catches fits that stop computing). `leukray.distributed.tuning`
 spreads these fits over the cluster as Ray Tune trials.
 
 May import: numpy, pandas, scikit-learn, Lazy Predict, `leukray.errors`, `leukray.data.splits`.
@@ -22,11 +26,13 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import resource
+import signal
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -102,13 +108,39 @@ def select_classifiers(spec: str) -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
+# Keys of a parameter set that configure the pipeline's preprocessing rather than the
+# classifier (from a hyperparameter search): `prep_scaler` standard | robust; `prep_reduce`
+# none | pca | kbest (ANOVA F), applied to the first `prep_block` columns (the 2,048-d
+# trunk block; 0 = every column) and keeping `prep_dim` of them.
+PREP_KEYS = ("prep_scaler", "prep_reduce", "prep_dim", "prep_block")
+
+
+def _reducer(params: dict[str, Any], seed: int):
+    """The block reduction a parameter set asks for, or None."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.decomposition import PCA
+    from sklearn.feature_selection import SelectKBest
+
+    kind, block = params.get("prep_reduce", "none"), int(params.get("prep_block", 0))
+    if kind in (None, "none") or block <= 0:
+        return None
+    if kind not in ("pca", "kbest"):
+        raise ConfigError(f"prep_reduce must be none, pca or kbest, got {kind!r}")
+    dim = min(int(params.get("prep_dim", 64)), block)
+    reduce = PCA(n_components=dim, random_state=seed) if kind == "pca" else SelectKBest(k=dim)
+    return ColumnTransformer([("block", reduce, list(range(block)))], remainder="passthrough")
+
+
 def make_pipeline(name: str, seed: int, n_jobs: int = 1, params: dict[str, Any] | None = None):
     """Lazy Predict's pipeline for one classifier: imputer + scaler + classifier, with
-    `params` (from a hyperparameter search) given to the classifier."""
+    `params` (from a hyperparameter search) given to the classifier; its `PREP_KEYS` choose
+    the scaler and an optional reduction of a column block before the classifier."""
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import RobustScaler, StandardScaler
 
+    params = dict(params or {})
+    prep = {k: params.pop(k) for k in PREP_KEYS if k in params}
     cls = lazypredict_classifiers()[name]
     defaults = cls().get_params()
     kwargs: dict[str, Any] = {}
@@ -119,13 +151,21 @@ def make_pipeline(name: str, seed: int, n_jobs: int = 1, params: dict[str, Any] 
         kwargs.update(verbose=-1, n_jobs=n_jobs)
     if "xgboost" in module:
         kwargs.update(verbosity=0, n_jobs=n_jobs)
-    return Pipeline(
-        [
-            ("imputer", SimpleImputer(strategy="mean")),
-            ("scaler", StandardScaler()),
-            ("classifier", cls(**{**kwargs, **(params or {})})),
-        ]
-    )
+    scaler = RobustScaler() if prep.get("prep_scaler") == "robust" else StandardScaler()
+    steps = [("imputer", SimpleImputer(strategy="mean")), ("scaler", scaler)]
+    reducer = _reducer(prep, seed)
+    if reducer is not None:
+        steps.append(("reduce", reducer))
+    return Pipeline([*steps, ("classifier", cls(**{**kwargs, **params}))])
+
+
+def soft_voting(members: list[dict[str, Any]], seed: int, n_jobs: int = 1):
+    """A soft-voting ensemble (mean of the members' class probabilities) of pipelines
+    `make_pipeline(m["model"], seed, n_jobs, m["params"])`, all on one feature set."""
+    from sklearn.ensemble import VotingClassifier
+
+    estimators = [(f"m{i}", make_pipeline(m["model"], seed, n_jobs, m.get("params"))) for i, m in enumerate(members)]
+    return VotingClassifier(estimators, voting="soft")
 
 
 def positive_scores(model, X: np.ndarray) -> np.ndarray | None:
@@ -249,9 +289,16 @@ def fit_and_score(
     return row
 
 
-def _child(conn, name: str, data: SweepData, seed: int, n_jobs: int, params: dict[str, Any] | None) -> None:
+def _child(conn, cpu_limit_s: float, fn: Callable[..., Any], args: tuple) -> None:
+    """Run `fn(*args)` under a CPU-time limit and send ("ok", result) or ("failed", error)."""
+    # RLIMIT_CPU counts this process's CPU seconds over all its threads, in whole seconds: the
+    # kernel sends SIGXCPU at the soft limit (its default action ends the process) and
+    # SIGKILL one second later, should SIGXCPU be caught.
+    limit = max(1, math.ceil(cpu_limit_s))
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 1))
     try:
-        conn.send(("ok", fit_and_score(name, data, seed, n_jobs, params)))
+        conn.send(("ok", fn(*args)))
     except BaseException as exc:  # everything a classifier can raise is a result here
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         conn.send(("failed", last[:500]))
@@ -259,37 +306,69 @@ def _child(conn, name: str, data: SweepData, seed: int, n_jobs: int, params: dic
         conn.close()
 
 
-def run_one(
-    name: str, data: SweepData, seed: int, timeout_s: float, n_jobs: int = 1, params: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Fit and score `name` in a forked child with a wall-time limit.
+def wall_backstop_s(cpu_limit_s: float) -> float:
+    """Wall seconds after which a fit that is not using its CPU time (blocked, sleeping) is
+    stopped anyway: far beyond what a loaded machine stretches a CPU-bound fit to."""
+    return 10.0 * max(1.0, math.ceil(cpu_limit_s)) + 60.0
+
+
+def run_limited(fn: Callable[..., Any], args: tuple, cpu_limit_s: float) -> tuple[str, Any, float]:
+    """`fn(*args)` in a forked child limited to `cpu_limit_s` seconds of CPU time.
+
+    The limit is CPU time, not wall time, so that a loaded machine (other jobs sharing the
+    cores) does not change which fits finish: a fit is stopped when it has computed for
+    its limit, however long that took on the clock (see `wall_backstop_s` for fits that
+    never compute).
 
     Returns:
-        A leaderboard row: the metrics, `Time Taken`, `status` (ok | failed | timeout) and
-        `detail` (the error, or the limit that was hit).
+        (status, payload, wall seconds): ("ok", result), ("failed", error text) or
+        ("timeout", what stopped it).
     """
-    # Import Lazy Predict and scikit-learn here, once per process, so that the forked child
-    # inherits them and `Time Taken` measures the fit, not the imports.
-    lazypredict_classifiers()
-    import sklearn.metrics  # noqa: F401
-    import sklearn.pipeline  # noqa: F401
-
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
     start = time.perf_counter()
-    child = ctx.Process(target=_child, args=(send, name, data, seed, n_jobs, params), daemon=True)
+    child = ctx.Process(target=_child, args=(send, cpu_limit_s, fn, args), daemon=True)
     child.start()
     send.close()
-    status, payload = "timeout", None
-    if receive.poll(timeout_s):
+    status, payload = "timeout", f"still running after the wall-time backstop of {wall_backstop_s(cpu_limit_s):g}s"
+    if receive.poll(wall_backstop_s(cpu_limit_s)):
         try:
             status, payload = receive.recv()
         except EOFError:
-            status, payload = "failed", f"the fit process died (exit code {child.exitcode})"
+            child.join(5)
+            if child.exitcode == -signal.SIGXCPU:
+                status, payload = "timeout", f"used its {max(1, math.ceil(cpu_limit_s))} s of CPU time"
+            else:
+                status, payload = "failed", f"the fit process died (exit code {child.exitcode})"
     elapsed = time.perf_counter() - start
     if child.is_alive():
         child.kill()
     child.join(5)
+    receive.close()
+    return status, payload, elapsed
+
+
+def _import_fit_modules() -> None:
+    # Import Lazy Predict and scikit-learn once per process, so that the forked child
+    # inherits them and `Time Taken` measures the fit, not the imports.
+    lazypredict_classifiers()
+    import sklearn.metrics  # noqa: F401
+    import sklearn.model_selection  # noqa: F401
+    import sklearn.pipeline  # noqa: F401
+
+
+def run_one(
+    name: str, data: SweepData, seed: int, timeout_s: float, n_jobs: int = 1, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Fit and score `name` in a forked child limited to `timeout_s` CPU seconds (see
+    `run_limited`).
+
+    Returns:
+        A leaderboard row: the metrics, `Time Taken` (wall seconds), `status` (ok | failed |
+        timeout) and `detail` (the error, or the limit that was hit).
+    """
+    _import_fit_modules()
+    status, payload, elapsed = run_limited(fit_and_score, (name, data, seed, n_jobs, params), timeout_s)
     row: dict[str, Any] = {"Model": name, "Time Taken": round(elapsed, 3), "status": status, "detail": ""}
     metric_names = ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score", "Val Balanced Accuracy"]
     if status == "ok":
@@ -298,7 +377,7 @@ def run_one(
             row["detail"] = "ROC AUC not computed: no finite predict_proba or decision_function scores"
     else:
         row.update({m: math.nan for m in metric_names})
-        row["detail"] = payload if status == "failed" else f"exceeded sweep.timeout_s={timeout_s:g}s"
+        row["detail"] = payload if status == "failed" else f"exceeded sweep.timeout_s={timeout_s:g} CPU s: {payload}"
     return row
 
 
@@ -356,28 +435,158 @@ def grouped_folds(data: GroupedData, folds: int) -> int:
     return min([folds, *per_class]) if len(per_class) > 1 else 0
 
 
-def grouped_cv(
-    name: str, data: GroupedData, seed: int, folds: int, params: dict[str, Any] | None = None, n_jobs: int = 1
-) -> dict[str, Any]:
-    """Balanced accuracy of `name` by StratifiedGroupKFold over subjects: each fold trains
-    on the other subjects' rows (with their augmented copies) and scores this fold's
-    originals. Returns the mean, the standard deviation and the folds used."""
-    from sklearn.metrics import balanced_accuracy_score
+def fold_ids(data: GroupedData, seed: int, folds: int) -> np.ndarray:
+    """The StratifiedGroupKFold fold (0..k-1) of each original row of `data` (subjects never
+    straddle folds); -1 for augmented copies, which only ever train."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     k = grouped_folds(data, folds)
     if k < 2:
         raise ValueError("too few subjects per class for grouped cross-validation")
     orig = np.flatnonzero(data.original)
-    scores = []
+    fold = np.full(len(data.y), -1, dtype=np.int64)
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for i, (_, test) in enumerate(cv.split(orig, data.y[orig], data.groups[orig])):
+        fold[orig[test]] = i
+    return fold
+
+
+def fold_scores(y: np.ndarray, probs: np.ndarray, fold: np.ndarray) -> dict[str, Any]:
+    """Balanced accuracy per fold of out-of-fold probabilities (N x C; rows with fold -1
+    ignored): the mean, the standard deviation and the folds, as `grouped_cv` reports them."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    k = int(fold.max()) + 1
+    pred = probs.argmax(axis=1)
+    scores = [balanced_accuracy_score(y[fold == i], pred[fold == i]) for i in range(k)]
+    return {"CV Balanced Accuracy": float(np.mean(scores)), "CV sd": float(np.std(scores)), "cv_folds": k}
+
+
+def grouped_cv(
+    name: str,
+    data: GroupedData,
+    seed: int,
+    folds: int,
+    params: dict[str, Any] | None = None,
+    n_jobs: int = 1,
+    oof: bool = False,
+) -> dict[str, Any]:
+    """Balanced accuracy of `name` by StratifiedGroupKFold over subjects: each fold trains
+    on the other subjects' rows (with their augmented copies) and scores this fold's
+    originals. Returns the mean, the standard deviation and the folds used; with `oof`,
+    also `oof` (N x C out-of-fold class probabilities, NaN for augmented rows) and `fold`
+    (`fold_ids`), from which an ensemble of models with the same folds is scored exactly."""
+    fold = fold_ids(data, seed, folds)
+    k = int(fold.max()) + 1
+    n_classes = int(data.y.max()) + 1
+    probs = np.full((len(data.y), n_classes), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _, test in cv.split(orig, data.y[orig], data.groups[orig]):
-            held_out = np.isin(data.groups, np.unique(data.groups[orig[test]]))
+        for i in range(k):
+            held_out = np.isin(data.groups, np.unique(data.groups[fold == i]))
             model = make_pipeline(name, seed, n_jobs, params).fit(data.X[~held_out], data.y[~held_out])
-            scores.append(balanced_accuracy_score(data.y[orig[test]], model.predict(data.X[orig[test]])))
-    return {"CV Balanced Accuracy": float(np.mean(scores)), "CV sd": float(np.std(scores)), "cv_folds": k}
+            rows = fold == i
+            if hasattr(model, "predict_proba"):
+                probs[np.ix_(rows, model.classes_)] = model.predict_proba(data.X[rows])
+            else:  # hard labels as one-hot probabilities: balanced accuracy is still exact
+                probs[rows] = np.eye(n_classes)[model.predict(data.X[rows])]
+    result = fold_scores(data.y, np.nan_to_num(probs, nan=0.0), fold)
+    if oof:
+        result.update(oof=probs, fold=fold)
+    return result
+
+
+def run_grouped_cv(
+    name: str,
+    data: GroupedData,
+    seed: int,
+    folds: int,
+    timeout_s: float,
+    params: dict[str, Any] | None = None,
+    n_jobs: int = 1,
+    oof: bool = False,
+) -> dict[str, Any]:
+    """`grouped_cv` in a forked child limited to `timeout_s` CPU seconds per fold (see
+    `run_limited`): the CV's result plus `status`, `detail` and `Time Taken`."""
+    _import_fit_modules()
+    k = max(grouped_folds(data, folds), 1)
+    status, payload, elapsed = run_limited(grouped_cv, (name, data, seed, folds, params, n_jobs, oof), timeout_s * k)
+    row: dict[str, Any] = {"status": status, "detail": "", "Time Taken": round(elapsed, 3)}
+    if status == "ok":
+        row.update(payload)
+    else:
+        row.update({"CV Balanced Accuracy": math.nan, "CV sd": math.nan, "cv_folds": k})
+        limit = f"exceeded {k} x sweep.timeout_s={timeout_s:g} CPU s"
+        row["detail"] = payload if status == "failed" else f"{limit}: {payload}"
+    return row
+
+
+def subject_bootstrap(
+    y: np.ndarray, probs: np.ndarray, subjects: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05
+) -> dict[str, Any]:
+    """Percentile intervals of balanced accuracy and ROC AUC by resampling subjects with
+    replacement (all cells of a drawn subject come along: cells of one patient share a
+    smear and a stain, so they are not independent). Resamples that lack a class are
+    discarded and counted.
+
+    A resample is a vector of subject multiplicities `w`, so both metrics come from
+    per-subject tables computed once: balanced accuracy from cells and correct cells per
+    subject and class, binary ROC AUC (Mann-Whitney) as `w @ M @ w / (pos(w) * neg(w))`
+    with M[a, b] the positive cells of subject a scored above the negative cells of
+    subject b (ties count half).
+
+    Args:
+        y: (N,) integer labels; probs: (N, C) class probabilities; subjects: (N,) groups.
+
+    Returns:
+        {"Balanced Accuracy": [lo, hi], "ROC AUC": [lo, hi] (None for more than two
+        classes), "level", "resamples" (used), "subjects"}; an interval is None when no
+        resample was usable.
+    """
+    _, code = np.unique(np.asarray(subjects).astype(str), return_inverse=True)
+    n_subjects, n_classes = (int(code.max()) + 1 if len(code) else 0), probs.shape[1]
+    totals, correct = np.zeros((n_subjects, n_classes)), np.zeros((n_subjects, n_classes))
+    np.add.at(totals, (code, y), 1.0)
+    np.add.at(correct, (code, y), (probs.argmax(axis=1) == y).astype(float))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, max(n_subjects, 1), size=(n_boot if n_subjects else 0, n_subjects))
+    w = np.stack([np.bincount(d, minlength=n_subjects) for d in draws]).astype(float) if len(draws) else draws
+    support = w @ totals if len(draws) else np.zeros((0, n_classes))
+    usable = (support > 0).all(axis=1)
+    w, support = w[usable], support[usable]
+    bacc = ((w @ correct) / np.where(support > 0, support, 1.0)).mean(axis=1)
+    auc = None
+    if n_classes == 2:
+        pairs = _pair_wins(y, probs[:, 1], code, n_subjects)
+        auc = np.einsum("ra,ab,rb->r", w, pairs, w) / (support[:, 1] * support[:, 0])
+
+    def interval(values: np.ndarray | None) -> list[float] | None:
+        if values is None or not len(values):
+            return None
+        return [float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))]
+
+    return {
+        "Balanced Accuracy": interval(bacc),
+        "ROC AUC": interval(auc),
+        "level": 1 - alpha,
+        "resamples": int(usable.sum()),
+        "subjects": n_subjects,
+    }
+
+
+def _pair_wins(y: np.ndarray, score: np.ndarray, code: np.ndarray, n_subjects: int) -> np.ndarray:
+    """M[a, b]: pairs (positive cell of subject a, negative cell of subject b) where the
+    positive scores higher, ties counting half."""
+    wins = np.zeros((n_subjects, n_subjects))
+    pos = y == 1
+    for b in range(n_subjects):
+        neg = np.sort(score[(code == b) & ~pos])
+        if not len(neg):
+            continue
+        below = np.searchsorted(neg, score[pos], side="left")
+        ties = np.searchsorted(neg, score[pos], side="right") - below
+        np.add.at(wins[:, b], code[pos], below + 0.5 * ties)
+    return wins
 
 
 def choose_model(candidates: list[tuple[str, pd.Series | None]]) -> tuple[str, pd.Series] | None:

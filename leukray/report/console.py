@@ -117,6 +117,13 @@ def _print_facts(summary: dict[str, Any]) -> None:
             f"Chosen by {chosen['chosen_by']}: {chosen['name']}{source} — test accuracy {_fmt(test['Accuracy'])}, "
             f"balanced accuracy {_fmt(test['Balanced Accuracy'])}, ROC AUC {_fmt(test['ROC AUC'])}"
         )
+        ci = chosen.get("test_ci95") or {}
+        if ci.get("Balanced Accuracy") and ci.get("ROC AUC"):
+            (b0, b1), (a0, a1) = ci["Balanced Accuracy"], ci["ROC AUC"]
+            print(
+                f"  95% intervals by subject bootstrap ({ci['subjects']} test subjects): balanced accuracy "
+                f"[{_fmt(b0)}, {_fmt(b1)}], ROC AUC [{_fmt(a0)}, {_fmt(a1)}]"
+            )
 
 
 # What a finished run is expected to leave for people, by name in the run folder (model/ by

@@ -638,6 +638,32 @@ def _tuned_lines(tuned: Any) -> list[str]:
     ]
 
 
+def _choice_lines(choice: Any, ci: Any) -> list[str]:
+    """Grouped-CV balanced accuracy of the best single, tuned and ensemble candidates, and the
+    chosen model's subject-bootstrap test intervals, as summary.json records them."""
+    lines = []
+    if isinstance(choice, dict):
+        parts = [
+            f"{kind.replace('_', ' ')} {c['name']} {_num(c['cv_balanced_accuracy'])} ± {_num(c['cv_sd'])}"
+            for kind, c in choice.items()
+            if isinstance(c, dict)
+        ]
+        if parts:
+            lines.append("Subject-grouped CV balanced accuracy on train+val: " + "; ".join(parts))
+    if isinstance(ci, dict):
+        shown = [
+            f"{metric} [{_num(ci[metric][0])}, {_num(ci[metric][1])}]"
+            for metric in ("Balanced Accuracy", "ROC AUC")
+            if ci.get(metric)
+        ]
+        if shown:
+            lines.append(
+                f"Test 95% intervals (bootstrap over {ci.get('subjects')} subjects, "
+                f"{ci.get('resamples')} resamples): " + ", ".join(shown)
+            )
+    return lines
+
+
 def _chosen_section(
     summary: dict[str, Any], folder: _RunFolder, n_boot: int, seed: int, figures: dict[str, bytes]
 ) -> tuple[_Section, str]:
@@ -684,6 +710,7 @@ def _chosen_facts(summary: dict[str, Any], chosen: dict[str, Any] | None, sectio
                 f"{chosen.get('feature_source') or ('trunk' if 'chosen_model' not in summary else NOT_AVAILABLE)}",
                 f"Chosen by: {chosen.get('chosen_by', NOT_AVAILABLE)}",
                 *_tuned_lines(summary.get("tuned_model")),
+                *_choice_lines(summary.get("model_choice"), chosen.get("test_ci95")),
             ]
         )
     )

@@ -17,6 +17,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from leukray import __version__
 from leukray.config import CELL_FAMILIES, AugmentConfig, RunConfig
 from leukray.data.splits import TEST, TRAIN, VAL
 from leukray.distributed.resources import cluster_cpus, cluster_gpus
-from leukray.distributed.tuning import best_tunable_row, run_cv_tune, run_search_tune, run_sweep_tune
+from leukray.distributed.tuning import run_cv_tune, run_search_tune, run_sweep_tune, tunable
 from leukray.errors import DataError
 from leukray.io import runfolder, storage
 from leukray.io.tables import counts_by, log, write_csv, write_json, write_parquet
@@ -37,18 +38,23 @@ from leukray.models.classifiers import (
     SweepData,
     best_row,
     choose_model,
+    fold_scores,
     format_row,
     grouped_data,
     grouped_folds,
     has_probabilities,
     make_pipeline,
     positive_index,
+    run_one,
     score_probabilities,
+    score_split,
     select_classifiers,
+    soft_voting,
+    subject_bootstrap,
     sweep_data,
 )
 from leukray.models.custom import build_custom_model
-from leukray.models.trunk import TrunkExtractor, build_trunk, resolve_weights
+from leukray.models.trunk import FEATURE_DIM, TrunkExtractor, build_trunk, resolve_weights
 from leukray.ops.cellfeatures import family_columns
 from leukray.ops.preprocess import load_and_preprocess
 from leukray.report.console import leaderboard_markdown
@@ -72,6 +78,7 @@ class Sweeps:
     classes: list[str]
     tables: list[dict[str, Any]]  # per feature set: features, source, file, title, dim
     best: dict[str, pd.Series | None] = field(default_factory=dict)  # per source, before fine-tuning
+    choice: pd.DataFrame | None = None  # model_choice.csv: the grouped CV of the candidates and the ensemble
 
 
 @dataclass
@@ -106,9 +113,9 @@ def tune_stage(
         start_ray()
     sweeps = run_sweeps(extracted, trained, names, seconds)
     tuned = None
-    if cfg.sweep.tune_trials > 0 and sweeps.has_val:
+    if cfg.sweep.tune_trials > 0 and sweeps.has_val and cfg.sweep.cv_folds >= 2:
         tick = time.perf_counter()
-        tuned = tune_best(cfg, sweeps)
+        tuned = tune_best(extracted, trained, sweeps)
         seconds["tuning"] = time.perf_counter() - tick
         if tuned is not None and tuned["row"] is not None:
             sweeps.candidates.append((tuned["feature_source"], tuned["row"]))
@@ -268,51 +275,75 @@ def sweep_and_write(
     return board
 
 
-def tune_best(cfg: RunConfig, sweeps: Sweeps) -> dict[str, Any] | None:
-    """Fine-tune the best classifier (the paper's step 6): of the sweeps' classifiers with a
-    search space, the best on validation gets `sweep.tune_trials` Ray Tune trials on its own
-    features. Writes RUN/tuning.csv; returns what summary.json records (`row` is the best
-    trial as a model candidate, or None when every trial failed)."""
-    picks = [(src, best_tunable_row(board, sweeps.has_val, cfg.sweep.seed)) for src, board in sweeps.boards.items()]
-    picks = [(src, r) for src, r in picks if r is not None]
-    if not picks:
-        log("fine-tuning skipped: no classifier with a search space succeeded in the sweeps")
+def tune_best(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> dict[str, Any] | None:
+    """Search the hyperparameters of the sweeps' best classifiers (the paper's step 6): the
+    `sweep.tune_top` best on validation that have a search space, across the feature sets,
+    get `sweep.tune_trials` Ray Tune trials in all, drawn by Optuna and each scored by
+    subject-grouped CV over train+val (`distributed.tuning.run_search_tune`). Writes
+    RUN/tuning.csv (every trial); returns what summary.json records (`row` is the best
+    setting as a model candidate, with its validation and test scores for the record only,
+    or None when every trial failed)."""
+    cfg = extracted.cfg
+    ranked = [
+        (src, row) for src, board in sweeps.boards.items() for _, row in board.iterrows()
+        if row["status"] == "ok" and tunable(row["Model"]) and pd.notna(row["Val Balanced Accuracy"])
+        and has_probabilities(row["Model"], cfg.sweep.seed)
+    ]  # fmt: skip
+    ranked.sort(key=lambda sr: (-sr[1]["Val Balanced Accuracy"], sr[0], sr[1]["Model"]))
+    picks = ranked[: cfg.sweep.tune_top]
+    data = {src: _grouped(extracted, trained, src, sweeps.classes) for src in {s for s, _ in picks}}
+    if not picks or min(grouped_folds(d, cfg.sweep.cv_folds) for d in data.values()) < 2:
+        log("hyperparameter search skipped: no tunable classifier succeeded, or too few subjects per class")
         return None
-    source, base = max(picks, key=lambda item: item[1]["Val Balanced Accuracy"])
+    candidates = [{"source": s, "Model": r["Model"], "block": _trunk_block(s)} for s, r in picks]
     log(
-        f"fine-tuning {base['Model']} on {source} features: {cfg.sweep.tune_trials} Ray Tune trials "
-        "(seeded random search, chosen on validation)"
+        f"hyperparameter search: {cfg.sweep.tune_trials} Ray Tune trials (Optuna TPE) over "
+        f"{', '.join(c['Model'] + ' on ' + c['source'] for c in candidates)}; "
+        f"each scored by subject-grouped {cfg.sweep.cv_folds}-fold CV on train+val"
     )
     trials = run_search_tune(
-        sweeps.data[source], base["Model"], cfg.sweep.tune_trials, seed=cfg.sweep.seed, timeout_s=cfg.sweep.timeout_s,
-        cpus_per_trial=cfg.sweep.cpus_per_trial, storage_path=runfolder.tune_store(cfg.out), run_name="tuning",
-        on_result=lambda r: print(format_row(r) + f"  {r.get('params')}", flush=True),
+        candidates, data, cfg.sweep.tune_trials, seed=cfg.sweep.seed, folds=cfg.sweep.cv_folds,
+        timeout_s=cfg.sweep.timeout_s, cpus_per_trial=cfg.sweep.cpus_per_trial,
+        storage_path=runfolder.tune_store(cfg.out), on_result=lambda r: print(_format_cv(r), flush=True),
     )  # fmt: skip
-    write_csv(storage.join(cfg.out, "tuning.csv"), trials.assign(feature_source=source))
+    write_csv(storage.join(cfg.out, "tuning.csv"), trials.rename(columns={"source": "feature_source"}))
     best = trials.iloc[0]
     ok = best["status"] == "ok"
+    untuned = next((r for s, r in picks if ok and (s, r["Model"]) == (best["source"], best["Model"])), picks[0][1])
+    record = run_one(best["Model"], sweeps.data[best["source"]], cfg.sweep.seed, cfg.sweep.timeout_s,
+                     params=json.loads(best["params"])) if ok else None  # fmt: skip
     row = None
-    if ok:
-        row = best.copy()
-        row["base_model"] = base["Model"]
-        row["Model"] = f"{base['Model']} (tuned)"
+    if record is not None and record["status"] == "ok":
+        row = pd.Series({**record, "Model": f"{best['Model']} (tuned)", "base_model": best["Model"]})
+        row["params"], row["tune CV Balanced Accuracy"] = best["params"], best["CV Balanced Accuracy"]
     return {
-        "name": base["Model"],
-        "feature_source": source,
+        "name": best["Model"] if ok else picks[0][1]["Model"],
+        "feature_source": best["source"] if ok else picks[0][0],
+        "search": "Optuna TPE through Ray Tune, scored by subject-grouped CV on train+val",
+        "searched": [f"{c['Model']} on {c['source']}" for c in candidates],
         "trials": int(len(trials)),
         "ok_trials": int((trials["status"] == "ok").sum()),
         "params": json.loads(best["params"]) if ok else None,
-        "val_balanced_accuracy": best["Val Balanced Accuracy"] if ok else None,
-        "untuned_val_balanced_accuracy": base["Val Balanced Accuracy"],
-        "test": {k: best[k] for k in METRICS} if ok else None,
+        "cv_balanced_accuracy": best["CV Balanced Accuracy"] if ok else None,
+        "cv_sd": best["CV sd"] if ok else None,
+        "val_balanced_accuracy": row["Val Balanced Accuracy"] if row is not None else None,
+        "untuned_val_balanced_accuracy": untuned["Val Balanced Accuracy"],
+        "test": {k: row[k] for k in METRICS} if row is not None else None,
         "row": row,
     }
+
+
+def _trunk_block(source: str) -> int:
+    """How many leading columns of a source's features are the trunk's (what a search may
+    reduce with PCA or a filter); 0 without trunk features."""
+    return FEATURE_DIM if source not in MODEL_SOURCES and "resnet50" in source_families(source) else 0
 
 
 def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tuple[tuple[str, pd.Series], str]:
     """The model to keep, and how it was chosen: by subject-grouped cross-validation over the
     training and validation subjects among the best `sweep.cv_top` candidates on validation
-    (RUN/model_choice.csv), or, with `sweep.cv_folds` 0 or too few subjects, by validation
+    and the tuned one, plus a soft-voting ensemble of the best `sweep.ensemble_size` of them
+    (RUN/model_choice.csv); or, with `sweep.cv_folds` 0 or too few subjects, by validation
     balanced accuracy alone. The test split is never used."""
     cfg = extracted.cfg
     by_val = choose_model(sweeps.candidates)
@@ -329,19 +360,69 @@ def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tup
     log(f"choosing among {len(pool)} candidates by subject-grouped {folds}-fold cross-validation on train+val")
     table = run_cv_tune(
         pool, data, cfg.sweep.seed, folds, cfg.sweep.cpus_per_trial, runfolder.tune_store(cfg.out),
-        on_result=lambda r: print(_format_cv(r), flush=True),
+        on_result=lambda r: print(_format_cv(r), flush=True), timeout_s=cfg.sweep.timeout_s,
     )  # fmt: skip
-    write_csv(storage.join(cfg.out, "model_choice.csv"), table.drop(columns=["base_model"]))
-    ok = table[table["status"] == "ok"]
+    ensemble = soft_voting_row(table, data, cfg.sweep.ensemble_size)
+    if ensemble is not None:
+        print(_format_cv(ensemble), flush=True)
+        table = pd.concat([table, pd.DataFrame([ensemble])], ignore_index=True)
+        # best first; on a tie the single model stays ahead (the ensemble must beat it)
+        order = table.assign(_ok=table["status"] == "ok", _ens=table["Model"] == ensemble["Model"])
+        order = order.sort_values(
+            ["_ok", "CV Balanced Accuracy", "_ens", "Model"], ascending=[False, False, True, True]
+        )
+        table = table.loc[order.index].reset_index(drop=True)
+    sweeps.choice = table.drop(columns=["base_model", "oof", "fold", "members"], errors="ignore")
+    write_csv(storage.join(cfg.out, "model_choice.csv"), sweeps.choice)
+    ok = table[(table["status"] == "ok") & (table["Model"] != (ensemble or {}).get("Model"))]
     if ok.empty:
         return by_val, "validation balanced accuracy"
     best = ok.iloc[0]
+    how = f"subject-grouped {folds}-fold CV balanced accuracy on train+val (of {len(table)})"
+    if ensemble is not None and ensemble["CV Balanced Accuracy"] > best["CV Balanced Accuracy"]:
+        row = pd.Series({k: ensemble[k] for k in ("Model", "members", "CV Balanced Accuracy", "CV sd")})
+        return (ensemble["source"], row), how
     row = next(
         r for s, r in sweeps.candidates + _pool_rows(sweeps) if s == best["source"] and r["Model"] == best["Model"]
     )
     row = row.copy()
     row["CV Balanced Accuracy"], row["CV sd"] = best["CV Balanced Accuracy"], best["CV sd"]
-    return (best["source"], row), f"subject-grouped {folds}-fold CV balanced accuracy on train+val (of {len(pool)})"
+    return (best["source"], row), how
+
+
+def soft_voting_row(table: pd.DataFrame, data: dict[str, GroupedData], size: int) -> dict[str, Any] | None:
+    """The soft-voting ensemble of the best `size` distinct classifiers (by CV balanced
+    accuracy; one per base classifier) on the feature set of the best candidate, scored
+    exactly from their out-of-fold probabilities: every member was cross-validated on the
+    same subject folds, so the mean of their fold-wise probabilities is what the ensemble
+    fitted on each fold predicts. None when fewer than two members qualify."""
+    ok = table[table["status"] == "ok"]
+    if size < 2 or ok.empty:
+        return None
+    source = ok.iloc[0]["source"]
+    members = ok[ok["source"] == source].drop_duplicates("base_model").head(size)
+    folds = [np.asarray(f) for f in members["fold"]]
+    if len(members) < 2 or any(not np.array_equal(f, folds[0]) for f in folds[1:]):
+        return None
+    probs = np.mean([np.asarray(p, dtype=np.float64) for p in members["oof"]], axis=0)
+    y = data[source].y[data[source].original]
+    described = [
+        {"model": m["base_model"], "name": m["Model"], "params": _params(m["params"])} for _, m in members.iterrows()
+    ]
+    return {
+        "source": source,
+        "Model": "Soft voting: " + " + ".join(members["Model"]),
+        "params": json.dumps(described, sort_keys=True),
+        "members": described,
+        **fold_scores(y, probs, folds[0]),
+        "status": "ok",
+        "detail": f"mean probability of {len(members)} models, scored from their out-of-fold predictions",
+    }
+
+
+def _params(value: Any) -> dict[str, Any] | None:
+    """A candidate's settings: JSON text, or None (NaN in a table) for the defaults."""
+    return json.loads(value) if isinstance(value, str) else None
 
 
 def _pool_rows(sweeps: Sweeps) -> list[tuple[str, pd.Series]]:
@@ -392,10 +473,20 @@ def fit_chosen(
         probs_by_path = trained.head_probs.set_index("path")["head_prob"]
         test_probs = np.stack(test_meta["path"].map(probs_by_path).to_numpy())
         return Chosen(source, HEAD_MODEL, row, params, None, test_meta, test_probs, chosen_by)
-    data = sweeps.data[source]
-    pipeline = make_pipeline(row.get("base_model", row["Model"]), extracted.cfg.sweep.seed, params=params)
-    classifier = pipeline.fit(data.X_train, data.y_train)
-    probs = classifier.predict_proba(data.X_test)
+    data, seed = sweeps.data[source], extracted.cfg.sweep.seed
+    if isinstance(row.get("members"), list):  # the soft-voting ensemble
+        pipeline, params = soft_voting(row["members"], seed), {"members": row["members"]}
+    else:
+        pipeline = make_pipeline(row.get("base_model", row["Model"]), seed, params=params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classifier = pipeline.fit(data.X_train, data.y_train)
+        probs = classifier.predict_proba(data.X_test)
+        if pd.isna(row.get("Val Balanced Accuracy", np.nan)):
+            row = row.copy()
+            row["Val Balanced Accuracy"] = (
+                score_split(classifier, data.X_val, data.y_val)["Balanced Accuracy"] if len(data.y_val) else np.nan
+            )
     return Chosen(source, row["Model"], row, params, classifier, test_meta, probs, chosen_by)
 
 
@@ -520,7 +611,13 @@ def build_summary(
     usable_meta = meta[meta["aug_index"] == 0]
     classes = sweeps.classes
     code = {name: i for i, name in enumerate(classes)}
-    chosen_test = score_probabilities(predictions["label"].map(code).to_numpy(), chosen.test_probs)
+    y_test = predictions["label"].map(code).to_numpy()
+    chosen_test = score_probabilities(y_test, chosen.test_probs)
+    if cfg.sweep.bootstrap:
+        groups = np.where(
+            predictions["subject"].astype(str) != "", predictions["subject"].astype(str), predictions["path"]
+        )
+        chosen_test["ci95"] = subject_bootstrap(y_test, chosen.test_probs, groups, cfg.sweep.bootstrap, cfg.sweep.seed)
     return {
         "leukray_version": __version__,
         "weights": extracted.weights.as_dict(),
@@ -546,6 +643,7 @@ def build_summary(
         **_model_facts(sweeps, chosen, chosen_test, trained, n_classifiers),
         "custom_model": trained.record["custom_model"] if trained is not None else None,
         "tuned_model": {k: v for k, v in tuned.items() if k != "row"} if tuned is not None else None,
+        "model_choice": _choice_summary(sweeps.choice),
         "sweep": _sweep_counts(sweeps.boards[sweeps.tables[0]["source"]], n_classifiers),
         "sweep_custom": _sweep_counts(sweeps.boards["custom"], n_classifiers) if "custom" in sweeps.boards else None,
         "inference_seconds_per_image": timing,
@@ -577,9 +675,32 @@ def _model_facts(
             "val_balanced_accuracy": chosen.row["Val Balanced Accuracy"],
             "cv_balanced_accuracy": chosen.row.get("CV Balanced Accuracy"),
             "cv_sd": chosen.row.get("CV sd"),
-            "test": chosen_test,
+            "test": {k: v for k, v in chosen_test.items() if k != "ci95"},
+            # subject-bootstrap 95% intervals of the test balanced accuracy and ROC AUC
+            "test_ci95": chosen_test.get("ci95"),
+            "members": chosen.params.get("members") if isinstance(chosen.params, dict) else None,
         },
     }
+
+
+def _choice_summary(table: pd.DataFrame | None) -> dict[str, Any] | None:
+    """Subject-grouped CV balanced accuracy (mean, sd) of the best single untuned model, the
+    best tuned one and the soft-voting ensemble, as model_choice.csv has them."""
+    if table is None:
+        return None
+    ok = table[table["status"] == "ok"]
+    kinds = {
+        "best_single": ok[~ok["Model"].str.endswith("(tuned)") & ~ok["Model"].str.startswith("Soft voting")],
+        "tuned": ok[ok["Model"].str.endswith("(tuned)")],
+        "ensemble": ok[ok["Model"].str.startswith("Soft voting")],
+    }
+    return {
+        kind: None if rows.empty else {
+            "name": rows.iloc[0]["Model"], "feature_source": rows.iloc[0]["source"],
+            "cv_balanced_accuracy": float(rows.iloc[0]["CV Balanced Accuracy"]), "cv_sd": float(rows.iloc[0]["CV sd"]),
+        }
+        for kind, rows in kinds.items()
+    }  # fmt: skip
 
 
 def _ray_facts(record: dict[str, Any], trained: Trained | None, board: pd.DataFrame) -> dict[str, Any]:

@@ -1,0 +1,121 @@
+"""Measure the model choice on the real C-NMC dev fold in ../shared/data by subject-grouped
+cross-validation only (not a test; it prints a table): the best untuned classifier, the
+Optuna search over the best `--top` of them, and the soft-voting ensemble, on the cell
+features (morphology + colour + texture, 175-d) that tests/measure_cellfeatures.py caches:
+
+    PYTHONPATH=. .venv/bin/python tests/measure_tuning.py [--trials 24] [--top 5] [--cpus 2]
+
+It uses leukray's own code paths: `run_cv_tune` (the choice's CV, one Ray Tune trial per
+candidate), `run_search_tune` (Optuna TPE through Ray Tune, each trial a grouped CV on folds
+shuffled with seed + 1) and `soft_voting_row` (the ensemble from out-of-fold predictions).
+Every number is a 5-fold StratifiedGroupKFold over the 28 subjects (shuffle, seed 42): no
+fixed test split is looked at, so nothing is tuned to one. The cached features are checked
+against the current `cell_features` on a sample of images first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CLASSIFIERS = [
+    "LogisticRegression", "LGBMClassifier", "XGBClassifier", "RandomForestClassifier", "ExtraTreesClassifier",
+    "KNeighborsClassifier", "LinearDiscriminantAnalysis", "GaussianNB", "AdaBoostClassifier",
+    "QuadraticDiscriminantAnalysis",
+]  # fmt: skip
+SEED, FOLDS = 42, 5
+
+
+def load_checked(sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from measure_cellfeatures import CACHE, featurise
+
+    from leukray.ops.cellfeatures import FAMILIES, feature_names
+
+    if not CACHE.exists():
+        sys.exit(f"no cached features at {CACHE}: run tests/measure_cellfeatures.py first")
+    z = np.load(CACHE, allow_pickle=False)
+    assert list(z["names"]) == feature_names(FAMILIES), "the cache holds other features"
+    rows = np.random.default_rng(0).choice(len(z["paths"]), sample, replace=False)
+    diff = max(float(np.max(np.abs(featurise(str(z["paths"][i]))[0] - z["X"][i]))) for i in rows)
+    print(f"cache check: {sample} images re-featurised with the current code, max |difference| {diff:.3g}")
+    assert diff < 1e-3, "the cached features are stale: rerun tests/measure_cellfeatures.py --no-cache"
+    return z["X"], z["y"], z["groups"]
+
+
+def show(title: str, table) -> None:
+    print(f"\n{title}")
+    for _, r in table.iterrows():
+        score = f"{r['CV Balanced Accuracy']:.3f} ± {r['CV sd']:.3f}" if r["status"] == "ok" else r["status"]
+        print(f"  {r['Model']:<70} {score}  {r.get('detail') or ''}"[:160], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600.0, help="CPU seconds per fit")
+    args = parser.parse_args()
+
+    import ray
+
+    from leukray.distributed.tuning import run_cv_tune, run_search_tune, tunable
+    from leukray.models.classifiers import GroupedData
+    from leukray.stages.tune import soft_voting_row
+
+    X, y, groups = load_checked(16)
+    data = {"cells": GroupedData(X.astype(np.float32), y, groups, np.ones(len(y), bool))}
+    print(
+        f"{len(y)} cells ({y.sum()} ALL / {(1 - y).sum()} normal), {len(set(groups))} subjects, {X.shape[1]} features"
+    )
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    store = tempfile.mkdtemp(prefix="leukray-measure-tuning-")
+    seconds = {}
+
+    def candidate(model: str, params: str | None = None, name: str | None = None) -> dict:
+        return {"source": "cells", "Model": name or model, "base_model": model, "params": params}
+
+    tick = time.perf_counter()
+    untuned = run_cv_tune([candidate(m) for m in CLASSIFIERS], data, SEED, FOLDS, 1, store, timeout_s=args.timeout)
+    seconds["untuned"] = time.perf_counter() - tick
+    show(f"untuned classifiers, {FOLDS}-fold subject-grouped CV", untuned)
+
+    top = [m for m in untuned[untuned["status"] == "ok"]["Model"] if tunable(m)][: args.top]
+    tick = time.perf_counter()
+    trials = run_search_tune(
+        [{"source": "cells", "Model": m, "block": 0} for m in top], data, args.trials, seed=SEED, folds=FOLDS,
+        timeout_s=args.timeout, cpus_per_trial=1, storage_path=store,
+    )  # fmt: skip
+    seconds["search"] = time.perf_counter() - tick
+    print(f"\nsearch: {len(trials)} trials over {top}; per classifier: {trials['Model'].value_counts().to_dict()}")
+    best = trials.iloc[0]
+    print(f"best trial (search folds, seed {SEED + 1}): {best['Model']} {best['CV Balanced Accuracy']:.3f}")
+
+    # the model choice: the top untuned + the tuned best, re-scored on the choice's folds, + the ensemble
+    pool = [candidate(m) for m in untuned[untuned["status"] == "ok"]["Model"][: args.top]]
+    pool.append(candidate(best["Model"], best["params"], f"{best['Model']} (tuned)"))
+    tick = time.perf_counter()
+    choice = run_cv_tune(pool, data, SEED, FOLDS, 1, store, timeout_s=args.timeout)
+    ensemble = soft_voting_row(choice, data, 3)
+    seconds["choice"] = time.perf_counter() - tick
+    rows = choice.drop(columns=["oof", "fold"])
+    if ensemble is not None:
+        import pandas as pd
+
+        rows = pd.concat([rows, pd.DataFrame([{k: v for k, v in ensemble.items() if k != "members"}])])
+    show(f"model choice, {FOLDS}-fold subject-grouped CV (seed {SEED})", rows)
+    print(f"\ntuned settings: {json.loads(best['params'])}")
+    print(f"seconds: { ({k: round(v) for k, v in seconds.items()}) }")
+
+
+if __name__ == "__main__":
+    main()

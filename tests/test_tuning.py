@@ -1,0 +1,259 @@
+"""The hyperparameter search, the ensembles, the CPU-time limits and the subject-bootstrap
+intervals (leukray.distributed.tuning, leukray.models.classifiers)."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from leukray.models.classifiers import (
+    GroupedData,
+    fold_ids,
+    fold_scores,
+    grouped_cv,
+    make_pipeline,
+    run_grouped_cv,
+    run_limited,
+    soft_voting,
+    subject_bootstrap,
+)
+
+
+def subjects_data(n_subjects: int = 12, per_subject: int = 15, dim: int = 10, seed: int = 0) -> GroupedData:
+    """Cells of `n_subjects` subjects (half ALL = 1), a subject offset shared by its cells,
+    the class shifting the first two features; every third training cell has an augmented
+    copy (original False)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_subjects) % 2, per_subject)
+    groups = np.repeat([f"s{i}" for i in range(n_subjects)], per_subject)
+    X = rng.normal(size=(len(labels), dim)) + np.repeat(rng.normal(scale=0.5, size=(n_subjects, dim)), per_subject, 0)
+    X[:, :2] += 2.0 * labels[:, None]
+    copies = np.arange(0, len(labels), 3)
+    X = np.vstack([X, X[copies] + rng.normal(scale=0.05, size=(len(copies), dim))])
+    return GroupedData(
+        X.astype(np.float32),
+        np.concatenate([labels, labels[copies]]),
+        np.concatenate([groups, groups[copies]]),
+        np.concatenate([np.ones(len(labels), bool), np.zeros(len(copies), bool)]),
+    )
+
+
+def _burn_cpu() -> int:
+    total = 0
+    while True:  # computes until the CPU-time limit stops it
+        total += sum(range(10_000))
+
+
+def _sleep_then_answer(seconds: float) -> str:
+    time.sleep(seconds)
+    return "done"
+
+
+class TestCpuTimeLimit:
+    def test_a_fit_past_its_cpu_seconds_is_a_timeout(self):
+        status, detail, _ = run_limited(_burn_cpu, (), 1.0)
+        assert status == "timeout" and "1 s of CPU time" in detail
+
+    def test_waiting_on_the_clock_is_not_cpu_time(self):
+        # 2.5 s of wall time that uses no CPU: a wall-time limit of 1 s would stop it, the
+        # CPU-time limit does not (this is what a loaded machine looks like to a fit)
+        assert run_limited(_sleep_then_answer, (2.5,), 1.0)[:2] == ("ok", "done")
+
+    def test_an_error_is_failed_with_its_message(self):
+        status, detail, _ = run_limited(int, ("not a number",), 5.0)
+        assert status == "failed" and "ValueError" in detail
+
+    def test_grouped_cv_past_its_limit_is_a_timeout_row(self):
+        rng = np.random.default_rng(1)
+        n = 3000
+        noise = GroupedData(
+            rng.normal(size=(n, 200)).astype(np.float32), rng.integers(0, 2, n),
+            np.repeat(np.arange(30), n // 30).astype(str), np.ones(n, bool),
+        )  # fmt: skip
+        row = run_grouped_cv("SVC", noise, 0, 2, timeout_s=0.2)  # 2 folds x 0.2 -> 1 CPU s: far too little for SVC
+        assert row["status"] == "timeout" and "CPU s" in row["detail"] and np.isnan(row["CV Balanced Accuracy"])
+
+
+class TestPipelineSettings:
+    def test_pca_on_the_trunk_block_keeps_the_other_columns(self):
+        data = subjects_data(dim=12)
+        params = {"prep_reduce": "pca", "prep_dim": 3, "prep_block": 8, "class_weight": "balanced", "C": 0.5}
+        model = make_pipeline("LogisticRegression", 0, params=params).fit(data.X, data.y)
+        reduced = model[:-1].transform(data.X[:5])
+        assert reduced.shape == (5, 3 + 4)  # 8 block columns -> 3 components, 4 passed through
+        clf = model.named_steps["classifier"]
+        assert clf.class_weight == "balanced" and clf.C == 0.5 and clf.n_features_in_ == 7
+
+    def test_robust_scaler_and_kbest(self):
+        from sklearn.preprocessing import RobustScaler
+
+        model = make_pipeline("GaussianNB", 0, params={"prep_scaler": "robust", "prep_reduce": "kbest", "prep_dim": 2,
+                                                       "prep_block": 10})  # fmt: skip
+        data = subjects_data()
+        model.fit(data.X, data.y)
+        assert isinstance(model.named_steps["scaler"], RobustScaler)
+        assert model.named_steps["classifier"].n_features_in_ == 2
+
+    def test_every_search_space_draws_settings_its_pipeline_accepts(self):
+        import optuna
+
+        from leukray.distributed.tuning import search_space, suggest
+        from leukray.models.classifiers import PREP_KEYS, lazypredict_classifiers
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        spaces = {n: search_space(n, block=10) for n in lazypredict_classifiers() if search_space(n) is not None}
+        assert {"LogisticRegression", "RandomForestClassifier", "XGBClassifier", "LGBMClassifier"} <= set(spaces)
+        assert spaces["LogisticRegression"]["class_weight"] == ("choice", [None, "balanced"])
+        assert "class_weight" not in spaces["GaussianNB"] and "prep_reduce" not in search_space("GaussianNB")
+        assert spaces["GaussianNB"]["prep_dim"] == ("choice", [8])  # below the block of 10 columns
+        assert "prep_reduce" not in search_space("GaussianNB", block=2048, rows=15)  # too few rows to reduce
+        data = subjects_data(dim=12)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for name, space in spaces.items():
+            for _ in range(1):
+                drawn = suggest(study.ask(), space, prefix=name + "__")
+                model = make_pipeline(name, 0, params=drawn)
+                got = model.named_steps["classifier"].get_params()
+                assert all(got[k] == v for k, v in drawn.items() if k not in PREP_KEYS), name  # real hyperparameters
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    assert model.fit(data.X, data.y).predict_proba(data.X).shape == (len(data.y), 2), name
+
+
+class TestGroupedCvAndEnsembles:
+    def test_folds_keep_subjects_whole_and_copies_out_of_scoring(self):
+        data = subjects_data()
+        fold = fold_ids(data, seed=3, folds=4)
+        assert (fold[~data.original] == -1).all() and set(fold[data.original]) == {0, 1, 2, 3}
+        for subject in np.unique(data.groups):
+            assert len(set(fold[(data.groups == subject) & data.original])) == 1
+
+    def test_out_of_fold_probabilities_give_the_reported_score(self):
+        data = subjects_data()
+        result = grouped_cv("LogisticRegression", data, 0, 4, oof=True)
+        orig = data.original
+        assert np.isfinite(result["oof"][orig]).all() and np.isnan(result["oof"][~orig]).all()
+        again = fold_scores(data.y, np.nan_to_num(result["oof"]), result["fold"])
+        assert again["CV Balanced Accuracy"] == pytest.approx(result["CV Balanced Accuracy"])
+        assert result["CV Balanced Accuracy"] > 0.75  # the classes are separable across subjects
+
+    def test_mean_of_members_oof_is_the_soft_voting_ensemble_cv(self):
+        """The shortcut `soft_voting_row` relies on: averaging the members' out-of-fold
+        probabilities equals cross-validating the VotingClassifier itself on those folds."""
+        data = subjects_data(dim=6)
+        members = [
+            {"model": "LogisticRegression", "params": {"C": 0.1}},
+            {"model": "GaussianNB", "params": None},
+            {"model": "KNeighborsClassifier", "params": {"n_neighbors": 7}},
+        ]
+        oofs = [grouped_cv(m["model"], data, 5, 3, m["params"], oof=True) for m in members]
+        fold = oofs[0]["fold"]
+        mean = np.mean([o["oof"] for o in oofs], axis=0)
+        ensemble = np.full_like(mean, np.nan)
+        for i in range(3):
+            held_out = np.isin(data.groups, np.unique(data.groups[fold == i]))
+            model = soft_voting(members, 5).fit(data.X[~held_out], data.y[~held_out])
+            ensemble[fold == i] = model.predict_proba(data.X[fold == i])
+        rows = data.original
+        np.testing.assert_allclose(ensemble[rows], mean[rows], rtol=1e-6, atol=1e-9)
+
+
+class TestSubjectBootstrap:
+    def test_perfect_predictions_have_a_degenerate_interval(self):
+        y = np.repeat([0, 1], 20)
+        probs = np.stack([1 - y, y], axis=1).astype(float)
+        ci = subject_bootstrap(y, probs, np.repeat(np.arange(8), 5), n_boot=200, seed=0)
+        assert ci["Balanced Accuracy"] == [1.0, 1.0] and ci["ROC AUC"] == [1.0, 1.0] and ci["subjects"] == 8
+
+    def test_resamples_subjects_not_cells(self):
+        # one subject per class: every resample that has both classes has both subjects, so
+        # the interval is the point estimate; a cell bootstrap would spread around it
+        y = np.repeat([0, 1], 50)
+        rng = np.random.default_rng(0)
+        p1 = np.clip(y * 0.3 + rng.random(100) * 0.7, 0, 1)
+        probs = np.stack([1 - p1, p1], axis=1)
+        ci = subject_bootstrap(y, probs, np.repeat(["a", "b"], 50), n_boot=300, seed=1)
+        from sklearn.metrics import balanced_accuracy_score
+
+        point = balanced_accuracy_score(y, probs.argmax(1))
+        assert ci["Balanced Accuracy"] == pytest.approx([point, point])
+        assert 0 < ci["resamples"] < 300  # draws of a single subject hold one class and are skipped
+
+    def test_intervals_cover_the_point_and_are_reproducible(self):
+        rng = np.random.default_rng(2)
+        y = np.repeat([0, 1], 60)
+        p1 = np.clip(0.35 * y + rng.random(120) * 0.65, 0, 1)
+        probs = np.stack([1 - p1, p1], axis=1)
+        groups = np.repeat(list("abcdefghijkl"), 10)  # sorted as the bootstrap codes them
+        a = subject_bootstrap(y, probs, groups, n_boot=300, seed=4)
+        assert a == subject_bootstrap(y, probs, groups, n_boot=300, seed=4)
+        lo, hi = a["ROC AUC"]
+        from sklearn.metrics import roc_auc_score
+
+        assert lo < roc_auc_score(y, p1) < hi and hi - lo > 0.01
+        # the resampling arithmetic agrees with scikit-learn on one resample's weights
+        from sklearn.metrics import balanced_accuracy_score
+
+        one = subject_bootstrap(y, probs, groups, n_boot=1, seed=0)
+        code = np.repeat(np.arange(12), 10)
+        draw = np.bincount(np.random.default_rng(0).integers(0, 12, size=(1, 12))[0], minlength=12)[code]
+        assert one["Balanced Accuracy"][0] == pytest.approx(
+            balanced_accuracy_score(y, probs.argmax(1), sample_weight=draw)
+        )
+        assert one["ROC AUC"][0] == pytest.approx(roc_auc_score(y, p1, sample_weight=draw))
+
+
+@pytest.mark.usefixtures("ray_local")
+class TestSearch:
+    def test_optuna_search_scores_by_grouped_cv_and_resumes(self, tmp_path):
+        from leukray.distributed.tuning import run_search_tune, search_fingerprint, search_space
+
+        data = {"cells": subjects_data(dim=12)}
+        candidates = [{"source": "cells", "Model": "LogisticRegression", "block": 10},
+                      {"source": "cells", "Model": "GaussianNB", "block": 0}]  # fmt: skip
+        kwargs = dict(seed=0, folds=3, timeout_s=60, cpus_per_trial=1, storage_path=str(tmp_path))
+        first = run_search_tune(candidates, data, 4, **kwargs)
+        assert len(first) == 4 and (first["status"] == "ok").all()
+        assert first["trial_id"].nunique() == 4 and (first["cv_folds"] == 3).all()
+        for _, trial in first.iterrows():
+            params = json.loads(trial["params"])
+            assert set(params) == set(
+                search_space(trial["Model"], 10 if trial["Model"] == "LogisticRegression" else 0, 240)
+            )
+            # the score is the grouped CV of that very setting (folds shuffled with seed + 1)
+            again = grouped_cv(trial["Model"], data["cells"], 1, 3, params)
+            assert trial["CV Balanced Accuracy"] == pytest.approx(again["CV Balanced Accuracy"])
+        assert first["CV Balanced Accuracy"].is_monotonic_decreasing
+        # the same search again is restored from RUN/tune, not rerun: the same trials come back
+        second = run_search_tune(candidates, data, 4, **kwargs)
+        assert sorted(second["trial_id"]) == sorted(first["trial_id"])
+        assert len(list(tmp_path.glob("tuning-*"))) == 1
+        # another search (other settings or other data) would be a new experiment
+        labels = ["LogisticRegression on cells", "GaussianNB on cells"]
+        settings = {"trials": 4, "seed": 0, "folds": 3, "timeout_s": 60, "n_jobs": 1}
+        name = search_fingerprint(labels, data, settings)
+        assert (tmp_path / f"tuning-{name}").is_dir()
+        assert search_fingerprint(labels, data, {**settings, "trials": 5}) != name
+        changed = subjects_data(dim=12)
+        changed.y[0] = 1 - changed.y[0]
+        assert search_fingerprint(labels, {"cells": changed}, settings) != name
+
+    def test_the_same_search_elsewhere_suggests_and_scores_the_same_settings(self, tmp_path):
+        """TPE conditions on whole finished batches, so two runs of one search agree however
+        their trials happened to finish (2 CPUs: batches of 2; the first 2 trials are random)."""
+        from leukray.distributed.tuning import run_search_tune
+
+        data = {"cells": subjects_data(dim=12)}
+        candidates = [{"source": "cells", "Model": "LogisticRegression", "block": 10},
+                      {"source": "cells", "Model": "GaussianNB", "block": 0}]  # fmt: skip
+        kwargs = dict(seed=3, folds=3, timeout_s=60, cpus_per_trial=1)
+        runs = [run_search_tune(candidates, data, 6, storage_path=str(tmp_path / k), **kwargs) for k in "ab"]
+        for run in runs:
+            assert len(run) == 6 and (run["status"] == "ok").all()
+        a, b = (r.sort_values("params").reset_index(drop=True) for r in runs)
+        assert a["params"].tolist() == b["params"].tolist() and a["Model"].tolist() == b["Model"].tolist()
+        assert a["CV Balanced Accuracy"].tolist() == b["CV Balanced Accuracy"].tolist()
