@@ -625,17 +625,20 @@ def maps_dataset(maps: np.ndarray, labels: np.ndarray, val_every: int = 8):
     return ray.data.from_items(items, override_num_blocks=blocks).materialize(), int((split == "train").sum())
 
 
-def _train_config(epochs: int, batch_size: int):
+def _train_config(epochs: int, batch_size: int, on_gpu: bool):
     from leukray.config import TrainConfig
 
-    return TrainConfig(epochs=epochs, batch_size=batch_size, use_gpu="false", max_failures=0)
+    return TrainConfig(epochs=epochs, batch_size=batch_size, use_gpu=str(on_gpu).lower(), max_failures=0)
 
 
-def train_loop_epochs(maps: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int, threads: int) -> list[float]:
+def train_loop_epochs(
+    maps: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int, threads: int, on_gpu: bool = False
+) -> list[float]:
     """The baseline: the same model (`training.build_model`), optimizer
     (`training.build_optimizer`) and batch size in a plain torch loop over the training
     rows held in memory as float16, shuffled with `torch.randperm`, converted to float32 per
-    batch, with the same per-batch bookkeeping (`EpochCounts`).
+    batch, with the same per-batch bookkeeping (`EpochCounts`). With `on_gpu` the maps are
+    held on the GPU (the fastest a plain loop can be fed).
 
     Returns:
         seconds of each epoch.
@@ -645,14 +648,14 @@ def train_loop_epochs(maps: np.ndarray, labels: np.ndarray, epochs: int, batch_s
     from leukray.distributed.training import EpochCounts, build_model, build_optimizer
 
     torch.set_num_threads(threads)
+    device = torch.device("cuda" if on_gpu else "cpu")
     keep = np.arange(len(maps)) % 8 != 0  # the rows `maps_dataset` puts in "train"
-    x_all = torch.from_numpy(maps[keep])
-    y_all = torch.from_numpy((labels[keep] == "all").astype(np.int64))
+    x_all = torch.from_numpy(maps[keep]).to(device)
+    y_all = torch.from_numpy((labels[keep] == "all").astype(np.int64)).to(device)
     config = {"in_features": 100_352, "num_classes": 2, "dropout": 0.5, "unfreeze_stages": 0, "embedding": 256}
     config.update(weights="random", weights_seed=0, lr=1e-3, finetune_lr=1e-5)
     torch.manual_seed(0)
-    device = torch.device("cpu")
-    model = build_model(config)
+    model = build_model(config).to(device)
     optimizer = build_optimizer(model, config, device)
     generator = torch.Generator().manual_seed(0)
     seconds = []
@@ -660,7 +663,7 @@ def train_loop_epochs(maps: np.ndarray, labels: np.ndarray, epochs: int, batch_s
         start = time.perf_counter()
         model.train()
         counts = EpochCounts(2, device)
-        order = torch.randperm(len(y_all), generator=generator)
+        order = torch.randperm(len(y_all), generator=generator).to(device)
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             if len(idx) < 2:
@@ -677,7 +680,7 @@ def train_loop_epochs(maps: np.ndarray, labels: np.ndarray, epochs: int, batch_s
     return seconds
 
 
-def train_ray_epochs(maps_ds, epochs: int, batch_size: int, tmp: str) -> tuple[list[float], float]:
+def train_ray_epochs(maps_ds, epochs: int, batch_size: int, tmp: str, on_gpu: bool) -> tuple[list[float], float]:
     """`leukray`'s path: `training.split_maps` + `training.train_head` (Ray Train, one CPU
     worker, as `leukray run` on this machine) on the materialised maps.
 
@@ -692,14 +695,14 @@ def train_ray_epochs(maps_ds, epochs: int, batch_size: int, tmp: str) -> tuple[l
     result = train_head(
         train_ds,
         val_ds,
-        _train_config(epochs, batch_size),
+        _train_config(epochs, batch_size, on_gpu),
         in_features=100_352,
         num_classes=2,
         weights="random",
         weights_seed=0,
         storage_path=storage_path,
         name="bench",
-        use_gpu=False,
+        use_gpu=on_gpu,
     )
     wall = time.perf_counter() - start
     shutil.rmtree(storage_path, ignore_errors=True)
@@ -715,7 +718,8 @@ def measure_train(n: int, epochs: int, batch_size: int, repeats: int, cpus: int,
     maps_ds, train_rows = maps_dataset(maps, labels)
     # The loop runs in a Ray worker process too (all CPUs, the same niceness and torch
     # threads as the Ray Train worker), so the two sides differ only in the input path.
-    loop_task = ray.remote(num_cpus=cpus)(train_loop_epochs)
+    on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    loop_task = ray.remote(num_cpus=cpus, num_gpus=1 if on_gpu else 0)(train_loop_epochs)
     maps_ref = ray.put(maps)
     loop_runs: list[list[float]] = []
     ray_runs: list[list[float]] = []
@@ -723,9 +727,9 @@ def measure_train(n: int, epochs: int, batch_size: int, repeats: int, cpus: int,
     for i in range(repeats):
         for side in ("loop", "ray") if i % 2 == 0 else ("ray", "loop"):
             if side == "loop":
-                loop_runs.append(ray.get(loop_task.remote(maps_ref, labels, epochs, batch_size, cpus)))
+                loop_runs.append(ray.get(loop_task.remote(maps_ref, labels, epochs, batch_size, cpus, on_gpu)))
             else:
-                got, wall = train_ray_epochs(maps_ds, epochs, batch_size, tmp)
+                got, wall = train_ray_epochs(maps_ds, epochs, batch_size, tmp, on_gpu)
                 ray_runs.append(got)
                 walls.append(wall)
         log(
@@ -738,6 +742,7 @@ def measure_train(n: int, epochs: int, batch_size: int, repeats: int, cpus: int,
     return {
         "train_maps": train_rows,
         "train_batch_size": batch_size,
+        "train_device": "gpu" if on_gpu else "cpu",
         "train_loop_epoch_s": round(loop_s, 3),
         "train_ray_epoch_s": round(ray_s, 3),
         "train_loop_maps_per_s": round(train_rows / loop_s, 1),
