@@ -3,8 +3,9 @@
 Nothing in `leukray` imports this module; tests hand these objects to the library's public
 hooks:
 
-- `KillWorkerOnce`: an `on_epoch_end` callback for `train_head` that SIGKILLs the Ray Train
-  worker once, right after an epoch's checkpoint (the resume test).
+- `KillWorkerOnce`: an `on_epoch_end` callback for `train_head` that logs which process ran
+  each epoch and SIGKILLs the Ray Train worker once, after an epoch's checkpoint (the resume
+  test).
 - `install_extract_hook`: a Ray `worker_process_setup_hook` (given in a job's runtime env)
   that makes every extractor batch leave a file DIR/<node id>-<pid>-<n> and sleep, so a test
   sees which node is extracting and can kill it mid-stage. DIR and the seconds come from the
@@ -22,15 +23,26 @@ EXTRACT_SETUP_HOOK = "leukray.testing.install_extract_hook"
 
 
 class KillWorkerOnce:
-    """SIGKILL the calling worker after epoch `at_epoch`, once: `marker` records that it
-    happened (the restarted worker must not die again)."""
+    """An `on_epoch_end` callback that logs every finished epoch and SIGKILLs the worker once.
 
-    def __init__(self, marker: str, at_epoch: int):
-        self.marker, self.at_epoch = marker, at_epoch
+    Every call appends "<epoch> <rank> <pid>" to `log` (when given), so a test sees which
+    process ran which epoch: a worker that resumed from its checkpoint never runs a
+    finished epoch again. After epoch `at_epoch` the worker waits `grace_s` (Ray Train's
+    controller collects a reported checkpoint when it polls the workers, every 2 s by
+    default; a worker killed before that loses the report) and kills itself; `marker`
+    records that it happened, so the restarted worker does not die again.
+    """
+
+    def __init__(self, marker: str, at_epoch: int, log: str = "", grace_s: float = 6.0):
+        self.marker, self.at_epoch, self.log, self.grace_s = marker, at_epoch, log, grace_s
 
     def __call__(self, epoch: int, rank: int) -> None:
+        if self.log:
+            with open(self.log, "a", encoding="utf-8") as handle:
+                handle.write(f"{epoch} {rank} {os.getpid()}\n")
         if epoch == self.at_epoch and not os.path.exists(self.marker):
             open(self.marker, "w").close()
+            time.sleep(self.grace_s)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

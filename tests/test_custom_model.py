@@ -1,4 +1,5 @@
-"""The custom ResNet50 (Table II): its size, Ray Train training and resume, the bundle."""
+"""The custom ResNet50 (Table II): its size, a run that trains it, the bundle (Ray Train's
+training, resume and reproducibility: tests/test_training.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ import pytest
 import torch
 
 from leukray.cli import main
-from leukray.config import TrainConfig
-from leukray.distributed.training import train_head
 from leukray.models.bundle import BundleError, load_bundle
 from leukray.models.head import (
     TABLE_II_HEAD_PARAMETERS,
-    CustomResNet50,
     PaperHead,
     head_in_features,
     keras_parameter_count,
@@ -28,7 +26,6 @@ from leukray.models.head import (
     trunk_suffix,
 )
 from leukray.models.trunk import build_trunk
-from leukray.testing import KillWorkerOnce
 
 
 class TestModel:
@@ -58,52 +55,6 @@ class TestModel:
         assert tuple(maps.shape[1:]) == map_shape(64, stages)
         full = torch.flatten(trunk.avgpool(trunk_suffix(trunk, stages)(maps)), 1)
         assert torch.allclose(full, trunk(x), atol=1e-5)
-
-
-def maps_dataset(ray, n=96, seed=0):
-    """Separable fake trunk maps: class 1 has a brighter first channel."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 3 == 0).astype(np.int64)  # 1 : 2, like ALL : normal reversed
-    maps = rng.normal(size=(n, 8, 2, 2)).astype(np.float16)
-    maps[:, 0] += (labels * 2.0).astype(np.float16)[:, None, None]
-    return ray.data.from_items([{"maps": m, "label_code": int(y)} for m, y in zip(maps, labels)])
-
-
-@pytest.mark.slow
-class TestTraining:
-    def test_loss_decreases_and_best_checkpoint_is_kept(self, ray_local, tmp_path):
-        cfg = TrainConfig(epochs=6, batch_size=16, lr=1e-3, dropout=0.2)
-        result = train_head(
-            maps_dataset(ray_local), maps_dataset(ray_local, n=48, seed=1), cfg,
-            in_features=32, num_classes=2, weights="random", weights_seed=0,
-            storage_path=str(tmp_path), name="loss", use_gpu=False,
-        )  # fmt: skip
-        losses = [h["train_loss"] for h in result.history]
-        assert len(losses) == 6 and losses[-1] < losses[0] * 0.8
-        assert result.best_val_balanced_accuracy == max(h["val_balanced_accuracy"] for h in result.history)
-        assert result.best_val_balanced_accuracy > 0.8
-        model = CustomResNet50(torch.nn.Sequential(), PaperHead(32, 2, 0.2))
-        model.load_state_dict(result.state_dict)  # the kept state is a full, loadable model
-
-    def test_killed_worker_resumes_from_its_checkpoint(self, ray_local, tmp_path):
-        marker = tmp_path / "killed"
-        kill = KillWorkerOnce(str(marker), at_epoch=2)  # the worker SIGKILLs itself after epoch 2's checkpoint
-        cfg = TrainConfig(epochs=4, batch_size=16, max_failures=2)
-        result = train_head(
-            maps_dataset(ray_local), maps_dataset(ray_local, n=48, seed=1), cfg,
-            in_features=32, num_classes=2, weights="random", weights_seed=0,
-            storage_path=str(tmp_path), name="resume", use_gpu=False, on_epoch_end=kill,
-        )  # fmt: skip
-        assert marker.exists()  # the worker really died once
-        assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]  # resumed at 3, not from 1
-        # and a rerun with the same storage and name resumes the finished run instead of retraining
-        again = train_head(
-            maps_dataset(ray_local), maps_dataset(ray_local, n=48, seed=1), cfg,
-            in_features=32, num_classes=2, weights="random", weights_seed=0,
-            storage_path=str(tmp_path), name="resume", use_gpu=False,
-        )  # fmt: skip
-        assert [h["epoch"] for h in again.history] == [1, 2, 3, 4]
-        assert again.history == result.history
 
 
 FAST = [

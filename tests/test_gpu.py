@@ -1,6 +1,7 @@
 """The GPU paths: the extractor in bf16 + channels_last against the fp32 CPU trunk, Ray Train
-on a GPU, and a whole run whose extractor actors and training ask Ray for GPUs. Skipped
-without CUDA (marker `gpu`); run on a GPU machine with `pytest -m gpu`."""
+on a GPU, and a whole run whose extractor actors and training ask Ray for GPUs (marker
+`gpu`: skipped without CUDA; run on a GPU machine with `pytest -m gpu`). How the actor pools
+ask a GPU cluster for resources is checked everywhere (no device needed)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,34 @@ import pytest
 
 from leukray.cli import main
 from leukray.distributed.actors import FeatureExtractor
+from leukray.distributed.resources import plan_pool
+from leukray.errors import ConfigError
 
-pytestmark = pytest.mark.gpu
+
+class TestPoolPlans:
+    """The resources an extractor pool asks for, from the cluster's resources alone."""
+
+    def test_gpu_actors_take_no_cpu_slot_so_preprocessing_cannot_starve_them(self):
+        # the issue's box: 16 CPUs, 1 GPU; preprocessing tasks take a CPU slot each, so a GPU
+        # actor that also wanted one waited until preprocessing had finished
+        plan = plan_pool("auto", 0, "", {"CPU": 16.0, "GPU": 1.0})
+        assert plan.on_gpu and (plan.min_size, plan.max_size) == (1, 1)
+        assert plan.resources == {"num_gpus": 1, "num_cpus": 0.0}
+        # every CPU slot is then left to preprocessing, and the actor is schedulable when all are taken
+        assert plan_pool("auto", 0, "", {"CPU": 16.0, "GPU": 4.0}).max_size == 4
+
+    def test_cpu_pools_and_explicit_choices(self):
+        cpu = plan_pool("auto", 0, "", {"CPU": 2.0})
+        assert not cpu.on_gpu and (cpu.min_size, cpu.max_size) == (1, 2) and cpu.resources == {"num_cpus": 1}
+        assert plan_pool("false", 0, "", {"CPU": 8.0, "GPU": 1.0}).on_gpu is False
+        assert plan_pool("auto", 3, "", {"CPU": 8.0}).max_size == 3
+        acc = plan_pool("auto", 0, "neuron", {"CPU": 8.0, "neuron": 2.0})
+        assert acc.resources == {"num_cpus": 1, "resources": {"neuron": 1}} and acc.max_size == 2
+        with pytest.raises(ConfigError, match="no GPUs"):
+            plan_pool("true", 0, "", {"CPU": 8.0})
 
 
+@pytest.mark.gpu
 def test_bf16_gpu_features_match_the_fp32_cpu_trunk():
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (24, 224, 224, 3), dtype=np.uint8)
@@ -33,6 +58,7 @@ def test_bf16_gpu_features_match_the_fp32_cpu_trunk():
     assert rel < 0.05, rel
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_a_run_puts_the_extractor_and_training_on_the_gpu(ray_local, tiny_cells, tmp_path):
     import ray

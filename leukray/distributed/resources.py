@@ -7,6 +7,7 @@ May import: Ray, `leukray.errors`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from leukray.errors import ClusterError, ConfigError
@@ -42,8 +43,25 @@ def wants_gpu(use_gpu: str) -> bool:
     return use_gpu == "true" or (use_gpu == "auto" and gpus > 0)
 
 
-def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -> tuple[bool, Any, dict[str, Any]]:
-    """(on GPU, compute strategy, actor resources) for a model actor pool, asked of the cluster.
+# A GPU actor asks Ray for no CPU slot: its host-side work (handing uint8 crops to the GPU,
+# copying features back) is a small fraction of a core, and a 1-CPU request made it wait
+# behind the preprocessing tasks, which take every CPU slot as soon as the stream starts:
+# the stages then ran one after the other instead of overlapping (issue 9).
+GPU_ACTOR_CPUS = 0.0
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How a model actor pool asks the cluster for resources (see `plan_pool`)."""
+
+    on_gpu: bool
+    min_size: int
+    max_size: int
+    resources: dict[str, Any]  # map_batches' num_cpus / num_gpus / resources per actor
+
+
+def plan_pool(use_gpu: str, actors: int, accelerator_resource: str, cluster: dict[str, float]) -> PoolPlan:
+    """The actor pool for `cluster` (Ray's `cluster_resources()`): no Ray needed.
 
     Args:
         use_gpu: auto | true | false.
@@ -51,22 +69,32 @@ def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -
         accelerator_resource: a custom resource each actor takes one of (a fixed pool of
             as many as the cluster has), when the cluster has it.
     """
+    gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
+    if accelerator_resource and cluster.get(accelerator_resource, 0) > 0:
+        size = actors or max(1, int(cluster[accelerator_resource]))
+        return PoolPlan(False, size, size, {"num_cpus": 1, "resources": {accelerator_resource: 1}})
+    if use_gpu == "true" and gpus == 0:
+        raise ConfigError("use_gpu is true but the Ray cluster has no GPUs")
+    if use_gpu == "true" or (use_gpu == "auto" and gpus > 0):
+        size = actors or max(1, int(gpus))
+        return PoolPlan(True, size, size, {"num_gpus": 1, "num_cpus": GPU_ACTOR_CPUS})
+    if actors:  # asked for: exactly that many
+        return PoolPlan(False, actors, actors, {"num_cpus": 1})
+    # CPU-only: 1-CPU actors scale from one up to one per CPU, so the pool uses every core.
+    return PoolPlan(False, 1, max(1, int(cpus)), {"num_cpus": 1})
+
+
+def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -> tuple[bool, Any, dict[str, Any]]:
+    """(on GPU, compute strategy, actor resources) for a model actor pool, asked of the
+    cluster (`plan_pool` on `ray.cluster_resources()`)."""
     import ray
 
-    if accelerator_resource and ray.cluster_resources().get(accelerator_resource, 0) > 0:
-        count = int(ray.cluster_resources()[accelerator_resource])
-        pool = ray.data.ActorPoolStrategy(size=actors or max(1, count))
-        return False, pool, {"num_cpus": 1, "resources": {accelerator_resource: 1}}
-    if wants_gpu(use_gpu):
-        return (
-            True,
-            ray.data.ActorPoolStrategy(size=actors or max(1, int(cluster_gpus()))),
-            {"num_gpus": 1, "num_cpus": 1},
-        )
-    if actors:  # asked for: exactly that many
-        return False, ray.data.ActorPoolStrategy(size=actors), {"num_cpus": 1}
-    # CPU-only: 1-CPU actors scale from one up to one per CPU, so the pool uses every core.
-    return False, ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()))), {"num_cpus": 1}
+    plan = plan_pool(use_gpu, actors, accelerator_resource, ray.cluster_resources())
+    if plan.min_size == plan.max_size:
+        pool = ray.data.ActorPoolStrategy(size=plan.min_size)
+    else:
+        pool = ray.data.ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size)
+    return plan.on_gpu, pool, dict(plan.resources)
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:

@@ -121,8 +121,14 @@ def extract_features(
     """
     # only the run's own features file wants the cell families (a train job's maps pass does not)
     families = cfg.extract.cell_families if features_path and cell_features_path else ()
+    if keep_maps:
+        # Ray Train reads the maps in the materialised order and shuffles them with a seed:
+        # a seeded row order (classes mixed, not path order) kept through the stream makes
+        # the training batches, and so the trained head, the same in every run.
+        rows = rows.sample(frac=1.0, random_state=cfg.train.seed)
     ds, use_gpu = _features_dataset(rows, cfg, cfg.train.unfreeze_stages if keep_maps else -1, families)
     if keep_maps:
+        ds.context.execution_options.preserve_order = True
         ds = ds.materialize()
     nodes: dict[str, set[str]] = {"preprocess": set(), "extract": set()}
     columns = ["path", "label", "subject", "split", "aug_index", "error", "features", "preprocess_node", "node_id"]

@@ -1,6 +1,6 @@
 """`make bench` (``python -m leukray.bench``): what Ray buys on this machine, as ratios.
 
-Three stages of the pipeline are timed against a plain baseline in the same run, on the
+Four stages of the pipeline are timed against a plain baseline in the same run, on the
 same data, and reported as ratios (these machines are shared and noisy, so absolute numbers
 move; ratios measured side by side move much less):
 
@@ -15,6 +15,13 @@ move; ratios measured side by side move much less):
 3. ``sweep_time_ratio``: `run_sweep_tune` over all of Lazy Predict's classifiers, seconds
    divided by Lazy Predict's own sequential ``LazyClassifier.fit`` on the same features
    and the same integer labels. Target <= 0.65 on 2 cores.
+4. ``train_ratio``: an epoch of the Table II head (100,352 inputs, batch 32) through
+   `leukray`'s Ray Train path (`training.split_maps` + `training.train_head` over a
+   materialised dataset of float16 maps, the epoch timed inside the worker) over a plain
+   torch loop with the same model, optimizer and batch size over the same maps held in
+   memory (run as one Ray task holding every CPU, so both sides are worker processes with
+   the same niceness and torch threads). maps/s ratio; target >= 0.7. Each run trains a
+   few epochs; the first of each run is warm-up and the fastest later epoch counts.
 
 Preprocessing and extraction run several times, baseline and Ray interleaved (alternating
 which goes first), and the fastest run of each side counts (other load on a shared machine can only slow a run down).
@@ -58,6 +65,7 @@ TARGETS = {
     "preprocess_speedup": (">=", 1.6),
     "extract_ratio": (">=", 0.8),
     "sweep_time_ratio": ("<=", 0.65),
+    "train_ratio": (">=", 0.7),
 }
 EXTRACT_SETUPS = ("one-actor-all-cpus", "fixed-pool-1cpu", "autoscaling-pool-1cpu")
 
@@ -586,6 +594,179 @@ def measure_sweep(data: SweepData, timeout_s: float, cpus_per_trial: float) -> d
     }
 
 
+# -- 4. head training -----------------------------------------------------------------------
+
+
+def synthetic_maps(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` trunk maps as the extractor emits them for 224x224 crops (2048 x 7 x 7 float16,
+    non-negative like post-ReLU activations) and alternating labels "all"/"hem", class
+    "all" a little brighter so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    labels = np.where(np.arange(n) % 2 == 0, "all", "hem")
+    maps = np.abs(rng.normal(size=(n, 2048, 7, 7))).astype(np.float16)
+    maps[labels == "all"] += np.float16(0.1)
+    return maps, labels
+
+
+def maps_dataset(maps: np.ndarray, labels: np.ndarray, val_every: int = 8):
+    """The maps as `leukray run` holds them after extraction: a materialised dataset of
+    32-row blocks with path, label, split (every `val_every`-th row "val"), aug_index,
+    error and maps."""
+    import ray
+
+    from leukray.distributed.streaming import ROWS_PER_BLOCK
+
+    split = np.where(np.arange(len(maps)) % val_every == 0, "val", "train")
+    items = [
+        {"path": f"m{i}", "label": str(labels[i]), "split": str(split[i]), "aug_index": 0, "error": "", "maps": maps[i]}
+        for i in range(len(maps))
+    ]
+    blocks = max(1, math.ceil(len(items) / ROWS_PER_BLOCK))
+    return ray.data.from_items(items, override_num_blocks=blocks).materialize(), int((split == "train").sum())
+
+
+def _train_config(epochs: int, batch_size: int, on_gpu: bool):
+    from leukray.config import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=batch_size, use_gpu=str(on_gpu).lower(), max_failures=0)
+
+
+def train_loop_epochs(
+    maps: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int, threads: int, on_gpu: bool = False
+) -> list[float]:
+    """The baseline: the same model (`training.build_model`), optimizer
+    (`training.build_optimizer`) and batch size in a plain torch loop over the training
+    rows held in memory as float16, shuffled with `torch.randperm`, converted to float32 per
+    batch, with the same per-batch bookkeeping (`EpochCounts`). With `on_gpu` the maps are
+    held on the GPU (the fastest a plain loop can be fed).
+
+    Returns:
+        seconds of each epoch.
+    """
+    import torch
+
+    from leukray.distributed.training import EpochCounts, build_model, build_optimizer
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    keep = np.arange(len(maps)) % 8 != 0  # the rows `maps_dataset` puts in "train"
+    x_all = torch.from_numpy(maps[keep]).to(device)
+    y_all = torch.from_numpy((labels[keep] == "all").astype(np.int64)).to(device)
+    config = {"in_features": 100_352, "num_classes": 2, "dropout": 0.5, "unfreeze_stages": 0, "embedding": 256}
+    config.update(weights="random", weights_seed=0, lr=1e-3, finetune_lr=1e-5)
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    optimizer = build_optimizer(model, config, device)
+    generator = torch.Generator().manual_seed(0)
+    seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        model.train()
+        counts = EpochCounts(2, device)
+        order = torch.randperm(len(y_all), generator=generator).to(device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            if len(idx) < 2:
+                continue
+            x, target = x_all[idx].float(), y_all[idx]
+            logits = model(x)
+            loss = model.head.loss(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            counts.add(loss, target, model.head.probabilities(logits.detach()).argmax(dim=1))
+        counts.metrics("train")
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def train_ray_epochs(maps_ds, epochs: int, batch_size: int, tmp: str, on_gpu: bool) -> tuple[list[float], float]:
+    """`leukray`'s path: `training.split_maps` + `training.train_head` (Ray Train, one CPU
+    worker, as `leukray run` on this machine) on the materialised maps.
+
+    Returns:
+        (each epoch's training seconds as the worker measured them, whole fit seconds).
+    """
+    from leukray.distributed.training import split_maps, train_head
+
+    train_ds, val_ds = split_maps(maps_ds, ["hem", "all"])
+    storage_path = tempfile.mkdtemp(prefix="train-", dir=tmp)
+    start = time.perf_counter()
+    result = train_head(
+        train_ds,
+        val_ds,
+        _train_config(epochs, batch_size, on_gpu),
+        in_features=100_352,
+        num_classes=2,
+        weights="random",
+        weights_seed=0,
+        storage_path=storage_path,
+        name="bench",
+        use_gpu=on_gpu,
+    )
+    wall = time.perf_counter() - start
+    shutil.rmtree(storage_path, ignore_errors=True)
+    return [float(h["train_s"]) for h in result.history], wall
+
+
+def measure_train(n: int, epochs: int, batch_size: int, repeats: int, cpus: int, tmp: str) -> dict[str, Any]:
+    """An epoch of the Table II head through Ray Train vs the plain loop, on the same maps,
+    interleaved; each side's fastest epoch after its first (warm-up) counts."""
+    import ray
+
+    maps, labels = synthetic_maps(n)
+    maps_ds, train_rows = maps_dataset(maps, labels)
+    # The loop runs in a Ray worker process too (all CPUs, the same niceness and torch
+    # threads as the Ray Train worker), so the two sides differ only in the input path.
+    on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    loop_task = ray.remote(num_cpus=cpus, num_gpus=1 if on_gpu else 0)(train_loop_epochs)
+    maps_ref = ray.put(maps)
+    loop_runs: list[list[float]] = []
+    ray_runs: list[list[float]] = []
+    walls = []
+    for i in range(repeats):
+        for side in ("loop", "ray") if i % 2 == 0 else ("ray", "loop"):
+            if side == "loop":
+                loop_runs.append(ray.get(loop_task.remote(maps_ref, labels, epochs, batch_size, cpus, on_gpu)))
+            else:
+                got, wall = train_ray_epochs(maps_ds, epochs, batch_size, tmp, on_gpu)
+                ray_runs.append(got)
+                walls.append(wall)
+        log(
+            f"train run {i + 1}/{repeats} ({train_rows} maps, batch {batch_size}): epochs "
+            f"loop {', '.join(f'{s:.2f}' for s in loop_runs[-1])}s; ray {', '.join(f'{s:.2f}' for s in ray_runs[-1])}s"
+        )
+    warm = 1 if epochs > 1 else 0
+    loop_s = min(s for run in loop_runs for s in run[warm:])
+    ray_s = min(s for run in ray_runs for s in run[warm:])
+    return {
+        "train_maps": train_rows,
+        "train_batch_size": batch_size,
+        "train_device": "gpu" if on_gpu else "cpu",
+        "train_loop_epoch_s": round(loop_s, 3),
+        "train_ray_epoch_s": round(ray_s, 3),
+        "train_loop_maps_per_s": round(train_rows / loop_s, 1),
+        "train_ray_maps_per_s": round(train_rows / ray_s, 1),
+        "train_ratio": round(loop_s / ray_s, 3),
+        "train_runs_epoch_s": {
+            "loop": [[round(s, 3) for s in run] for run in loop_runs],
+            "ray": [[round(s, 3) for s in run] for run in ray_runs],
+        },
+        "train_ray_fit_wall_s": [round(w, 2) for w in walls],
+        "train_setup": {
+            "maps": "2048x7x7 float16 (the Table II head on 224x224 crops, 100,352 inputs)",
+            "epochs_per_run": epochs,
+            "counted": "fastest epoch after each run's first" if warm else "the only epoch",
+            "ray": "split_maps + train_head: one Ray Train worker, Ray Data shard, epoch timed in the worker",
+            "loop": (
+                "same model, optimizer and batch size; maps held in memory as float16; "
+                "in a Ray task (a worker process like the trainer's)"
+            ),
+            "torch_threads": cpus,
+        },
+    }
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -613,6 +794,7 @@ def format_table(results: dict[str, Any]) -> str:
             "img/s",
         ),
         ("sweep_time_ratio", "Ray Tune sweep / Lazy Predict", "sweep_tune_s", "sweep_lazy_s", "s"),
+        ("train_ratio", "Ray Train epoch / torch loop", "train_ray_maps_per_s", "train_loop_maps_per_s", "maps/s"),
     ]
     lines = [f"{'ratio':<20} {'what':<30} {'value':>7} {'target':>7}  {'':<4}  ray vs baseline"]
     for key, what, ray_key, base_key, unit in rows:
@@ -661,7 +843,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep-timeout", type=float, default=3600.0, help="run_sweep_tune's per-classifier limit in seconds"
     )
-    parser.add_argument("--skip", default="", help="comma-separated stages to leave out: preprocess, extract, sweep")
+    parser.add_argument("--train-maps", type=int, default=384, help="trunk maps for head training (default 384)")
+    parser.add_argument(
+        "--train-epochs", type=int, default=3, help="epochs per training run; the first is warm-up (default 3)"
+    )
+    parser.add_argument("--train-batch-size", type=int, default=32, help="head training batch (default 32, the paper)")
+    parser.add_argument(
+        "--train-repeats", type=int, default=2, help="interleaved training runs per side; the fastest epoch counts"
+    )
+    parser.add_argument(
+        "--skip", default="", help="comma-separated stages to leave out: preprocess, extract, sweep, train"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="small and fast: 120 images, 64 crops, 400 sweep rows, 3 + 2 repeats"
     )
@@ -669,14 +861,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.cells, args.extract_images, args.sweep_rows, args.preprocess_repeats, args.repeats = 120, 64, 400, 3, 2
-    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - {"preprocess", "extract", "sweep"}
+        args.train_maps, args.train_epochs, args.train_repeats = 192, 2, 1
+    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - {"preprocess", "extract", "sweep", "train"}
     if unknown:
         parser.error(f"--skip: unknown stage(s) {', '.join(sorted(unknown))}")
     return args
 
 
 def _run_sections(args: argparse.Namespace, skip: set[str], cpus: int, tmp: str, results: dict[str, Any]) -> None:
-    """Preprocessing, extraction and the sweep, each into `results` unless skipped."""
+    """Preprocessing, extraction, the sweep and head training, each into `results` unless
+    skipped."""
+    if "train" not in skip:
+        results.update(
+            measure_train(args.train_maps, args.train_epochs, args.train_batch_size, args.train_repeats, cpus, tmp)
+        )
+    if {"preprocess", "extract", "sweep"} <= skip:
+        return
     if args.data:
         frame = folder_images(args.data, args.cells)
         results["preprocess_data"] = f"{args.data}: {len(frame)} images, read in place"
