@@ -152,6 +152,10 @@ class TestRun:
         assert summary["weights"]["kind"] == "random" and summary["weights"]["is_pretrained"] is False
         meta = json.loads(pq.read_schema(tiny_run / "features.parquet").metadata[b"leukray"])
         assert json.loads(meta["weights"])["kind"] == "random"
+        from leukray.io.tables import SCHEMA_VERSION
+
+        assert meta["schema_version"] == summary["schema_version"] == SCHEMA_VERSION == 1
+        assert list(summary)[0] == "schema_version"
         assert "NOT ImageNet" in (tiny_run / "leaderboard.md").read_text()
         assert set(pd.read_csv(tiny_run / "leaderboard.csv")["weights"]) == {"random-init"}
         assert "random" in (tiny_run / "config.yaml").read_text()

@@ -311,7 +311,9 @@ def test_all_idb1_blasts_are_detected():
     centres inside a detected box (0.90); the misses are blasts in tight clumps."""
     found, total = all_idb1_blasts_found(ScreenConfig())
     assert total == 59
-    assert found / total >= 0.83, f"blast recall {found}/{total}"
+    # detection is deterministic: the bound is the measured 53 less a margin of one cell
+    # (a platform's OpenCV build may round one contour differently)
+    assert found >= 52, f"blast recall {found}/{total} (measured 53/59)"
 
 
 def all_idb1_blasts_found(cfg: ScreenConfig) -> tuple[int, int]:
@@ -348,9 +350,10 @@ def test_bccd_white_cells_are_detected_with_few_false_detections():
     pick = sorted(np.random.default_rng(0).choice(len(annotations), 40, replace=False))
     hits, truth, false, detections, fields = bccd_white_cells_found([annotations[i] for i in pick], ScreenConfig())
     assert fields == 40 and truth >= 40
-    assert hits / truth >= 0.9, f"WBC recall {hits}/{truth}"
-    assert false / fields <= 0.25, f"{false} false detections in {fields} fields"
-    assert detections <= 1.3 * truth, f"{detections} detections for {truth} white cells"
+    # deterministic detection: measured 41/41, 1 false, 47 detections; margin of one cell each
+    assert hits >= truth - 1, f"WBC recall {hits}/{truth} (measured 41/41)"
+    assert false <= 2, f"{false} false detections in {fields} fields (measured 1)"
+    assert detections <= 48, f"{detections} detections for {truth} white cells (measured 47)"
 
 
 def bccd_white_cells_found(annotations, cfg: ScreenConfig) -> tuple[int, int, int, int, int]:

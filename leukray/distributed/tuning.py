@@ -265,6 +265,38 @@ def search_fingerprint(candidates: list[dict[str, Any]], data: dict[str, Grouped
     return h.hexdigest()[:12]
 
 
+def _search_trial(
+    candidates: list[dict[str, Any]], spaces: list[dict[str, Any]], seed: int, folds: int, timeout_s: float, n_jobs: int
+) -> tuple[Callable[..., dict[str, Any]], Callable[..., dict[str, Any]]]:
+    """The trial function of `run_search_tune` (one setting scored by subject-grouped CV,
+    folds shuffled with `seed + 1`) and the row of a trial that failed."""
+
+    def setting(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        i = config["index"]
+        drawn = {k[len(f"c{i}__") :]: v for k, v in config.items() if k.startswith(f"c{i}__")}
+        constants = {k: v for k, v in spaces[i].items() if not isinstance(v, tuple)}
+        return candidates[i], {**drawn, **constants}
+
+    def fit_row(config: dict[str, Any], data_ref: dict[str, GroupedData]) -> dict[str, Any]:
+        candidate, params = setting(config)
+        row = run_grouped_cv(
+            candidate["Model"], data_ref[candidate["source"]], seed + 1, folds, timeout_s, params, n_jobs
+        )
+        ok = row["status"] == "ok"
+        return {
+            **row, "source": candidate["source"], "Model": candidate["Model"],
+            "params": json.dumps(params, sort_keys=True, default=plain_json_value),
+            "objective": row["CV Balanced Accuracy"] if ok else 0.0,  # what Optuna maximises
+        }  # fmt: skip
+
+    def failed_row(config: dict[str, Any], detail: str) -> dict[str, Any]:
+        candidate, params = setting(config) if "index" in config else ({"source": "?", "Model": "?"}, {})
+        return {"source": candidate["source"], "Model": candidate["Model"], "status": "failed", "detail": detail,
+                "params": json.dumps(params, sort_keys=True, default=str)}  # fmt: skip
+
+    return fit_row, failed_row
+
+
 def run_search_tune(
     candidates: list[dict[str, Any]],
     data: dict[str, GroupedData],
@@ -303,29 +335,7 @@ def run_search_tune(
     n_jobs = max(1, int(cpus_per_trial))
     settings = {"trials": trials, "seed": seed, "folds": folds, "timeout_s": timeout_s, "n_jobs": n_jobs}
 
-    def setting(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        i = config["index"]
-        drawn = {k[len(f"c{i}__") :]: v for k, v in config.items() if k.startswith(f"c{i}__")}
-        constants = {k: v for k, v in spaces[i].items() if not isinstance(v, tuple)}
-        return candidates[i], {**drawn, **constants}
-
-    def fit_row(config: dict[str, Any], data_ref: dict[str, GroupedData]) -> dict[str, Any]:
-        candidate, params = setting(config)
-        row = run_grouped_cv(
-            candidate["Model"], data_ref[candidate["source"]], seed + 1, folds, timeout_s, params, n_jobs
-        )
-        ok = row["status"] == "ok"
-        return {
-            **row, "source": candidate["source"], "Model": candidate["Model"],
-            "params": json.dumps(params, sort_keys=True, default=plain_json_value),
-            "objective": row["CV Balanced Accuracy"] if ok else 0.0,  # what Optuna maximises
-        }  # fmt: skip
-
-    def failed_row(config: dict[str, Any], detail: str) -> dict[str, Any]:
-        candidate, params = setting(config) if "index" in config else ({"source": "?", "Model": "?"}, {})
-        return {"source": candidate["source"], "Model": candidate["Model"], "status": "failed", "detail": detail,
-                "params": json.dumps(params, sort_keys=True, default=str)}  # fmt: skip
-
+    fit_row, failed_row = _search_trial(candidates, spaces, seed, folds, timeout_s, n_jobs)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)))
     parallel = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
     # Batches of `parallel` trials, each batch asked only once the previous one has finished:

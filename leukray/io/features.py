@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leukray.io import storage
-from leukray.io.tables import ERROR_COLUMNS
+from leukray.io.tables import ERROR_COLUMNS, SCHEMA_VERSION
 
 META_COLUMNS = ["path", "label", "subject", "split", "aug_index"]
 
@@ -30,7 +30,7 @@ def feature_schema(dim: int, provenance: dict[str, str]) -> pa.Schema:
             ("aug_index", pa.int32()),
             ("features", pa.list_(pa.float32(), dim)),
         ],
-        metadata={b"leukray": json.dumps(provenance).encode()},
+        metadata={b"leukray": json.dumps({"schema_version": SCHEMA_VERSION, **provenance}).encode()},
     )
 
 

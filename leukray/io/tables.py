@@ -19,6 +19,10 @@ import pyarrow.parquet as pq
 from leukray.io import storage
 
 ERROR_COLUMNS = ["path", "stage", "reason"]
+# The version of the output layout described in docs/outputs.md: every JSON file leukray
+# writes carries it as `schema_version`, every Parquet file in its `leukray` metadata. It
+# goes up when a file, column or key changes meaning or disappears (not when one is added).
+SCHEMA_VERSION = 1
 
 
 def log(message: str) -> None:
@@ -54,7 +58,8 @@ def read_json(path: str) -> dict[str, Any]:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    """NaN becomes null, numpy scalars plain numbers."""
+    """NaN becomes null, numpy scalars plain numbers; `schema_version` first."""
+    payload = {"schema_version": SCHEMA_VERSION, **payload}
     storage.write_text(path, json.dumps(_clean(payload), indent=2, default=_json_default) + "\n")
 
 
@@ -73,10 +78,11 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pd.DataFrame:
 
 
 def write_parquet(path: str, frame: pd.DataFrame, provenance: dict[str, str]) -> None:
-    """`frame` as Parquet with `provenance` (weights, data fingerprint, version) in the
-    schema metadata under the key `leukray`."""
+    """`frame` as Parquet with `provenance` (weights, data fingerprint, version) and the
+    `schema_version` in the schema metadata under the key `leukray`."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    metadata = {**(table.schema.metadata or {}), b"leukray": json.dumps(provenance).encode()}
+    described = {"schema_version": SCHEMA_VERSION, **provenance}
+    metadata = {**(table.schema.metadata or {}), b"leukray": json.dumps(described, default=str).encode()}
     table = table.replace_schema_metadata(metadata)
     with storage.AtomicLocalFile(path) as tmp:
         pq.write_table(table, tmp)

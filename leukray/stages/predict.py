@@ -17,7 +17,11 @@ from leukray.io import storage
 from leukray.io.tables import log, write_parquet
 from leukray.models.bundle import load_bundle
 
-PREDICTION_COLUMNS = ["path", "label", "predicted_label", "prob_all", "error"]
+# One column set for `run`'s predictions.parquet and `predict`'s output (docs/outputs.md):
+# prob_all is the probability of the bundle's positive label (ALL unless data.positive_label
+# said otherwise; the Parquet metadata records which), error is "" for a predicted image.
+PREDICTION_COLUMNS = ["path", "label", "subject", "predicted_label", "prob_all", "error"]
+STREAM_COLUMNS = ["path", "label", "predicted_label", "prob_all", "error"]
 
 
 def predict(model_dir: str, data: str, out: str, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -30,7 +34,8 @@ def predict(model_dir: str, data: str, out: str, start_ray: Callable[[], None] |
         f"predicting {len(images)} images with {bundle.feature_source} features -> {bundle.manifest['classifier']} "
         f"(trunk {bundle.manifest['weights']['name']})"
     )
-    preds = predict_stream(images, bundle, model_dir, PREDICTION_COLUMNS)
+    preds = predict_stream(images, bundle, model_dir, STREAM_COLUMNS)
+    preds["subject"] = preds["path"].map(dict(zip(images["path"], images["subject"]))).fillna("")
     if not skipped.empty:
         preds = pd.concat(
             [
@@ -39,6 +44,7 @@ def predict(model_dir: str, data: str, out: str, start_ray: Callable[[], None] |
                     {
                         "path": skipped["path"],
                         "label": "",
+                        "subject": "",
                         "predicted_label": "",
                         "prob_all": np.nan,
                         "error": skipped["reason"],
@@ -49,7 +55,15 @@ def predict(model_dir: str, data: str, out: str, start_ray: Callable[[], None] |
         )
     preds = preds.sort_values("path", kind="stable").reset_index(drop=True)[PREDICTION_COLUMNS]
     preds["error"] = preds["error"].astype(str)
-    write_parquet(out, preds, {"model": model_dir, "bundle": storage.join(model_dir, "bundle.json"), "data": data})
+    provenance = {
+        "model": model_dir,
+        "bundle": storage.join(model_dir, "bundle.json"),
+        "data": data,
+        "weights": bundle.manifest["weights"]["name"],
+        "positive_label": bundle.manifest.get("positive_label", ""),
+        "classes": list(bundle.classes),
+    }
+    write_parquet(out, preds, provenance)
     counts = {
         "images": int(len(preds)),
         "predicted": int((preds["error"] == "").sum()),

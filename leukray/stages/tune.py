@@ -500,9 +500,16 @@ def write_predictions(extracted: Extracted, chosen: Chosen, classes: list[str]) 
             "subject": chosen.test_meta["subject"],
             "predicted_label": np.asarray(classes, dtype=object)[chosen.test_probs.argmax(axis=1)],
             "prob_all": chosen.test_probs[:, positive],
+            "error": "",
         }
-    )
-    write_parquet(storage.join(extracted.cfg.out, "predictions.parquet"), predictions, extracted.record["provenance"])
+    )  # the column set of `leukray predict` (leukray.stages.predict.PREDICTION_COLUMNS)
+    provenance = {
+        **extracted.record["provenance"],
+        "positive_label": classes[positive],
+        "classes": list(classes),
+        "model": chosen.name,
+    }
+    write_parquet(storage.join(extracted.cfg.out, "predictions.parquet"), predictions, provenance)
     return predictions
 
 
