@@ -56,10 +56,8 @@ def test_every_config_field_has_a_meaning():
 
 def test_help_shows_each_options_meaning_and_default():
     text = _help("run")
-    assert (
-        "--sweep.timeout_s FLOAT Wall-time limit per classifier; past it the classifier is recorded as timed " in text
-    )
-    assert "timed out. (default: 600.0)" in text
+    assert "--sweep.timeout_s FLOAT CPU-time limit per classifier fit, in CPU seconds summed over" in text
+    assert "does not change which classifiers finish. (default: 600.0)" in text
     assert "--train.epochs INT Training epochs of the head (the paper: 50). (default: 50)" in text
     assert "--preprocess.keep_aspect BOOL Pad the crop to a square" in text and "(default: true)" in text
     assert (

@@ -325,8 +325,8 @@ def _malformed(manifest: dict[str, Any]) -> str:
         source_families(manifest["feature_source"])
     except (TypeError, ValueError, ConfigError) as exc:
         return str(exc).splitlines()[0][:200]
-    if manifest["weights"].get("kind") not in ("imagenet", "file", "random"):
-        return "`weights.kind` must be imagenet, file or random"
+    if manifest["weights"].get("kind") not in ("imagenet", "file", "random", "none"):
+        return "`weights.kind` must be imagenet, file, random or none (cell features only)"
     needs = {CLASSIFIER_FILE} if manifest["feature_source"] != "head" else set()
     needs |= {CUSTOM_FILE} if manifest["feature_source"] in MODEL_SOURCES else set()
     if manifest["feature_source"] in MODEL_SOURCES and not isinstance(manifest.get("head_config"), dict):
