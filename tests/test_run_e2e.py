@@ -391,7 +391,7 @@ def test_run_without_training_after_a_killed_sweep_resumes_clean_and_reproduces(
     """Run B is `run --train.enabled false` over a copy of tiny_run, killed once in the
     sweep, then resumed (extract reused, the custom model's files discarded, the sweep
     redone). Run C is the same job from a copy of the data in another folder. Both must
-    give the same features (within 1e-5: batched CPU convolutions), the same leaderboards
+    give the same features (within rtol 1e-5: batched CPU convolutions), the same leaderboards
     and model choice (exactly), the same chosen model (exactly) and the same predictions
     (labels exactly, probabilities within pandas' rtol 1e-5)."""
     from leukray.stages import tune
@@ -437,7 +437,9 @@ def _assert_same_results(a: Path, b: Path) -> None:
     for name in ["features.parquet", "cell_features.parquet"]:
         (meta_a, x_a), (meta_b, x_b) = _by_content(a, name), _by_content(b, name)
         assert list(meta_a["aug_index"]) == list(meta_b["aug_index"]) and x_a.shape == x_b.shape
-        np.testing.assert_allclose(x_a, x_b, rtol=0, atol=1e-5)
+        # batched CPU convolutions round differently when Ray Data batches other rows together:
+        # measured up to 5.7e-5 absolute (3e-6 relative) on activations of ~20
+        np.testing.assert_allclose(x_a, x_b, rtol=1e-5, atol=1e-4)
     metrics = ["Model", "Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score", "Val Balanced Accuracy", "status"]
     summary_a, summary_b = (json.loads((o / "summary.json").read_text()) for o in (a, b))
     for entry in summary_a["feature_sets"]:

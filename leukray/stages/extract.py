@@ -174,8 +174,8 @@ def load_extracted(cfg: RunConfig, needed_by: str, with_features: bool = True) -
     tune job): the one reader of what `extract_stage` wrote. Without `with_features` the
     2,048-d vectors are not read (`matrix` is empty)."""
     out = cfg.out
+    journal.verify(out, "extract", needed_by)  # finished, and nothing changed since: before any file is read
     record = runfolder.read_record(out, runfolder.EXTRACT_RECORD, needed_by, "extract")
-    journal.verify(out, "extract", needed_by)  # finished, and nothing changed since
     manifest = read_parquet(storage.join(out, runfolder.MANIFEST_FILE))
     features_path = storage.join(out, runfolder.FEATURES_FILE)
     cell_matrix = None
