@@ -257,3 +257,25 @@ class TestSearch:
         a, b = (r.sort_values("params").reset_index(drop=True) for r in runs)
         assert a["params"].tolist() == b["params"].tolist() and a["Model"].tolist() == b["Model"].tolist()
         assert a["CV Balanced Accuracy"].tolist() == b["CV Balanced Accuracy"].tolist()
+
+
+def test_the_custom_heads_features_are_never_cross_validated_for_the_choice():
+    """The head learned its features from the training subjects' labels: a CV over train+val
+    would score them on subjects they were fitted to, so neither the CV pool nor the search
+    sees them, however well they did on validation."""
+    import pandas as pd
+
+    from leukray.stages.tune import Sweeps, _cv_pool, _pool_rows
+
+    def board(val: list[float]) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"Model": ["LogisticRegression", "GaussianNB"][: len(val)], "status": "ok", "Val Balanced Accuracy": val}
+        )
+
+    sweeps = Sweeps(
+        data={}, boards={"trunk": board([0.6, 0.55]), "custom": board([0.99, 0.98])},
+        candidates=[], has_val=True, classes=["hem", "all"], tables=[],
+    )  # fmt: skip
+    assert {s for s, _ in _pool_rows(sweeps)} == {"trunk"}
+    pool = _cv_pool(sweeps, top=5, seed=0)
+    assert [(c["source"], c["Model"]) for c in pool] == [("trunk", "LogisticRegression"), ("trunk", "GaussianNB")]
