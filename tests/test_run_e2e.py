@@ -393,7 +393,7 @@ def test_run_without_training_after_a_killed_sweep_resumes_clean_and_reproduces(
     redone). Run C is the same job from a copy of the data in another folder. Both must
     give the same features (within rtol 1e-5: batched CPU convolutions), the same leaderboards
     and model choice (exactly), the same chosen model (exactly) and the same predictions
-    (labels exactly, probabilities within pandas' rtol 1e-5)."""
+    (labels exactly away from 0.5, probabilities within 1e-3)."""
     from leukray.stages import tune
 
     b_out = _copy_run(tiny_run, tmp_path / "b")
@@ -449,9 +449,11 @@ def _assert_same_results(a: Path, b: Path) -> None:
     assert summary_a["chosen_model"] == summary_b["chosen_model"]
     pa_, pb_ = (pd.read_parquet(o / "predictions.parquet") for o in (a, b))
     pa_["path"], pb_["path"] = pa_["path"].map(lambda p: Path(p).name), pb_["path"].map(lambda p: Path(p).name)
-    pd.testing.assert_frame_equal(
-        pa_.sort_values("path").reset_index(drop=True), pb_.sort_values("path").reset_index(drop=True)
-    )
+    pa_, pb_ = (p.sort_values("path").reset_index(drop=True) for p in (pa_, pb_))
+    # the features' rounding (above) reaches the probabilities: measured up to 1.4e-4
+    np.testing.assert_allclose(pa_["prob_all"], pb_["prob_all"], rtol=0, atol=1e-3)
+    clear = (pa_["prob_all"] - 0.5).abs() > 1e-3  # a label within the tolerance of 0.5 may flip
+    pd.testing.assert_frame_equal(pa_.drop(columns="prob_all")[clear], pb_.drop(columns="prob_all")[clear])
 
 
 @pytest.mark.slow
