@@ -63,7 +63,8 @@ class TestRun:
         assert all(f"| {m} " in board_md for m in pd.read_csv(tiny_run / "leaderboard.csv")["Model"])
         # the predictions are the chosen model's on exactly the test images, and its test scores come from them
         predictions = pd.read_parquet(tiny_run / "predictions.parquet")
-        assert list(predictions.columns) == ["path", "label", "subject", "predicted_label", "prob_all"]
+        assert list(predictions.columns) == ["path", "label", "subject", "predicted_label", "prob_all", "error"]
+        assert (predictions["error"] == "").all()  # `leukray predict`'s column set; every test image predicted
         assert sorted(predictions["path"]) == sorted(manifest.loc[manifest["split"] == "test", "path"])
         assert predictions["prob_all"].between(0, 1).all() and set(predictions["predicted_label"]) <= {"all", "hem"}
         test = summary["chosen_model"]["test"]
