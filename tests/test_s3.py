@@ -68,7 +68,8 @@ def test_run_from_and_to_s3(s3, ray_local, tiny_cells):
     assert not any(".tmp-" in k for k in keys)  # atomic writes leave no temporary objects
     # Ray Train checkpoints and the model bundle's weights went to the bucket too
     assert any(k.startswith("runs/r1/train/") and k.endswith("/state.pt") for k in keys)
-    assert any(k.startswith("runs/r1/model/v-") and k.endswith("/custom_resnet50.pt") for k in keys)
+    assert "runs/r1/custom_model/custom_resnet50.pt" in keys  # the train stage's head
+    assert any(k.startswith("runs/r1/model/v-") and k.endswith("/trunk.pt") for k in keys)  # the random trunk
     assert "runs/r1/run.json" in keys  # the journal that says which stages finished
     summary = json.loads(s3.get_object(Bucket="cells", Key="runs/r1/summary.json")["Body"].read())
     assert summary["counts"]["usable"] == len(list(tiny_cells.rglob("*.bmp")))
