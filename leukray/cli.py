@@ -208,12 +208,14 @@ def _check_inputs(cfg: RunConfig, need_out: bool = True) -> None:
         raise ConfigError("no output folder: pass --out RUN or set `out:` in the --config file")
     if not cfg.data.path:
         raise ConfigError("no data given: pass --data DIR (or a CSV manifest), or set data.path in --config")
-    for root in cfg.data.path.split(","):  # --data may be repeated (folds): "A,B"
-        if not _exists(root.strip()):
-            raise InputNotFoundError(f"data path not found: {root.strip()}")
-    for root in cfg.data.test_path.split(",") if cfg.data.test_path else []:
-        if not _exists(root.strip()):
-            raise InputNotFoundError(f"test data path not found: {root.strip()}")
+    from leukray.data.discovery import split_roots  # --data may be repeated (folds): "A,B"
+
+    for root in split_roots(cfg.data.path):
+        if not _exists(root):
+            raise InputNotFoundError(f"data path not found: {root}")
+    for root in split_roots(cfg.data.test_path) if cfg.data.test_path else []:
+        if not _exists(root):
+            raise InputNotFoundError(f"test data path not found: {root}")
 
 
 # -- output modes: text, --quiet, --json ---------------------------------------------------
