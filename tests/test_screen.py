@@ -307,13 +307,14 @@ def read_rgb(path) -> np.ndarray:
 @pytest.mark.realdata
 @pytest.mark.skipif(not ALL_IDB1.is_dir(), reason=f"ALL-IDB1 fields not found at {ALL_IDB1}")
 def test_all_idb1_blasts_are_detected():
-    """12 ALL-IDB1 fields, 59 annotated blasts. Measured with the defaults: 53 of 59 blast
-    centres inside a detected box (0.90); the misses are blasts in tight clumps."""
+    """12 ALL-IDB1 fields, 59 annotated blasts. Measured with the defaults: all 59 blast
+    centres inside a detected box, each centre in its own box (53/59 before the red-cell
+    estimate ignored stained pixels and clumps were cut at their pale seams)."""
     found, total = all_idb1_blasts_found(ScreenConfig())
     assert total == 59
-    # detection is deterministic: the bound is the measured 53 less a margin of one cell
-    # (a platform's OpenCV build may round one contour differently)
-    assert found >= 52, f"blast recall {found}/{total} (measured 53/59)"
+    # detection is deterministic: the bound is the measured 59 less a margin of one cell
+    # (a platform's OpenCV build may round one contour differently); 57 = 0.966 >= 0.95
+    assert found >= 58, f"blast recall {found}/{total} (measured 59/59)"
 
 
 def all_idb1_blasts_found(cfg: ScreenConfig) -> tuple[int, int]:
@@ -343,17 +344,18 @@ def voc_boxes(xml_path, name: str) -> list[tuple[int, int, int, int]]:
 @pytest.mark.realdata
 @pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD not found at {BCCD}")
 def test_bccd_white_cells_are_detected_with_few_false_detections():
-    """40 BCCD fields (seeded sample). Measured with the defaults: WBC recall 41/41, 47
+    """40 BCCD fields (seeded sample). Measured with the defaults: WBC recall 41/41, 50
     detections of which 1 lies outside every WBC box (0.025 false detections per field;
-    the other 5 surplus are cells split in two). On all 364 fields: 369/372, 0.044."""
+    the other 8 surplus are cells split in two: 5 before the red-cell estimate left stained
+    pixels out). On all 364 fields: 369/372, 0.044, 440 detections (426 before)."""
     annotations = sorted((BCCD / "Annotations").glob("*.xml"))
     pick = sorted(np.random.default_rng(0).choice(len(annotations), 40, replace=False))
     hits, truth, false, detections, fields = bccd_white_cells_found([annotations[i] for i in pick], ScreenConfig())
     assert fields == 40 and truth >= 40
-    # deterministic detection: measured 41/41, 1 false, 47 detections; margin of one cell each
+    # deterministic detection: measured 41/41, 1 false, 50 detections; margin of one cell each
     assert hits >= truth - 1, f"WBC recall {hits}/{truth} (measured 41/41)"
     assert false <= 2, f"{false} false detections in {fields} fields (measured 1)"
-    assert detections <= 48, f"{detections} detections for {truth} white cells (measured 47)"
+    assert detections <= 51, f"{detections} detections for {truth} white cells (measured 50)"
 
 
 def bccd_white_cells_found(annotations, cfg: ScreenConfig) -> tuple[int, int, int, int, int]:

@@ -95,13 +95,18 @@ def stain_channel(image: np.ndarray) -> np.ndarray:
     return np.clip(diff, 0, 255).astype(np.uint8)
 
 
-def estimate_red_cell_diameter(image: np.ndarray) -> float:
+def estimate_red_cell_diameter(image: np.ndarray, min_stain: int = 20) -> float:
     """The median red-cell diameter in pixels of a smear field (HxWx3 uint8 RGB).
 
-    Cells (red and white) are darker than the plasma background in green; Otsu (1979) on
-    the green channel separates them. Holes (red-cell central pallor) are filled, and each
-    blob's largest inscribed disk (twice the maximum of the distance transform) measures
-    one cell even where red cells touch in chains. Computed on a copy scaled to <= 800 px.
+    Cells are darker than the plasma background in green; Otsu (1979) on the green channel
+    of the pixels that are not leukocyte stain separates red cells from plasma. Stained
+    pixels (B - G above Otsu's threshold, floored at `min_stain`, and a 2-pixel ring) are
+    left out of both the threshold and the blobs: in a field crowded with blasts the dark
+    nuclei would otherwise set the threshold (pale red cells fall on the plasma's side) and
+    the blobs measured would be leukocytes (measured on ALL-IDB1 Im052_1: 130 px instead
+    of ~78). Holes (red-cell central pallor) are filled, and each blob's largest inscribed
+    disk (twice the maximum of the distance transform) measures one cell even where red
+    cells touch in chains. Computed on a copy scaled to <= 800 px.
 
     Returns:
         The median over blobs, in pixels of `image`; a fallback of width / 25 when the field
@@ -122,7 +127,12 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float:
         else image
     )
     green = cv2.GaussianBlur(small[:, :, 1], (3, 3), 0)
-    cells = (green <= otsu_threshold(green)).astype(np.uint8)
+    channel = cv2.GaussianBlur(stain_channel(small), (3, 3), 0)
+    stained = (channel > max(otsu_threshold(channel), min_stain)).astype(np.uint8)
+    stained = cv2.dilate(stained, np.ones((5, 5), np.uint8)).astype(bool)
+    plain = green[~stained]
+    threshold = otsu_threshold(plain.reshape(1, -1)) if plain.size else otsu_threshold(green)
+    cells = ((green <= threshold) & ~stained).astype(np.uint8)
     cells = _fill_holes(cv2.morphologyEx(cells, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)))
     count, labels = cv2.connectedComponents(cells, connectivity=8)
     if count <= 1:
@@ -157,12 +167,13 @@ def _disk(diameter: float) -> np.ndarray:
 
 def _working_scale(image: np.ndarray, cfg: ScreenConfig) -> tuple[float, float]:
     """(red-cell diameter in input pixels, factor input -> working image)."""
-    diameter = cfg.red_cell_diameter_px or estimate_red_cell_diameter(image)
+    diameter = cfg.red_cell_diameter_px or estimate_red_cell_diameter(image, cfg.min_stain)
     return diameter, min(1.0, WORK_RED_CELL_PX / diameter)
 
 
-def _nucleus_mask(image: np.ndarray, cfg: ScreenConfig, red_cell_px: float) -> np.ndarray:
-    """The nucleus mask (HxW uint8 0/1) at the scale where a red cell is `red_cell_px` wide."""
+def _nucleus_mask(image: np.ndarray, cfg: ScreenConfig, red_cell_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the nucleus mask (HxW uint8 0/1), the smoothed stain channel it was cut from) at the
+    scale where a red cell is `red_cell_px` wide."""
 
     channel = cv2.GaussianBlur(stain_channel(image), (3, 3), 0)
     threshold = max(otsu_threshold(channel), cfg.min_stain)
@@ -172,7 +183,7 @@ def _nucleus_mask(image: np.ndarray, cfg: ScreenConfig, red_cell_px: float) -> n
     kernel = _disk(red_cell_px / 8.0)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
-    return _fill_holes(mask)
+    return _fill_holes(mask), channel
 
 
 def leukocyte_mask(image: np.ndarray, cfg: ScreenConfig) -> np.ndarray:
@@ -191,19 +202,20 @@ def leukocyte_mask(image: np.ndarray, cfg: ScreenConfig) -> np.ndarray:
     Raises:
         ValueError: `image` is not HxWx3 uint8.
     """
-    mask, scale, _ = _working_mask(image, cfg)
+    mask, scale, _, _ = _working_mask(image, cfg)
     if scale < 1.0:
         mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
     return mask.astype(bool)
 
 
-def _working_mask(image: np.ndarray, cfg: ScreenConfig) -> tuple[np.ndarray, float, float]:
+def _working_mask(image: np.ndarray, cfg: ScreenConfig) -> tuple[np.ndarray, float, float, np.ndarray]:
     """(nucleus mask at the working scale, factor input -> working image, red-cell
-    diameter in working pixels), after checking `image`."""
+    diameter in working pixels, stain channel at the working scale), after checking `image`."""
     check_rgb(image)
     diameter, scale = _working_scale(image, cfg)
     red_px = diameter * scale
-    return _nucleus_mask(_resize(image, scale), cfg, red_px), scale, red_px
+    mask, channel = _nucleus_mask(_resize(image, scale), cfg, red_px)
+    return mask, scale, red_px, channel
 
 
 def _resize(image: np.ndarray, scale: float) -> np.ndarray:
@@ -236,13 +248,14 @@ def detect_leukocytes(image: np.ndarray, cfg: ScreenConfig) -> list[CellBox]:
     Raises:
         ValueError: `image` is not HxWx3 uint8.
     """
-    mask, scale, red_px = _working_mask(image, cfg)
+    mask, scale, red_px, channel = _working_mask(image, cfg)
     h, w = image.shape[:2]
     if not mask.any():
         return []
     pieces = split_touching_nuclei(mask, cfg.split_depth * red_px)
     red_area = math.pi * (red_px / 2.0) ** 2
     groups = group_lobes(pieces, cfg.lobe_area_fraction * red_area, cfg.merge_distance * red_px)
+    groups = split_clumps(groups, channel, cfg.max_area_fraction * red_area, red_px, cfg.split_depth * red_px)
     wh, ww = mask.shape
     cells: list[CellBox] = []
     for g in range(1, int(groups.max()) + 1):
@@ -273,6 +286,46 @@ def detect_leukocytes(image: np.ndarray, cfg: ScreenConfig) -> list[CellBox]:
         )
     cells.sort(key=lambda c: (c.cy, c.cx))
     return cells
+
+
+def split_clumps(groups: np.ndarray, channel: np.ndarray, max_area: float, red_px: float, depth: float) -> np.ndarray:
+    """Cut the groups larger than one cell can be (`max_area` pixels) at their pale seams.
+
+    Blasts packed in a clump touch along seams that the nucleus mask's closing and hole
+    filling paint over, so the clump has no neck for `split_touching_nuclei`. Inside such
+    a group the seams (cell membranes, thin cytoplasm) stain less than the nuclei: Otsu's
+    threshold on the group's own stain values keeps the nuclei's cores, which are opened by
+    a 1/8 red-cell disk, hole-filled and split by the same watershed. Only groups that the
+    size filter would drop are touched, so every other detection stays as it was (measured:
+    ALL-IDB1 blast centres 51/59 -> 59/59 with the crowding-robust red-cell estimate; BCCD
+    unchanged at 369/372 WBCs, 440 detections, 16 outside every WBC box, on 364 fields).
+
+    Args:
+        groups: HxW int32 group labels (0 = background).
+        channel: HxW uint8 stain channel at the same scale.
+        max_area: groups above this many pixels are re-cut.
+        red_px: red-cell diameter in pixels at this scale.
+        depth: h of the watershed's h-maxima, in pixels.
+
+    Returns:
+        HxW int32 labels: the pieces of the re-cut groups replace them (numbered after the rest).
+    """
+    areas = np.bincount(groups.ravel())
+    oversize = [g for g in np.nonzero(areas > max_area)[0] if g != 0]
+    if not oversize:
+        return groups
+    groups = groups.copy()
+    following = int(groups.max()) + 1
+    for g in oversize:
+        blob = groups == g
+        core = (blob & (channel > otsu_threshold(channel[blob].reshape(1, -1)))).astype(np.uint8)
+        core = _fill_holes(cv2.morphologyEx(core, cv2.MORPH_OPEN, _disk(red_px / 8.0)))
+        pieces = split_touching_nuclei(core, depth)
+        groups[blob] = 0
+        inside = pieces > 0
+        groups[inside] = pieces[inside] + following - 1
+        following += int(pieces.max())
+    return groups
 
 
 def split_touching_nuclei(mask: np.ndarray, depth: float) -> np.ndarray:
