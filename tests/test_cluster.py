@@ -392,7 +392,7 @@ def test_a_worker_node_killed_during_extraction_loses_and_duplicates_nothing(clu
     assert replacement in record["ray"]["node_ids"]["extract"]
 
 
-JOBS = ["pipeline", "extract", "train", "tune", "predict", "screen"]
+JOBS = ["pipeline", "extract", "train", "tune", "predict", "screen", "smear_train"]
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -403,7 +403,7 @@ def test_each_job_entry_point_is_its_leukray_subcommand(job):
         [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    command = "run" if job == "pipeline" else job
+    command = {"pipeline": "run", "smear_train": "smear-train"}.get(job, job)
     assert result.stdout.startswith(f"usage: leukray {command} ")
     flags = {
         a
