@@ -14,7 +14,7 @@ from test_screen import encode, smear_field, tiny_bundle  # noqa: F401 - tiny_bu
 
 from leukray.config import PreprocessConfig, ScreenConfig
 from leukray.distributed.actors import slide_tiles
-from leukray.errors import DataError
+from leukray.errors import ConfigError, DataError
 from leukray.io import wholeslide
 from leukray.ops.smear import NO_CELLS, TILE_CELL_STRIDE, TILE_COLUMNS, detect_and_crop, detect_leukocytes
 from leukray.ops.tiles import choose_level, tile_grid
@@ -72,6 +72,15 @@ def nearest(points: np.ndarray, to: np.ndarray) -> np.ndarray:
 
 
 # -- tile plan ------------------------------------------------------------------------------
+
+
+def test_tiling_options_are_checked():
+    with pytest.raises(ConfigError, match="screen.tile_px must be >= 64"):
+        ScreenConfig(tile_px=32)
+    with pytest.raises(ConfigError, match="screen.tile_overlap must be between 1.0"):
+        ScreenConfig(tile_overlap=0.5)  # less than a leukocyte: border cells would be cut
+    with pytest.raises(ConfigError, match="screen.level must be >= -1"):
+        ScreenConfig(level=-2)
 
 
 def test_choose_level_by_resolution_and_by_hand():
