@@ -613,7 +613,7 @@ def slide_tile_rows(
     else:
         side = min(cfg.tile_px, width, height)
         centre = read_level_region(level, (width - side) // 2, (height - side) // 2, side, side)
-        red_px = estimate_red_cell_diameter(to_rgb_uint8(centre))
+        red_px = estimate_red_cell_diameter(to_rgb_uint8(centre), cfg.min_stain)
     red_px = max(red_px, 4.0)
     overlap = math.ceil(cfg.tile_overlap * red_px)
     return [
