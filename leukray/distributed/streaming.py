@@ -244,14 +244,14 @@ def predict_stream(images: pd.DataFrame, bundle: Bundle, model_dir: str, columns
 
 
 def slide_tiles_dataset(slides: list[str], cfg: ScreenConfig) -> Any:
-    """The detection rows of `slides`, created lazily on the cluster: one slide per block
-    into `slide_tiles` (a camera field -> one row, a whole slide -> one row per tile, read
-    later by the detection tasks), re-blocked to `cfg.batch_size` rows so a slide's tiles
-    spread over many tasks instead of running one after another in the task that planned
-    them."""
+    """The detection rows of `slides`, created lazily on the cluster: `cfg.batch_size` slides
+    per block into `slide_tiles` (a camera field -> one row, a whole slide -> one row per
+    tile, read later by the detection tasks), re-blocked to `cfg.batch_size` rows so a
+    slide's tiles spread over many tasks instead of running one after another in the task
+    that planned them."""
     import ray
 
-    ds = ray.data.from_pandas(row_blocks(pd.DataFrame({"path": slides}), 1))
+    ds = ray.data.from_pandas(row_blocks(pd.DataFrame({"path": slides}), cfg.batch_size))
     ds = ds.flat_map(slide_tiles, fn_kwargs={"cfg": cfg})
     return ds.repartition(target_num_rows_per_block=cfg.batch_size)
 
