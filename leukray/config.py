@@ -413,7 +413,21 @@ class ScreenConfig:
     """Slides per detection batch (each yields tens of crops)."""
     max_pixels: int = 50_000_000
     """Smear fields whose header declares more pixels are refused before decoding
-    (ALL-IDB1's 2592x1944 fields are 5 million)."""
+    (ALL-IDB1's 2592x1944 fields are 5 million); a TIFF this large is read as a whole slide,
+    tile by tile, instead."""
+    tile_px: int = 2048
+    """Whole-slide images (SVS, NDPI, MRXS, ..., tiled or pyramidal TIFF) are cut into tiles
+    of this many pixels a side at the level read; each tile is one detection unit."""
+    tile_overlap: float = 3.0
+    """Tiles overlap by this many red-cell diameters on every side (a leukocyte is 1.5-3
+    across), so every cell lies whole in some tile; a cell is kept only by the tile whose
+    core holds its nucleus centre, so none is counted twice."""
+    target_mpp: float = 0.25
+    """Whole slides are read at the coarsest pyramid level at least this fine (microns per
+    pixel, from the file's resolution metadata; a 40x scan is ~0.25); 0 = level 0."""
+    level: int = -1
+    """The pyramid level to read whole slides at (0 = full resolution), overriding
+    target_mpp; -1 = choose by target_mpp (level 0 when the file has no resolution)."""
 
     def __post_init__(self) -> None:
         check_at_least("screen.red_cell_diameter_px", self.red_cell_diameter_px, 0.0)
@@ -439,6 +453,10 @@ class ScreenConfig:
         check_at_least("screen.min_cells", self.min_cells, 0)
         check_at_least("screen.batch_size", self.batch_size, 1)
         check_at_least("screen.max_pixels", self.max_pixels, 1)
+        check_at_least("screen.tile_px", self.tile_px, 64)
+        check_in_range("screen.tile_overlap", self.tile_overlap, 1.0, 50.0)
+        check_at_least("screen.target_mpp", self.target_mpp, 0.0)
+        check_at_least("screen.level", self.level, -1)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 `map_batches`. Each wraps a pure function or model from a lower folder and stamps the Ray
 node it ran on, which the stages record in summary.json.
 
-May import: numpy, `leukray.distributed.resources`, `leukray.io.storage`, `leukray.ops`,
+May import: numpy, `leukray.distributed.resources`, `leukray.io.storage`, `leukray.io.wholeslide`, `leukray.ops`,
 `leukray.models`, `leukray.data`.
 """
 
@@ -14,13 +14,13 @@ import numpy as np
 
 from leukray.data.discovery import hash_files
 from leukray.distributed.resources import ray_node_id
-from leukray.io import storage
+from leukray.io import storage, wholeslide
 from leukray.io.features import error_mask
 from leukray.models.bundle import load_bundle
 from leukray.models.custom import build_custom_model, load_model_state
 from leukray.models.trunk import TrunkExtractor
-from leukray.ops.preprocess import load_and_preprocess
-from leukray.ops.smear import detect_and_crop
+from leukray.ops.preprocess import READ_ERRORS, load_and_preprocess, read_error_reason
+from leukray.ops.smear import detect_and_crop, field_row, slide_tile_rows
 
 
 def _stamp(batch: dict[str, np.ndarray], column: str, rows: int) -> dict[str, np.ndarray]:
@@ -41,9 +41,29 @@ def preprocess_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, n
 
 
 def detect_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
-    """`leukray.ops.smear.detect_and_crop` reading through storage + detect_node."""
-    out = detect_and_crop(batch, read_bytes=storage.read_bytes, **kwargs)
+    """`leukray.ops.smear.detect_and_crop` reading through storage (whole-slide tiles through
+    `leukray.io.wholeslide`) + detect_node."""
+    out = detect_and_crop(batch, read_bytes=storage.read_bytes, read_region=wholeslide.read_region, **kwargs)
     return _stamp(out, "detect_node", len(out["slide"]))
+
+
+def slide_tiles(row: dict[str, Any], cfg: Any) -> list[dict[str, Any]]:
+    """Ray Data flat_map: one slide row (`path`) -> its detection rows: one for a camera
+    field, one per tile for a whole-slide image (`leukray.ops.smear.slide_tile_rows`; only
+    the header and the central tile are read here), or one row with the reason when the
+    slide cannot be opened."""
+    path = str(row["path"])
+    is_tiff = path.lower().endswith(wholeslide.TIFF_EXTENSIONS)
+    if not wholeslide.is_openslide_path(path) and not (
+        is_tiff and wholeslide.tiff_is_whole_slide(path, cfg.max_pixels)
+    ):
+        return [field_row(path)]
+    try:
+        with wholeslide.open_slide(path) as slide:
+            levels = [(lv.width, lv.height, lv.downsample) for lv in slide.info.levels]
+            return slide_tile_rows(path, levels, slide.info.mpp, slide.read_region, cfg)
+    except (*READ_ERRORS, ValueError) as exc:
+        return [field_row(path, read_error_reason(exc))]
 
 
 class FeatureExtractor(TrunkExtractor):

@@ -23,6 +23,7 @@ from leukray.distributed.actors import (
     detect_batch,
     hash_batch,
     preprocess_batch,
+    slide_tiles,
 )
 from leukray.distributed.resources import plan_actor_pool
 from leukray.io.features import FeatureFileWriter, error_mask
@@ -242,14 +243,25 @@ def predict_stream(images: pd.DataFrame, bundle: Bundle, model_dir: str, columns
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
-def screen_stream(
-    slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str]
-) -> tuple[pd.DataFrame, bool]:
-    """Smear fields -> detected, cropped and classified cells (one row each, `columns`),
-    and whether the classifier ran on GPUs."""
+def slide_tiles_dataset(slides: list[str], cfg: ScreenConfig) -> Any:
+    """The detection rows of `slides`, created lazily on the cluster: `cfg.batch_size` slides
+    per block into `slide_tiles` (a camera field -> one row, a whole slide -> one row per
+    tile, read later by the detection tasks), re-blocked to `cfg.batch_size` rows so a
+    slide's tiles spread over many tasks instead of running one after another in the task
+    that planned them."""
     import ray
 
     ds = ray.data.from_pandas(row_blocks(pd.DataFrame({"path": slides}), cfg.batch_size))
+    ds = ds.flat_map(slide_tiles, fn_kwargs={"cfg": cfg})
+    return ds.repartition(target_num_rows_per_block=cfg.batch_size)
+
+
+def screen_stream(
+    slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str]
+) -> tuple[pd.DataFrame, bool]:
+    """Smear fields and whole slides -> detected, cropped and classified cells (one row
+    each, `columns`), and whether the classifier ran on GPUs."""
+    ds = slide_tiles_dataset(slides, cfg)
     ds = ds.map_batches(
         detect_batch,
         batch_format="numpy",

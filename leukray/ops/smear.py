@@ -20,8 +20,12 @@ red cells, so screening is detection -> crop -> the bundle's own preprocessing -
 `detect_and_crop` is the batch function (slides in, preprocessed cells out) that
 `leukray.distributed.actors.detect_batch` hands to Ray Data.
 
+Whole-slide images go through the same detector a tile at a time: `slide_tile_rows` plans a
+slide's tiles (`leukray.ops.tiles`), `detect_and_crop` detects on each tile and keeps the
+cells whose nucleus centre lies in the tile's core, in level-0 slide coordinates.
+
 May import: numpy, cv2, scipy, `leukray.config`, `leukray.ops.preprocess`, `leukray.ops.stain`,
-`leukray.ops.cellfeatures`. No Ray, no torch.
+`leukray.ops.cellfeatures`, `leukray.ops.tiles`. No Ray, no torch.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ from leukray.ops.preprocess import (
     otsu_threshold,
     preprocess_image_with_cell,
     read_error_reason,
+    to_rgb_uint8,
 )
+from leukray.ops.tiles import Tile, choose_level, tile_grid
 
 # Decoding and morphology run one slide per Ray worker (see leukray.ops.preprocess).
 cv2.setNumThreads(1)
@@ -499,31 +505,45 @@ def detect_and_crop(
     preprocess_cfg: PreprocessConfig,
     read_bytes: Callable[[str], bytes],
     cell_families: tuple[str, ...] = (),
+    read_region: RegionReader | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: slides in, cells out.
+    """Ray Data batch function: slides (or whole-slide tiles) in, cells out.
 
     Args:
-        batch: column `path` (str), one row per slide.
+        batch: column `path` (str), one row per slide; or the rows of `slide_tile_rows`
+            (TILE_COLUMNS), one per camera field or whole-slide tile.
         cfg: detection parameters.
         preprocess_cfg: the bundle's preprocessing (`Bundle.preprocess`), applied to each
             crop exactly as in training.
         read_bytes: path or URI -> file bytes.
         cell_families: hand-crafted families (`leukray.ops.cellfeatures`) to measure on each
             cut-out cell, as the bundle's classifier was trained with.
+        read_region: (path, level, x, y, width, height) -> the pixels of a whole-slide
+            region (`leukray.io.wholeslide.read_region`); needed for tile rows.
 
     Returns:
-        One row per detected cell: `slide` (the path), `cell_index` (0, 1, ... per slide),
-        x0, y0, x1, y1, cx, cy, area (see `CellBox`), `image` (N x size x size x 3 uint8,
-        preprocessed) and `error` (""). A slide that cannot be read or decoded, or has no
-        cells, gives one row with `cell_index` -1, a blank image and the reason in `error`;
-        so does a cell whose crop preprocessing rejects (with its own index), so no slide or
-        cell is dropped silently.
+        One row per detected cell: `slide` (the path), `cell_index` (0, 1, ... per slide; in a
+        whole slide tile * TILE_CELL_STRIDE + the cell's index in the tile), x0, y0, x1, y1,
+        cx, cy, area (see `CellBox`; level-0 pixels of a whole slide), `image` (N x size x
+        size x 3 uint8, preprocessed) and `error` (""). A slide or tile that cannot be read
+        or decoded, or has no cells, gives one row with `cell_index` -1, a blank image and the
+        reason in `error`; so does a cell whose crop preprocessing rejects (with its own
+        index), so no slide, tile or cell is dropped silently.
     """
     size = preprocess_cfg.size
     blank = np.zeros((size, size, 3), dtype=np.uint8)
     rows: list[CellRow] = []
-    for path in map(str, batch["path"]):
-        rows.extend(_slide_rows(path, cfg, preprocess_cfg, read_bytes, blank, cell_families))
+    tiled = "tile_index" in batch
+    for i, path in enumerate(map(str, batch["path"])):
+        if tiled and str(batch["error"][i]):
+            rows.append((path, -1, NO_BOX, blank, str(batch["error"][i]), _no_cell(cell_families)))
+        elif tiled and int(batch["tile_index"][i]) >= 0:
+            if read_region is None:
+                raise ValueError("detect_and_crop: tile rows need a read_region function")
+            tile = {c: batch[c][i] for c in TILE_COLUMNS}
+            rows.extend(_tile_rows(path, tile, cfg, preprocess_cfg, read_region, blank, cell_families))
+        else:
+            rows.extend(_slide_rows(path, cfg, preprocess_cfg, read_bytes, blank, cell_families))
     out: dict[str, np.ndarray] = {
         "slide": np.asarray([r[0] for r in rows], dtype=object),
         "cell_index": np.asarray([r[1] for r in rows], dtype=np.int64),
@@ -539,6 +559,118 @@ def detect_and_crop(
             np.stack([r[5] for r in rows]).reshape(-1, dim) if rows else np.zeros((0, dim), np.float32)
         )
     return out
+
+
+# -- whole-slide tiles ------------------------------------------------------------------------
+
+# A whole slide's cell_index: tile index x this + the cell's index within the tile (unique per
+# slide, in tile then reading order, without a pass over the whole slide).
+TILE_CELL_STRIDE = 100_000
+# One row per camera field (tile_index -1: decode the whole file) or whole-slide tile.
+TILE_COLUMNS = [
+    "tile_index", "level", "downsample", "x", "y", "width", "height",
+    "core_x0", "core_y0", "core_x1", "core_y1", "red_cell_px", "error",
+]  # fmt: skip
+_TILE_BOX = ("x", "y", "width", "height", "core_x0", "core_y0", "core_x1", "core_y1")
+# (path, level, x, y, width, height) -> the region's pixels, HxWxS
+RegionReader = Callable[[str, int, int, int, int, int], np.ndarray]
+
+
+def field_row(path: str, error: str = "") -> dict[str, object]:
+    """The one row of a camera field (decoded whole), or of a slide that could not be
+    opened (`error` says why)."""
+    return {"path": path, **{c: 0 for c in TILE_COLUMNS}, "tile_index": -1, "downsample": 1.0, "error": error}
+
+
+def slide_tile_rows(
+    path: str,
+    levels: Sequence[tuple[int, int, float]],
+    mpp: float,
+    read_level_region: Callable[[int, int, int, int, int], np.ndarray],
+    cfg: ScreenConfig,
+) -> list[dict[str, object]]:
+    """The tiles of one whole slide, as rows for `detect_and_crop`.
+
+    The level is `choose_level`'s (by `cfg.target_mpp` or `cfg.level`). The red-cell
+    diameter, the unit of every detection size, is `cfg.red_cell_diameter_px` (level-0
+    pixels) when set, else estimated once on the slide's central tile and used for every
+    tile, so all tiles detect alike; the overlap is `cfg.tile_overlap` of them.
+
+    Args:
+        path: the slide.
+        levels: (width, height, downsample) per level, level 0 first.
+        mpp: level 0's microns per pixel (0 = unknown).
+        read_level_region: (level, x, y, width, height) -> pixels.
+        cfg: tiling and detection parameters.
+
+    Raises:
+        ImageError, ValueError: the central tile cannot be read as an image.
+    """
+    level = choose_level([d for _, _, d in levels], mpp, cfg.target_mpp, cfg.level)
+    width, height, downsample = levels[level]
+    if cfg.red_cell_diameter_px:
+        red_px = cfg.red_cell_diameter_px / downsample
+    else:
+        side = min(cfg.tile_px, width, height)
+        centre = read_level_region(level, (width - side) // 2, (height - side) // 2, side, side)
+        red_px = estimate_red_cell_diameter(to_rgb_uint8(centre), cfg.min_stain)
+    red_px = max(red_px, 4.0)
+    overlap = math.ceil(cfg.tile_overlap * red_px)
+    return [
+        {
+            "path": path,
+            "tile_index": tile.index,
+            **{f: getattr(tile, f) for f in _TILE_BOX},
+            "level": level,
+            "downsample": float(downsample),
+            "red_cell_px": float(red_px),
+            "error": "",
+        }
+        for tile in tile_grid(width, height, cfg.tile_px, overlap)
+    ]
+
+
+def _tile_rows(
+    path: str,
+    row: dict[str, object],
+    cfg: ScreenConfig,
+    preprocess_cfg: PreprocessConfig,
+    read_region: RegionReader,
+    blank: np.ndarray,
+    cell_families: tuple[str, ...],
+) -> list[CellRow]:
+    """The rows of one whole-slide tile: the cells it owns, in level-0 coordinates."""
+    tile = Tile(index=int(row["tile_index"]), **{f: int(row[f]) for f in _TILE_BOX})
+    where = f"tile {tile.index} (level {int(row['level'])}, x {tile.x}, y {tile.y})"
+    try:
+        image = to_rgb_uint8(read_region(path, int(row["level"]), tile.x, tile.y, tile.width, tile.height))
+        tile_cfg = dataclasses.replace(cfg, red_cell_diameter_px=float(row["red_cell_px"]))
+        cells = [c for c in detect_leukocytes(image, tile_cfg) if tile.owns(c.cx + tile.x, c.cy + tile.y)]
+    except (*READ_ERRORS, ValueError) as exc:
+        return [(path, -1, NO_BOX, blank, f"{where}: {read_error_reason(exc)}", _no_cell(cell_families))]
+    if not cells:
+        return [(path, -1, NO_BOX, blank, NO_CELLS, _no_cell(cell_families))]
+    ds = float(row["downsample"])
+    rows = _cell_rows(path, image, cells, cfg, preprocess_cfg, blank, cell_families)
+    first = tile.index * TILE_CELL_STRIDE
+    return [(p, i if i < 0 else first + i, _to_slide(box, tile, ds), *rest) for p, i, box, *rest in rows]
+
+
+def _to_slide(box: tuple[float, ...], tile: Tile, downsample: float) -> tuple[float, ...]:
+    """A box in tile pixels -> level-0 slide pixels (BOX_COLUMNS order)."""
+    if math.isnan(box[4]):
+        return box
+    x0, y0, x1, y1, cx, cy, area = box
+    ds = downsample
+    return (
+        math.floor((x0 + tile.x) * ds),
+        math.floor((y0 + tile.y) * ds),
+        math.ceil((x1 + tile.x) * ds),
+        math.ceil((y1 + tile.y) * ds),
+        (cx + tile.x + 0.5) * ds - 0.5,
+        (cy + tile.y + 0.5) * ds - 0.5,
+        round(area * ds * ds),
+    )
 
 
 def normalise_field_cells(crops: list[np.ndarray], cfg: PreprocessConfig) -> list[np.ndarray]:
@@ -567,6 +699,10 @@ CellRow = tuple[str, int, tuple[float, ...], np.ndarray, str, np.ndarray]
 NO_BOX = (0, 0, 0, 0, math.nan, math.nan, 0)
 
 
+def _no_cell(cell_families: tuple[str, ...]) -> np.ndarray:
+    return np.zeros(cellfeatures.feature_dim(cell_families) if cell_families else 0, np.float32)
+
+
 def _slide_rows(
     path: str,
     cfg: ScreenConfig,
@@ -575,16 +711,30 @@ def _slide_rows(
     blank: np.ndarray,
     cell_families: tuple[str, ...] = (),
 ) -> list[CellRow]:
-    """The rows of one slide (see `detect_and_crop`)."""
-    no_cell = np.zeros(cellfeatures.feature_dim(cell_families) if cell_families else 0, np.float32)
+    """The rows of one camera field (see `detect_and_crop`)."""
     try:
         field_image = decode_image(read_bytes(path), cfg.max_pixels)
         cells = detect_leukocytes(field_image, cfg)
     except (*READ_ERRORS, ValueError) as exc:  # ValueError: check_rgb's shape check
-        return [(path, -1, NO_BOX, blank, read_error_reason(exc), no_cell)]
+        return [(path, -1, NO_BOX, blank, read_error_reason(exc), _no_cell(cell_families))]
     if not cells:
-        return [(path, -1, NO_BOX, blank, NO_CELLS, no_cell)]
-    crops = [cell_crop(field_image, cell, cfg) for cell in cells]
+        return [(path, -1, NO_BOX, blank, NO_CELLS, _no_cell(cell_families))]
+    return _cell_rows(path, field_image, cells, cfg, preprocess_cfg, blank, cell_families)
+
+
+def _cell_rows(
+    path: str,
+    image: np.ndarray,
+    cells: list[CellBox],
+    cfg: ScreenConfig,
+    preprocess_cfg: PreprocessConfig,
+    blank: np.ndarray,
+    cell_families: tuple[str, ...],
+) -> list[CellRow]:
+    """The detected `cells` of one field or tile cut out, stain-normalised together and
+    preprocessed (coordinates in `image`'s pixels)."""
+    no_cell = _no_cell(cell_families)
+    crops = [cell_crop(image, cell, cfg) for cell in cells]
     try:
         crops = normalise_field_cells(crops, preprocess_cfg)
     except ImageError as exc:

@@ -26,7 +26,7 @@ from leukray.data.discovery import IMAGE_EXTENSIONS
 from leukray.distributed.resources import cluster_cpus, cluster_gpus
 from leukray.distributed.streaming import screen_stream
 from leukray.errors import ConfigError, DataError
-from leukray.io import storage
+from leukray.io import storage, wholeslide
 from leukray.io.tables import log, write_csv, write_json, write_parquet
 from leukray.models.bundle import BUNDLE_FILE, Bundle, load_bundle, sha256_bytes
 from leukray.ops.smear import BOX_COLUMNS, NO_CELLS
@@ -81,7 +81,9 @@ def summarise_slides(rows: pd.DataFrame, cfg: ScreenConfig) -> tuple[pd.DataFram
         slide_errors = group.loc[group["cell_index"] < 0, "error"]
         cell_errors = group.loc[(group["cell_index"] >= 0) & (group["error"] != ""), "error"]
         n, flagged = len(own), int(own["flagged"].sum())
-        error = "; ".join(sorted(set(slide_errors) | set(cell_errors)))
+        # A whole slide's empty tiles each say NO_CELLS; that is no error when others had cells.
+        errors = set(slide_errors) - ({NO_CELLS} if len(own) else set())
+        error = "; ".join(sorted(errors | set(cell_errors)))
         fraction = flagged / n if n else math.nan
         if len(slide_errors) and (slide_errors != NO_CELLS).any():
             status = "error"
@@ -110,10 +112,12 @@ def summarise_slides(rows: pd.DataFrame, cfg: ScreenConfig) -> tuple[pd.DataFram
 
 
 def list_slides(data: str) -> list[str]:
-    """Every image file below `data` (a folder or URI, recursively), sorted.
+    """Every image file below `data` (a folder or URI, recursively), sorted: camera fields
+    and whole-slide images (TIFF, and OpenSlide's SVS, NDPI, MRXS, ...).
 
     Raises:
-        DataError: `data` is missing or holds no image files.
+        DataError: `data` is missing or holds no image files, or holds scanner files without
+            OpenSlide installed.
     """
     if not data:
         raise DataError("no data given: pass --data DIR (a folder of smear images, or a URI)")
@@ -124,9 +128,14 @@ def list_slides(data: str) -> list[str]:
         paths = [data]
     else:
         paths = storage.list_files(data)
-    slides = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS) and not p.rsplit("/", 1)[-1].startswith(".")]
+    extensions = IMAGE_EXTENSIONS + wholeslide.OPENSLIDE_EXTENSIONS
+    slides = [p for p in paths if p.lower().endswith(extensions) and not p.rsplit("/", 1)[-1].startswith(".")]
     if not slides:
-        raise DataError(f"no images found in {data} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"no images found in {data} (looked for {', '.join(extensions)})")
+    scanner_files = [p for p in slides if wholeslide.is_openslide_path(p)]
+    if scanner_files and not wholeslide.openslide_available():
+        name = scanner_files[0].rsplit("/", 1)[-1]
+        raise DataError(f"{name} is a whole-slide image and needs OpenSlide: {wholeslide.WSI_EXTRA}")
     return slides
 
 

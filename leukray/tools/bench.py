@@ -23,6 +23,10 @@ move; ratios measured side by side move much less):
    the same niceness and torch threads). maps/s ratio; target >= 0.7. Each run trains a
    few epochs; the first of each run is warm-up and the fastest later epoch counts.
 
+``screen`` (`leukray.tools.bench_screen`; alone with ``--screen``): `leukray screen` over
+synthetic pyramidal TIFF slides, fields/s and cells/s, and peak driver RSS and object-store
+use at N and 10 x N slides (``memory_growth``, target <= 1.3).
+
 Preprocessing and extraction run several times, baseline and Ray interleaved (alternating
 which goes first), and the fastest run of each side counts (other load on a shared machine can only slow a run down).
 The sweep runs once per side. Ray's workers are started at niceness 0 like the baselines
@@ -924,6 +928,11 @@ def _run_sections(args: argparse.Namespace, skip: set[str], cpus: int, tmp: str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--screen" in argv:  # the screen section alone (`leukray.tools.bench_screen`), into bench.json's `screen`
+        from leukray.tools.bench_screen import main as screen_main
+
+        return screen_main([a for a in argv if a != "--screen"])
     args = parse_args(argv)
     import ray
     import torch
