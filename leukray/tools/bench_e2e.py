@@ -16,10 +16,11 @@ Measured in one run, on the same synthetic 450x450 BMP cells (`leukray.tools.syn
 
 Ratios: ``stage_ratio`` and ``command_ratio`` divide the images/s at scale x N by the smaller
 ceiling; ``memory_growth`` is the larger of (peak driver RSS at scale x N / at N) and (peak
-object store at scale x N / at N); ``hash_fraction`` is the discovery + hashing + split
-seconds over the stage's. The commands run without augmentation and with the trunk's
-features only (``--augment.oversample 0 --extract.features resnet50``), so the stage does
-per image exactly what the ceilings do.
+object store at scale x N / at N, each peak at least `STORE_FLOOR_BYTES`);
+``hash_fraction`` is the discovery + hashing + split seconds over the stage's. The
+commands run without augmentation and with the trunk's features only
+(``--augment.oversample 0 --features resnet50``), so the stage does per image exactly what
+the ceilings do.
 
 Imports Ray (like `leukray.tools.bench`, the benchmark may).
 """
@@ -233,21 +234,25 @@ def run_extract(data: str, out: str, weights: str, batch_size: int, gpu: bool) -
     }
 
 
-def _growth(small: float | None, large: float | None) -> float | None:
-    return None if not small or large is None else large / small
+STORE_FLOOR_BYTES = 64 << 20
+"""Object-store peaks below this count as this much in `memory_growth`: a few blocks in
+flight (kilobytes to megabytes, sampled every half second) say nothing about growth, while
+anything that accumulates with the data (crops or maps kept for every image: 30-40 MB at
+N = 200) still shows as growth at 10 x N."""
+
+
+def _growth(small: float | None, large: float | None, floor: float = 0.0) -> float | None:
+    if small is None or large is None:
+        return None
+    return max(large, floor) / max(small, floor, 1.0)
 
 
 def e2e_ratios(cpu: dict[str, Any], extractor: dict[str, Any], at_n: dict[str, Any], at_scale: dict[str, Any]):
     """The section's ratios from its raw figures (see the module docstring)."""
     ceiling = min(cpu["images_per_s"], extractor["images_per_s"])
-    growths = [
-        g
-        for g in (
-            _growth(at_n["peak_driver_rss_bytes"], at_scale["peak_driver_rss_bytes"]),
-            _growth(at_n["peak_object_store_bytes"], at_scale["peak_object_store_bytes"]),
-        )
-        if g is not None
-    ]
+    rss = _growth(at_n["peak_driver_rss_bytes"], at_scale["peak_driver_rss_bytes"])
+    store = _growth(at_n["peak_object_store_bytes"], at_scale["peak_object_store_bytes"], STORE_FLOOR_BYTES)
+    growths = [g for g in (rss, store) if g is not None]
     return {
         "ceiling_images_per_s": ceiling,
         "bottleneck": "cpu" if cpu["images_per_s"] <= extractor["images_per_s"] else "extractor",
@@ -255,6 +260,8 @@ def e2e_ratios(cpu: dict[str, Any], extractor: dict[str, Any], at_n: dict[str, A
         "command_ratio": at_scale["command_images_per_s"] / ceiling,
         "stage_ratio_at_n": at_n["stage_images_per_s"] / ceiling,
         "memory_growth": max(growths) if growths else None,
+        "driver_rss_growth": rss,
+        "object_store_growth": store,
         "gpu_busy": at_scale["gpu_busy"],
         "hash_fraction": at_scale["discover_hash_split_seconds"] / at_scale["stage_seconds"],
     }
