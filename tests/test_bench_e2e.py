@@ -58,6 +58,7 @@ def test_the_command_is_the_stage_without_augmentation_or_cell_features():
     assert extract_argv("D", "O", "random", 16)[-2:] == ["--extract.batch_size", "16"]
 
 
+@pytest.mark.slow
 def test_e2e_section_figures_are_consistent(ray_local, tmp_path):
     e2e = measure_e2e(images=12, scale=2, weights="random", batch_size=0, cpus=2, tmp=str(tmp_path))
     assert {"stage_ratio", "command_ratio", "memory_growth", "gpu_busy", "hash_fraction"} <= set(e2e)
