@@ -69,6 +69,8 @@ def test_e2e_section_figures_are_consistent(ray_local, tmp_path):
     assert extractor["device"] == scaled["extract_device"] == "cpu"  # no GPU here
     assert extractor["batch_size"] == scaled["extract_batch_size"] == 32  # auto on a CPU
     assert e2e["gpu_busy"] is None
+    share = e2e["hash_cpu_ms_per_image"] / e2e["preprocess_cpu_ms_per_image"]
+    assert e2e["hash_cpu_share"] == pytest.approx(share, rel=1e-2)
     ceiling = min(cpu["images_per_s"], extractor["images_per_s"])
     assert e2e["ceiling_images_per_s"] == pytest.approx(ceiling, rel=1e-3)
     assert e2e["stage_ratio"] == pytest.approx(scaled["stage_images_per_s"] / ceiling, rel=1e-2)

@@ -17,7 +17,9 @@ Measured in one run, on the same synthetic 450x450 BMP cells (`leukray.tools.syn
 Ratios: ``stage_ratio`` and ``command_ratio`` divide the images/s at scale x N by the smaller
 ceiling; ``memory_growth`` is the larger of (peak driver RSS at scale x N / at N) and (peak
 object store at scale x N / at N, each peak at least `STORE_FLOOR_BYTES`);
-``hash_fraction`` is the discovery + hashing + split seconds over the stage's. The
+``hash_fraction`` is the discovery + hashing + split seconds over the stage's, and
+``hash_cpu_share`` the CPU time of hashing an image (read + sha256) over that of
+preprocessing it (what hashing costs where the stage is CPU-bound). The
 commands run without augmentation and with the trunk's features only
 (``--augment.oversample 0 --features resnet50``), so the stage does per image exactly what
 the ceilings do.
@@ -99,6 +101,28 @@ def extractor_ceiling(crops: np.ndarray, weights: str, batch_size: int) -> dict[
         "device": "gpu" if extractor.on_gpu else "cpu",
         "seconds": round(seconds, 3),
         "images_per_s": len(crops) / seconds,
+    }
+
+
+def hashing_share(paths: list[str]) -> dict[str, Any]:
+    """CPU seconds per image of the discovery pass's hashing (read + sha256, as
+    `leukray.data.discovery.hash_files`) and of the CPU ceiling's work, in this process: what
+    the second read adds to each image's CPU work wherever the bottleneck is."""
+    from leukray.data.discovery import content_hash
+
+    cfg = PreprocessConfig()
+    start = time.process_time()
+    for path in paths:
+        content_hash(storage.read_bytes(path))
+    hashing = time.process_time() - start
+    start = time.process_time()
+    for path in paths:
+        preprocess_image(decode_image(storage.read_bytes(path)), cfg)
+    preprocessing = time.process_time() - start
+    return {
+        "hash_cpu_ms_per_image": 1000 * hashing / len(paths),
+        "preprocess_cpu_ms_per_image": 1000 * preprocessing / len(paths),
+        "hash_cpu_share": hashing / preprocessing,
     }
 
 
@@ -292,6 +316,7 @@ def measure_e2e(images: int, scale: int, weights: str, batch_size: int, cpus: in
     log(f"synthesised {images} + {images * scale} + {len(warm)} images in {time.perf_counter() - tick:.1f}s")
     for path in small:  # both sides then read from the page cache
         storage.read_bytes(path)
+    hashing = hashing_share(small)
     cpu = cpu_ceiling(small, cpus)
     log(f"CPU ceiling: {cpu['images_per_s']:.1f} images/s ({cpus} processes)")
     crops = np.stack([preprocess_image(decode_image(storage.read_bytes(p)), PreprocessConfig()) for p in small])
@@ -310,6 +335,7 @@ def measure_e2e(images: int, scale: int, weights: str, batch_size: int, cpus: in
     return _rounded(
         {
             **e2e_ratios(cpu, extractor, runs["n"], runs["scaled"]),
+            **hashing,
             "images": images,
             "scale": scale,
             "cpu_ceiling": cpu,
