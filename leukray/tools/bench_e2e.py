@@ -83,22 +83,26 @@ def cpu_ceiling(paths: list[str], cpus: int) -> dict[str, Any]:
 def extractor_ceiling(crops: np.ndarray, weights: str, batch_size: int) -> dict[str, Any]:
     """`FeatureExtractor.extract` over `crops` (N x size x size x 3 uint8, in memory) in
     batches of `batch_size`, after one untimed batch; features only, as the stage's."""
+    import torch
+
     from leukray.distributed.actors import FeatureExtractor
 
     extractor = FeatureExtractor(weights, seed=0)
+    on_gpu = extractor.on_gpu
     extractor.extract(crops[:batch_size])
-    if extractor.on_gpu:
-        import torch
-
+    if on_gpu:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(0, len(crops), batch_size):
         extractor.extract(crops[i : i + batch_size])  # returns host arrays: synchronised
     seconds = time.perf_counter() - start
+    del extractor
+    if on_gpu:
+        torch.cuda.empty_cache()  # the stage's actor, not this process, needs the GPU next
     return {
         "images": len(crops),
         "batch_size": batch_size,
-        "device": "gpu" if extractor.on_gpu else "cpu",
+        "device": "gpu" if on_gpu else "cpu",
         "seconds": round(seconds, 3),
         "images_per_s": len(crops) / seconds,
     }
@@ -173,7 +177,10 @@ class Sampler:
                 except Exception:  # noqa: BLE001 - the raylet busy or gone: skip this sample
                     pass
             if self.gpu and self._smi is None:
-                self.gpu_util.append(_torch_gpu_util())
+                try:
+                    self.gpu_util.append(_torch_gpu_util())
+                except Exception:  # noqa: BLE001 - no pynvml/NVML: gpu_busy stays unmeasured
+                    self.gpu = False
             if self._stop.wait(self.interval):
                 return
 
@@ -194,7 +201,8 @@ class Sampler:
         if self._smi is not None:
             self._smi.terminate()
             out, _ = self._smi.communicate(timeout=10)
-            self.gpu_util = [float(v) for line in out.splitlines() for v in line.split(",")[:1] if v.strip()]
+            # one line per GPU and sample; "[N/A]" where the driver does not report it
+            self.gpu_util = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
 
     def summary(self) -> dict[str, Any]:
         return {
