@@ -245,9 +245,19 @@ def test_example_configs_agree_on_where_the_model_is():
 def test_make_submit_needs_no_pytorch_environment(tmp_path):
     venv = tmp_path / "submit-venv"
     dry = subprocess.run(
-        ["make", "--no-print-directory", "-n", "submit", f"SUBMIT_VENV={venv}", "JOB=pipeline",
-         "ARGS=--config jobs/configs/cnmc-s3.yaml"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [
+            "make",
+            "--no-print-directory",
+            "-n",
+            "submit",
+            f"SUBMIT_VENV={venv}",
+            "JOB=pipeline",
+            "ARGS=--config jobs/configs/cnmc-s3.yaml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
     )  # fmt: skip  (no "make[1]: Leaving directory" lines when the suite itself runs under make)
     assert dry.returncode == 0, dry.stderr
