@@ -190,8 +190,9 @@ class ExtractConfig:
 
     weights: str = "imagenet"
     """imagenet | imagenet:IMAGENET1K_V2 | random | auto (imagenet if cached, else random) | PATH."""
-    batch_size: int = 32
-    """Crops per trunk forward pass in each extractor actor."""
+    batch_size: int = 0
+    """Crops per trunk forward pass in each extractor actor; 0 = auto: 256 on a GPU, 32 on a
+    CPU (the size used is recorded in extract.json)."""
     actors: int = 0
     """Extractor actors (a fixed pool); 0 = one per GPU, or from one up to one per CPU on a
     CPU-only cluster."""
@@ -218,7 +219,7 @@ class ExtractConfig:
         parse_feature_sets(self.features)
         if not self.weights:
             raise ConfigError("extract.weights is empty: use imagenet, random, auto or a file path")
-        check_at_least("extract.batch_size", self.batch_size, 1)
+        check_at_least("extract.batch_size", self.batch_size, 0)
         check_at_least("extract.actors", self.actors, 0)
         check_choice("extract.use_gpu", self.use_gpu, ("auto", "true", "false"))
         check_at_least("extract.preprocess_batch_size", self.preprocess_batch_size, 1)

@@ -52,6 +52,7 @@ def test_extract_writes_features_and_its_record_only(extracted):
     assert record["counts"]["feature_rows"] == len(meta) == matrix.shape[0]
     assert record["weights"]["name"] == "random-init" and len(record["fingerprint"]) == 64
     assert all(len(node) == 56 for node in record["ray"]["node_ids"]["extract"])
+    assert record["ray"]["extract_batch_size"] == 16  # as given (0 would be the device's auto size)
 
 
 def test_tune_without_train_sweeps_trunk_features_only(extracted, tmp_path):

@@ -50,6 +50,19 @@ def wants_gpu(use_gpu: str) -> bool:
 GPU_ACTOR_CPUS = 0.0
 
 
+# Crops per trunk forward pass when extract.batch_size is 0 (auto): hundreds keep a GPU
+# busy (one launch per batch, 256 x 150 KB of uint8 crops per copy); on a CPU a forward pass
+# is long enough at tens that a larger batch only delays the first features (issue 9).
+AUTO_BATCH_SIZE = {"gpu": 256, "cpu": 32}
+
+
+def extract_batch_size(requested: int, on_gpu: bool) -> int:
+    """The trunk's batch size: `requested`, or for 0 (auto) 256 on a GPU and 32 on a CPU."""
+    if requested > 0:
+        return requested
+    return AUTO_BATCH_SIZE["gpu" if on_gpu else "cpu"]
+
+
 @dataclass(frozen=True)
 class PoolPlan:
     """How a model actor pool asks the cluster for resources (see `plan_pool`)."""

@@ -25,7 +25,7 @@ from leukray.distributed.actors import (
     preprocess_batch,
     slide_tiles,
 )
-from leukray.distributed.resources import plan_actor_pool
+from leukray.distributed.resources import extract_batch_size, plan_actor_pool
 from leukray.io.features import FeatureFileWriter, error_mask
 from leukray.io.tables import ERROR_COLUMNS
 from leukray.models.bundle import Bundle
@@ -90,7 +90,7 @@ def _features_dataset(
     ds = ds.map_batches(
         FeatureExtractor,
         batch_format="numpy",
-        batch_size=cfg.extract.batch_size,
+        batch_size=extract_batch_size(cfg.extract.batch_size, use_gpu),
         fn_constructor_kwargs={
             "weights": cfg.extract.weights,
             "seed": cfg.extract.seed,
@@ -155,6 +155,7 @@ def extract_features(
             rows_written += int((~error_mask(batch)).sum())
     facts = {
         "device": "gpu" if use_gpu else "cpu",
+        "batch_size": extract_batch_size(cfg.extract.batch_size, use_gpu),
         "node_ids": {k: sorted(v) for k, v in nodes.items()},
         "feature_rows": rows_written,
     }
@@ -184,11 +185,11 @@ def embed_maps(
         (feature rows, their N x embedding matrix, head probabilities: path, split, label,
         subject, head_prob (C floats)).
     """
-    _, pool, resources = plan_actor_pool(cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource)
+    on_gpu, pool, resources = plan_actor_pool(cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource)
     embedded = maps_ds.map_batches(
         CustomEmbedder,
         batch_format="numpy",
-        batch_size=max(cfg.extract.batch_size, 64),
+        batch_size=max(extract_batch_size(cfg.extract.batch_size, on_gpu), 64),
         fn_constructor_kwargs={"state_path": state_path, "head_config": head_config, "embedding": cfg.train.embedding},
         compute=pool,
         **resources,
@@ -210,7 +211,8 @@ def _bundle_stream(ds: Any, bundle: Bundle, model_dir: str) -> tuple[Any, bool]:
     ds = ds.map_batches(
         BundlePredictor,
         batch_format="numpy",
-        batch_size=int(bundle.manifest.get("extract_batch_size", 32)),
+        # 0 (auto) in a bundle: the batch for this device, as extraction chose it
+        batch_size=extract_batch_size(int(bundle.manifest.get("extract_batch_size", 32)), use_gpu),
         fn_constructor_kwargs={"model_dir": model_dir},
         compute=pool,
         **resources,

@@ -164,7 +164,11 @@ def _extract_record(
             "feature_rows": stream_facts["feature_rows"],
             "subjects_by_split": {k: int(v) for k, v in subjects.items()},
         },
-        "ray": {"extract_device": stream_facts["device"], "node_ids": stream_facts["node_ids"]},
+        "ray": {
+            "extract_device": stream_facts["device"],
+            "extract_batch_size": stream_facts["batch_size"],
+            "node_ids": stream_facts["node_ids"],
+        },
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
 

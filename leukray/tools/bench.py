@@ -23,7 +23,13 @@ move; ratios measured side by side move much less):
    the same niceness and torch threads). maps/s ratio; target >= 0.7. Each run trains a
    few epochs; the first of each run is warm-up and the fastest later epoch counts.
 
-``screen`` (`leukray.tools.bench_screen`; alone with ``--screen``): `leukray screen` over
+5. ``e2e`` (`leukray.tools.bench_e2e`; alone with ``--e2e``): `leukray extract` end to end
+   against the CPU ceiling (a plain ``multiprocessing.Pool``) and the extractor ceiling (crops
+   in memory) on the same images, and its peak memory at N and 10 x N images:
+   ``stage_ratio`` (target >= 0.8 on a CPU machine, >= 0.9 with a GPU), ``command_ratio``
+   (>= 0.75 of that), ``memory_growth`` (<= 1.5), ``gpu_busy``.
+
+6. ``screen`` (`leukray.tools.bench_screen`; alone with ``--screen``, not part of a full run): `leukray screen` over
 synthetic pyramidal TIFF slides, fields/s and cells/s, and peak driver RSS and object-store
 use at N and 10 x N slides (``memory_growth``, target <= 1.3).
 
@@ -71,6 +77,8 @@ TARGETS = {
     "sweep_time_ratio": ("<=", 0.65),
     "train_ratio": (">=", 0.7),
 }
+SECTIONS = ("preprocess", "extract", "sweep", "train", "e2e")
+E2E_TARGETS = {"memory_growth": ("<=", 1.5)}
 EXTRACT_SETUPS = ("one-actor-all-cpus", "fixed-pool-1cpu", "autoscaling-pool-1cpu")
 
 
@@ -780,6 +788,39 @@ def verdict(key: str, value: float) -> str:
     return "PASS" if (value >= target if op == ">=" else value <= target) else "MISS"
 
 
+def e2e_targets(e2e: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    """The end-to-end targets of issue 9 for the device the section ran on."""
+    stage = 0.9 if e2e["extractor_ceiling"]["device"] == "gpu" else 0.8
+    return {"stage_ratio": (">=", stage), "command_ratio": (">=", round(0.75 * stage, 3)), **E2E_TARGETS}
+
+
+def e2e_verdicts(e2e: dict[str, Any]) -> dict[str, str]:
+    """PASS or MISS per end-to-end ratio (none for a ratio that could not be measured)."""
+    verdicts = {}
+    for key, (op, target) in e2e_targets(e2e).items():
+        value = e2e.get(key)
+        if value is not None:
+            verdicts[key] = "PASS" if (value >= target if op == ">=" else value <= target) else "MISS"
+    return verdicts
+
+
+def _e2e_lines(e2e: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, (op, target) in e2e_targets(e2e).items():
+        if e2e.get(key) is not None:
+            lines.append(
+                f"{'e2e ' + key:<20} {'leukray extract / ceiling':<30} {e2e[key]:>7.3f} "
+                f"{op + format(target, 'g'):>7}  {e2e['verdicts'][key]:<4}"
+            )
+    scaled = e2e["extract_at_scale"]
+    lines.append(
+        f"  stage {scaled['stage_images_per_s']:g} and command {scaled['command_images_per_s']:g} img/s vs "
+        f"CPU ceiling {e2e['cpu_ceiling']['images_per_s']:g}, extractor {e2e['extractor_ceiling']['images_per_s']:g}"
+        f" img/s; gpu_busy {e2e['gpu_busy']}; hashing {e2e['hash_fraction']:.3f} of the stage"
+    )
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The three ratios with their targets, verdicts and the numbers behind them."""
     rows = [
@@ -809,6 +850,8 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{verdict(key, results[key]):<4}  "
                 f"{results[ray_key]:g} vs {results[base_key]:g} {unit}"
             )
+    if "e2e" in results:
+        lines += _e2e_lines(results["e2e"])
     return "\n".join(lines)
 
 
@@ -856,7 +899,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--train-repeats", type=int, default=2, help="interleaved training runs per side; the fastest epoch counts"
     )
     parser.add_argument(
-        "--skip", default="", help="comma-separated stages to leave out: preprocess, extract, sweep, train"
+        "--skip", default="", help="comma-separated stages to leave out: preprocess, extract, sweep, train, e2e"
+    )
+    parser.add_argument("--e2e", action="store_true", help="only the end-to-end section (`leukray extract`)")
+    parser.add_argument(
+        "--e2e-images", type=int, default=200, help="end to end: N images (default 200); the second run has scale x N"
+    )
+    parser.add_argument("--e2e-scale", type=int, default=10, help="end to end: the second run's images / N (10)")
+    parser.add_argument(
+        "--e2e-batch-size", type=int, default=0, help="end to end: extract.batch_size (0: the device's auto choice)"
     )
     parser.add_argument(
         "--quick", action="store_true", help="small and fast: 120 images, 64 crops, 400 sweep rows, 3 + 2 repeats"
@@ -866,7 +917,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.cells, args.extract_images, args.sweep_rows, args.preprocess_repeats, args.repeats = 120, 64, 400, 3, 2
         args.train_maps, args.train_epochs, args.train_repeats = 192, 2, 1
-    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - {"preprocess", "extract", "sweep", "train"}
+        args.e2e_images, args.e2e_scale = 40, 5
+    if args.e2e:
+        args.skip = "preprocess,extract,sweep,train"
+    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - {*SECTIONS}
     if unknown:
         parser.error(f"--skip: unknown stage(s) {', '.join(sorted(unknown))}")
     return args
@@ -875,6 +929,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _run_sections(args: argparse.Namespace, skip: set[str], cpus: int, tmp: str, results: dict[str, Any]) -> None:
     """Preprocessing, extraction, the sweep and head training, each into `results` unless
     skipped."""
+    if "e2e" not in skip:
+        from leukray.tools.bench_e2e import measure_e2e
+
+        results["e2e"] = measure_e2e(args.e2e_images, args.e2e_scale, args.weights, args.e2e_batch_size, cpus, tmp)
+        results["e2e"]["verdicts"] = e2e_verdicts(results["e2e"])
     if "train" not in skip:
         results.update(
             measure_train(args.train_maps, args.train_epochs, args.train_batch_size, args.train_repeats, cpus, tmp)
@@ -977,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(results))
     missed = [k for k, v in results["verdicts"].items() if v == "MISS"]
+    missed += [f"e2e {k}" for k, v in results.get("e2e", {}).get("verdicts", {}).items() if v == "MISS"]
     summary = f"MISS: {', '.join(missed)}" if missed else "all targets met"
     print(f"\n{summary}; details in {args.out} (took {results['bench_seconds']:.0f}s)")
     return 0

@@ -1,0 +1,362 @@
+"""The benchmark's end-to-end section (``python -m leukray.bench --e2e``; part of ``make
+bench``): how close `leukray extract` comes to the machine's own ceilings (issue 9).
+
+Measured in one run, on the same synthetic 450x450 BMP cells (`leukray.tools.synth`):
+
+- ``cpu_ceiling``: `decode_image` + `preprocess_image` (reading each file) in a plain
+  ``multiprocessing.Pool`` of one process per CPU, nothing else running;
+- ``extractor_ceiling``: `FeatureExtractor.extract` on crops already in memory, in this
+  process, on the device the stage would use, at the stage's batch size (torch's default threads);
+- ``leukray extract`` end to end, through the real CLI (`leukray.cli.main`, in this process,
+  on the Ray that the benchmark started) at N and at scale x N images: the stage's images/s
+  (extract.json's ``preprocess_augment_extract`` seconds) and the whole command's
+  (discovery, hashing, split, stream, files written; interpreter and Ray start-up left out);
+- while each command runs, a sampler records this process's RSS, Ray's object-store bytes
+  in use and, with a GPU, its utilisation (``nvidia-smi``, else ``torch.cuda.utilization``).
+
+Ratios: ``stage_ratio`` and ``command_ratio`` divide the images/s at scale x N by the smaller
+ceiling; ``memory_growth`` is the larger of (peak driver RSS at scale x N / at N) and (peak
+object store at scale x N / at N, each peak at least `STORE_FLOOR_BYTES`);
+``hash_fraction`` is the discovery + hashing + split seconds over the stage's, and
+``hash_cpu_share`` the CPU time of hashing an image (read + sha256) over that of
+preprocessing it (what hashing costs where the stage is CPU-bound). The
+commands run without augmentation and with the trunk's features only
+(``--augment.oversample 0 --features resnet50``), so the stage does per image exactly what
+the ceilings do.
+
+Imports Ray (like `leukray.tools.bench`, the benchmark may).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from leukray.config import PreprocessConfig
+from leukray.distributed.resources import extract_batch_size
+from leukray.io import storage
+from leukray.ops.preprocess import decode_image, preprocess_image
+
+E2E_KEYS = ("stage_ratio", "command_ratio", "memory_growth", "gpu_busy", "hash_fraction")
+
+
+def log(message: str) -> None:
+    print(f"[bench e2e] {message}", flush=True)
+
+
+# -- ceilings -------------------------------------------------------------------------------
+
+
+def _pool_crop(path: str) -> int:
+    """One image through the CPU ceiling's work; returns a checksum (no crop is shipped back,
+    so the parent's unpickling is not what is measured)."""
+    crop = preprocess_image(decode_image(storage.read_bytes(path)), PreprocessConfig())
+    return int(crop[::16, ::16].sum())
+
+
+def _pool_ready(_: int) -> None:
+    """Held long enough that every process of the pool takes one (and has imported this)."""
+    time.sleep(0.5)
+
+
+def cpu_ceiling(paths: list[str], cpus: int) -> dict[str, Any]:
+    """`decode_image` + `preprocess_image` over `paths` in ``multiprocessing.Pool(cpus)``
+    (spawned and warmed up before the clock starts)."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that runs Ray's threads
+    with context.Pool(cpus) as pool:
+        pool.map(_pool_ready, range(2 * cpus), chunksize=1)  # every process started, imports done
+        pool.map(_pool_crop, paths[: 2 * cpus], chunksize=1)
+        start = time.perf_counter()
+        pool.map(_pool_crop, paths, chunksize=max(1, len(paths) // (8 * cpus)))
+        seconds = time.perf_counter() - start
+    return {"images": len(paths), "processes": cpus, "seconds": round(seconds, 3), "images_per_s": len(paths) / seconds}
+
+
+def extractor_ceiling(crops: np.ndarray, weights: str, batch_size: int) -> dict[str, Any]:
+    """`FeatureExtractor.extract` over `crops` (N x size x size x 3 uint8, in memory) in
+    batches of `batch_size`, after one untimed batch; features only, as the stage's."""
+    import torch
+
+    from leukray.distributed.actors import FeatureExtractor
+
+    extractor = FeatureExtractor(weights, seed=0)
+    on_gpu = extractor.on_gpu
+    extractor.extract(crops[:batch_size])
+    if on_gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(crops), batch_size):
+        extractor.extract(crops[i : i + batch_size])  # returns host arrays: synchronised
+    seconds = time.perf_counter() - start
+    del extractor
+    if on_gpu:
+        torch.cuda.empty_cache()  # the stage's actor, not this process, needs the GPU next
+    return {
+        "images": len(crops),
+        "batch_size": batch_size,
+        "device": "gpu" if on_gpu else "cpu",
+        "seconds": round(seconds, 3),
+        "images_per_s": len(crops) / seconds,
+    }
+
+
+def hashing_share(paths: list[str]) -> dict[str, Any]:
+    """CPU seconds per image of the discovery pass's hashing (read + sha256, as
+    `leukray.data.discovery.hash_files`) and of the CPU ceiling's work, in this process: what
+    the second read adds to each image's CPU work wherever the bottleneck is."""
+    from leukray.data.discovery import content_hash
+
+    cfg = PreprocessConfig()
+    start = time.process_time()
+    for path in paths:
+        content_hash(storage.read_bytes(path))
+    hashing = time.process_time() - start
+    start = time.process_time()
+    for path in paths:
+        preprocess_image(decode_image(storage.read_bytes(path)), cfg)
+    preprocessing = time.process_time() - start
+    return {
+        "hash_cpu_ms_per_image": 1000 * hashing / len(paths),
+        "preprocess_cpu_ms_per_image": 1000 * preprocessing / len(paths),
+        "hash_cpu_share": hashing / preprocessing,
+    }
+
+
+# -- sampling while a command runs ------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Sampler:
+    """A background thread that records this process's RSS, Ray's object-store bytes in use
+    and (with a GPU) its utilisation every `interval` seconds while the block runs."""
+
+    def __init__(self, interval: float = 0.5, gpu: bool = False):
+        self.interval, self.gpu = interval, gpu
+        self.rss: list[int] = []
+        self.store: list[int] = []
+        self.spilled: list[int] = []
+        self.gpu_util: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._smi: subprocess.Popen | None = None
+
+    def _store_reader(self):
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        return lambda: get_memory_info_reply(state).store_stats
+
+    def _run(self) -> None:
+        try:
+            read_store = self._store_reader()
+        except Exception:  # noqa: BLE001 - an internal Ray API: without it, no store figure
+            read_store = None
+        while True:
+            self.rss.append(_rss_bytes())
+            if read_store is not None:
+                try:
+                    stats = read_store()
+                    self.store.append(int(stats.object_store_bytes_used))
+                    self.spilled.append(int(stats.spilled_bytes_total))
+                except Exception:  # noqa: BLE001 - the raylet busy or gone: skip this sample
+                    pass
+            if self.gpu and self._smi is None:
+                try:
+                    self.gpu_util.append(_torch_gpu_util())
+                except Exception:  # noqa: BLE001 - no pynvml/NVML: gpu_busy stays unmeasured
+                    self.gpu = False
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Sampler:
+        if self.gpu and shutil.which("nvidia-smi"):
+            self._smi = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "250"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._smi is not None:
+            self._smi.terminate()
+            out, _ = self._smi.communicate(timeout=10)
+            # one line per GPU and sample; "[N/A]" where the driver does not report it
+            self.gpu_util = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "peak_driver_rss_bytes": max(self.rss, default=0),
+            "peak_object_store_bytes": max(self.store) if self.store else None,
+            "spilled_bytes": (max(self.spilled) - min(self.spilled)) if self.spilled else None,
+            "gpu_busy": round(float(np.mean(self.gpu_util)) / 100.0, 4) if self.gpu_util else None,
+            "samples": len(self.rss),
+        }
+
+
+def _torch_gpu_util() -> float:
+    import torch
+
+    return float(torch.cuda.utilization())
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def extract_argv(data: str, out: str, weights: str, batch_size: int) -> list[str]:
+    """`leukray extract`'s arguments for the benchmark (see the module docstring)."""
+    argv = ["extract", "--data", data, "--out", out, "--weights", weights]
+    argv += ["--features", "resnet50", "--augment.oversample", "0", "--quiet"]
+    return argv + (["--extract.batch_size", str(batch_size)] if batch_size else [])
+
+
+def run_extract(data: str, out: str, weights: str, batch_size: int, gpu: bool) -> dict[str, Any]:
+    """`leukray extract` through `leukray.cli.main` in this process, sampled (`Sampler`).
+
+    Returns:
+        The command's and the stage's seconds and images/s, the memory peaks, gpu_busy.
+
+    Raises:
+        SystemExit: the command failed (its own message is on stderr).
+    """
+    from leukray.cli import main as cli_main
+
+    argv = extract_argv(data, out, weights, batch_size)
+    with Sampler(gpu=gpu) as sampler:
+        start = time.perf_counter()
+        code = cli_main(argv)
+        seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"bench: `leukray {' '.join(argv)}` exited with {code}")
+    with open(os.path.join(out, "extract.json"), encoding="utf-8") as handle:
+        record = json.load(handle)
+    rows = int(record["counts"]["feature_rows"])
+    stage_s = float(record["seconds"]["preprocess_augment_extract"])
+    return {
+        "command": "leukray " + " ".join(argv),
+        "images": rows,
+        "command_seconds": round(seconds, 3),
+        "command_images_per_s": rows / seconds,
+        "stage_seconds": stage_s,
+        "stage_images_per_s": rows / stage_s,
+        "discover_hash_split_seconds": float(record["seconds"]["discover_hash_split"]),
+        "extract_device": record["ray"]["extract_device"],
+        "extract_batch_size": record["ray"].get("extract_batch_size"),
+        **sampler.summary(),
+    }
+
+
+STORE_FLOOR_BYTES = 64 << 20
+"""Object-store peaks below this count as this much in `memory_growth`: a few blocks in
+flight (kilobytes to megabytes, sampled every half second) say nothing about growth, while
+anything that accumulates with the data (crops or maps kept for every image: 30-40 MB at
+N = 200) still shows as growth at 10 x N."""
+
+
+def _growth(small: float | None, large: float | None, floor: float = 0.0) -> float | None:
+    if small is None or large is None:
+        return None
+    return max(large, floor) / max(small, floor, 1.0)
+
+
+def e2e_ratios(cpu: dict[str, Any], extractor: dict[str, Any], at_n: dict[str, Any], at_scale: dict[str, Any]):
+    """The section's ratios from its raw figures (see the module docstring)."""
+    ceiling = min(cpu["images_per_s"], extractor["images_per_s"])
+    rss = _growth(at_n["peak_driver_rss_bytes"], at_scale["peak_driver_rss_bytes"])
+    store = _growth(at_n["peak_object_store_bytes"], at_scale["peak_object_store_bytes"], STORE_FLOOR_BYTES)
+    growths = [g for g in (rss, store) if g is not None]
+    return {
+        "ceiling_images_per_s": ceiling,
+        "bottleneck": "cpu" if cpu["images_per_s"] <= extractor["images_per_s"] else "extractor",
+        "stage_ratio": at_scale["stage_images_per_s"] / ceiling,
+        "command_ratio": at_scale["command_images_per_s"] / ceiling,
+        "stage_ratio_at_n": at_n["stage_images_per_s"] / ceiling,
+        "memory_growth": max(growths) if growths else None,
+        "driver_rss_growth": rss,
+        "object_store_growth": store,
+        "gpu_busy": at_scale["gpu_busy"],
+        "hash_fraction": at_scale["discover_hash_split_seconds"] / at_scale["stage_seconds"],
+    }
+
+
+def _synth(root: str, cells: int) -> list[str]:
+    from leukray.tools.synth import generate_dataset
+
+    return generate_dataset(root, cells=cells, subjects=min(12, cells), seed=0)["path"].tolist()
+
+
+def measure_e2e(images: int, scale: int, weights: str, batch_size: int, cpus: int, tmp: str) -> dict[str, Any]:
+    """The whole section on the running Ray (see the module docstring): `bench.json`'s `e2e`.
+
+    Args:
+        images: N, the images of the first command and of both ceilings.
+        scale: the second command runs on scale x N images.
+        batch_size: the trunk's batch (0: the stage's auto choice for this device).
+    """
+    import torch
+
+    gpu = torch.cuda.is_available()
+    batch = extract_batch_size(batch_size, gpu)
+    tick = time.perf_counter()
+    small = _synth(os.path.join(tmp, "e2e-n"), images)
+    _synth(os.path.join(tmp, "e2e-scaled"), images * scale)
+    warm = _synth(os.path.join(tmp, "e2e-warm"), 16)
+    log(f"synthesised {images} + {images * scale} + {len(warm)} images in {time.perf_counter() - tick:.1f}s")
+    for path in small:  # both sides then read from the page cache
+        storage.read_bytes(path)
+    hashing = hashing_share(small)
+    cpu = cpu_ceiling(small, cpus)
+    log(f"CPU ceiling: {cpu['images_per_s']:.1f} images/s ({cpus} processes)")
+    crops = np.stack([preprocess_image(decode_image(storage.read_bytes(p)), PreprocessConfig()) for p in small])
+    extractor = extractor_ceiling(crops, weights, batch)
+    del crops
+    log(f"extractor ceiling: {extractor['images_per_s']:.1f} images/s on the {extractor['device']}, batch {batch}")
+    # untimed: Ray Data's workers started and leukray imported in them, the weights resolved
+    run_extract(os.path.join(tmp, "e2e-warm"), os.path.join(tmp, "run-warm"), weights, batch_size, gpu)
+    runs = {}
+    for name, root in (("n", "e2e-n"), ("scaled", "e2e-scaled")):
+        runs[name] = run_extract(os.path.join(tmp, root), os.path.join(tmp, f"run-{name}"), weights, batch_size, gpu)
+        log(
+            f"leukray extract on {runs[name]['images']} images: stage {runs[name]['stage_images_per_s']:.1f} "
+            f"images/s, command {runs[name]['command_images_per_s']:.1f} images/s"
+        )
+    return _rounded(
+        {
+            **e2e_ratios(cpu, extractor, runs["n"], runs["scaled"]),
+            **hashing,
+            "images": images,
+            "scale": scale,
+            "cpu_ceiling": cpu,
+            "extractor_ceiling": extractor,
+            "extract_at_n": runs["n"],
+            "extract_at_scale": runs["scaled"],
+        }
+    )
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return round(value, 4)
+    return value
