@@ -34,8 +34,10 @@ format: setup
 	$(PY) -m ruff format leukray tests jobs
 	$(PY) -m ruff check --fix leukray tests jobs
 
+# every section of the benchmark into bench.json (docs/measurements.md), then screening's
 bench: setup
 	$(PY) -m leukray.bench
+	$(PY) -m leukray.bench --screen
 
 # -- a Ray cluster (cluster.yaml, AWS; or KubeRay) -------------------------------------------
 # Submitting needs only Ray's client, not leukray's PyTorch environment: these targets use
