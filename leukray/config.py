@@ -414,6 +414,14 @@ class ScreenConfig:
     max_pixels: int = 50_000_000
     """Smear fields whose header declares more pixels are refused before decoding
     (ALL-IDB1's 2592x1944 fields are 5 million)."""
+    part_slides: int = 16
+    """Finished slides per result part (OUT/parts/*.parquet, each written atomically); a
+    rerun into the same --out skips the slides of finished parts. A part is also written
+    once a minute, so an interrupted screen loses at most about a minute of work."""
+    report_cells: int = 24
+    """The most suspicious cells (highest prob_all) shown per slide in report.html."""
+    thumbnail_px: int = 640
+    """Longer side, in pixels, of the field thumbnails in report.html."""
 
     def __post_init__(self) -> None:
         check_at_least("screen.red_cell_diameter_px", self.red_cell_diameter_px, 0.0)
@@ -439,6 +447,9 @@ class ScreenConfig:
         check_at_least("screen.min_cells", self.min_cells, 0)
         check_at_least("screen.batch_size", self.batch_size, 1)
         check_at_least("screen.max_pixels", self.max_pixels, 1)
+        check_at_least("screen.part_slides", self.part_slides, 1)
+        check_at_least("screen.report_cells", self.report_cells, 0)
+        check_in_range("screen.thumbnail_px", self.thumbnail_px, 32, 4096)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from leukray.models.bundle import load_bundle
 from leukray.models.custom import build_custom_model, load_model_state
 from leukray.models.trunk import TrunkExtractor
 from leukray.ops.preprocess import load_and_preprocess
+from leukray.ops.review import add_review_media, thumbnailing_reader
 from leukray.ops.smear import detect_and_crop
 
 
@@ -43,6 +44,15 @@ def preprocess_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, n
 def detect_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
     """`leukray.ops.smear.detect_and_crop` reading through storage + detect_node."""
     out = detect_and_crop(batch, read_bytes=storage.read_bytes, **kwargs)
+    return _stamp(out, "detect_node", len(out["slide"]))
+
+
+def detect_review_batch(batch: dict[str, np.ndarray], thumbnail_px: int, **kwargs: Any) -> dict[str, np.ndarray]:
+    """`detect_batch` plus what the visual review shows (`leukray.ops.review.add_review_media`):
+    each field's thumbnail, made from the bytes detection reads (not read twice), and each
+    cell's crop as JPEG."""
+    read, thumbnails = thumbnailing_reader(storage.read_bytes, thumbnail_px, kwargs["cfg"].max_pixels)
+    out = add_review_media(detect_and_crop(batch, read_bytes=read, **kwargs), thumbnails)
     return _stamp(out, "detect_node", len(out["slide"]))
 
 

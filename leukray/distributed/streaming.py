@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from leukray.distributed.actors import (
     BundlePredictor,
     CustomEmbedder,
     FeatureExtractor,
-    detect_batch,
+    detect_review_batch,
     hash_batch,
     preprocess_batch,
 )
@@ -243,20 +243,27 @@ def predict_stream(images: pd.DataFrame, bundle: Bundle, model_dir: str, columns
 
 
 def screen_stream(
-    slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str]
-) -> tuple[pd.DataFrame, bool]:
+    slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str], thumbnail_px: int
+) -> tuple[Iterator[pd.DataFrame], bool]:
     """Smear fields -> detected, cropped and classified cells (one row each, `columns`),
-    and whether the classifier ran on GPUs."""
+    handed over as they arrive in frames of up to 256 rows (a slide's rows may span
+    frames; each row says how many its slide has, `slide_rows`), and whether the
+    classifier runs on GPUs. Each field's thumbnail and each crop's JPEG come along for
+    the review (`leukray.ops.review`)."""
     import ray
 
     ds = ray.data.from_pandas(row_blocks(pd.DataFrame({"path": slides}), cfg.batch_size))
     ds = ds.map_batches(
-        detect_batch,
+        detect_review_batch,
         batch_format="numpy",
         batch_size=cfg.batch_size,
-        fn_kwargs={"cfg": cfg, "preprocess_cfg": bundle.preprocess, "cell_families": bundle.cell_families},
+        fn_kwargs={
+            "cfg": cfg,
+            "preprocess_cfg": bundle.preprocess,
+            "cell_families": bundle.cell_families,
+            "thumbnail_px": thumbnail_px,
+        },
     )
     ds, use_gpu = _bundle_stream(ds, bundle, model_dir)
     batches = ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256)
-    parts = [pd.DataFrame({c: batch[c] for c in columns}) for batch in batches]
-    return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)), use_gpu
+    return (pd.DataFrame({c: batch[c] for c in columns}) for batch in batches), use_gpu
