@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import numpy as np
 import pandas as pd
@@ -244,7 +244,7 @@ def predict_stream(images: pd.DataFrame, bundle: Bundle, model_dir: str, columns
 
 def screen_stream(
     slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str], thumbnail_px: int
-) -> tuple[Iterator[pd.DataFrame], bool]:
+) -> tuple[Generator[pd.DataFrame, None, None], bool]:
     """Smear fields -> detected, cropped and classified cells (one row each, `columns`),
     handed over as they arrive in frames of up to 256 rows (a slide's rows may span
     frames; each row says how many its slide has, `slide_rows`), and whether the
@@ -266,4 +266,16 @@ def screen_stream(
     )
     ds, use_gpu = _bundle_stream(ds, bundle, model_dir)
     batches = ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256)
-    return (pd.DataFrame({c: batch[c] for c in columns}) for batch in batches), use_gpu
+    return _frames(batches, columns), use_gpu
+
+
+def _frames(batches: Iterator[dict[str, np.ndarray]], columns: list[str]) -> Generator[pd.DataFrame, None, None]:
+    """The batches as frames; closing this closes the stream (Ray Data stops its operators,
+    so a screen that fails half-way leaves no actors holding the cluster's CPUs)."""
+    try:
+        for batch in batches:
+            yield pd.DataFrame({c: batch[c] for c in columns})
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()

@@ -177,8 +177,9 @@ class SlideParts:
             waiting.append(own)
             if len({i for frame in waiting for i in frame["cell_index"]}) >= int(own["slide_rows"].iloc[0]):
                 self.finished.append(self._finish(str(slide)))
-        due = time.monotonic() - self.last_write >= PART_SECONDS
-        if len(self.finished) >= self.cfg.part_slides or (self.finished and due):
+                if len(self.finished) >= self.cfg.part_slides:
+                    self.write()
+        if self.finished and time.monotonic() - self.last_write >= PART_SECONDS:
             self.write()
 
     def _finish(self, slide: str) -> pd.DataFrame:
@@ -318,8 +319,11 @@ def _screen_slides(
     columns = [*STREAM_COLUMNS, "slide_rows", "thumbnail", "thumb_scale", "crop_jpeg"]
     frames, use_gpu = screen_stream(todo, cfg, bundle, model_dir, columns, cfg.thumbnail_px)
     writer = SlideParts(out, identity, provenance, cfg)
-    for frame in frames:
-        writer.add(frame)
+    try:
+        for frame in frames:
+            writer.add(frame)
+    finally:
+        frames.close()
     writer.close()
     return use_gpu
 
