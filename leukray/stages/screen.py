@@ -283,6 +283,12 @@ def _open_screen_folder(out: str, settings: dict[str, Any], identity: str, exist
     """Claim `out` through the run journal (`leukray.io.journal.open_run`: refused when it
     holds other results, unless overwrite/resume), drop what a killed attempt left and the
     parts of another identity; returns the slides finished parts already hold."""
+    try:
+        earlier = journal.read_journal(out)
+    except DataError:
+        earlier = None  # a broken journal: open_run refuses it, or overwrite starts clean
+    if earlier and earlier["stages"]:  # never --overwrite a training run with a screen
+        raise ConfigError(f"{out} holds a `leukray run` (its run.json lists stages): screen into another --out")
     journal.open_run(out, settings, existing)
     parts, stray = screenparts.list_parts(out)
     if existing == "overwrite":
