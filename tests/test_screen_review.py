@@ -66,6 +66,7 @@ def review_folder(tmp_path):
     a = slide_rows("a.png", [0.99, 0.2, 0.7], thumb)
     writer.add(pd.concat([a.iloc[:2], slide_rows("b.png", [0.1], thumb)]))  # a.png not finished yet
     writer.add(pd.concat([a.iloc[1:], slide_rows("c.jpg", [], None, "not a decodable image")]))  # one row again
+    writer.add(a.iloc[:1])  # a finished slide's row delivered again
     writer.close()
     return tmp_path, writer, cfg
 

@@ -157,8 +157,8 @@ def part_identity(settings: dict[str, Any]) -> str:
 class SlideParts:
     """Gathers the streamed rows into finished slides and writes them out as parts.
 
-    A slide is finished when its `slide_rows` distinct rows have arrived (a row seen twice
-    is kept once). Of a finished slide's crops only the `report_cells` most suspicious are
+    A slide is finished when its `slide_rows` distinct rows have arrived (a row seen twice,
+    or after its slide finished, is kept once). Of a finished slide's crops only the `report_cells` most suspicious are
     kept. Finished slides are written as one part once `part_slides` of them wait, or
     PART_SECONDS after the last part, and at `close`.
     """
@@ -169,10 +169,13 @@ class SlideParts:
         self.pending: dict[str, list[pd.DataFrame]] = {}
         self.finished: list[pd.DataFrame] = []
         self.parts: list[screenparts.Part] = []
+        self.done: set[str] = set()
         self.last_write = time.monotonic()
 
     def add(self, rows: pd.DataFrame) -> None:
         for slide, own in rows.groupby("slide", sort=False):
+            if slide in self.done:
+                continue
             waiting = self.pending.setdefault(str(slide), [])
             waiting.append(own)
             if len({i for frame in waiting for i in frame["cell_index"]}) >= int(own["slide_rows"].iloc[0]):
@@ -183,6 +186,7 @@ class SlideParts:
             self.write()
 
     def _finish(self, slide: str) -> pd.DataFrame:
+        self.done.add(slide)
         rows = pd.concat(self.pending.pop(slide), ignore_index=True).drop_duplicates(["slide", "cell_index"])
         rows = rows.sort_values("cell_index", kind="stable").reset_index(drop=True)
         top = rows["prob_all"].fillna(-1.0).nlargest(self.cfg.report_cells).index
