@@ -246,8 +246,8 @@ def screen_stream(
     slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str], thumbnail_px: int
 ) -> tuple[Generator[pd.DataFrame, None, None], bool]:
     """Smear fields -> detected, cropped and classified cells (one row each, `columns`),
-    handed over as they arrive in frames of up to 256 rows (a slide's rows may span
-    frames; each row says how many its slide has, `slide_rows`), and whether the
+    handed over block by block as they arrive (a slide's rows may span blocks; each row
+    says how many its slide has, `slide_rows`), and whether the
     classifier runs on GPUs. Each field's thumbnail and each crop's JPEG come along for
     the review (`leukray.ops.review`)."""
     import ray
@@ -265,7 +265,9 @@ def screen_stream(
         },
     )
     ds, use_gpu = _bundle_stream(ds, bundle, model_dir)
-    batches = ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256)
+    # block by block as the classifier finishes them (no re-batching): a slide's rows reach
+    # the driver, and its part the disk, as soon as they exist
+    batches = ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None)
     return _frames(batches, columns), use_gpu
 
 
