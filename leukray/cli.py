@@ -436,12 +436,14 @@ def cmd_screen(args: argparse.Namespace, out: Output) -> int:
     if not _exists(places["data"]):
         raise InputNotFoundError(f"data path not found: {places['data']}")
     with _stage(out, "screen"):
-        result = screen(places["model"], places["data"], places["out"], cfg, start_ray=_ray_starter(args, out))
+        result = screen(
+            places["model"], places["data"], places["out"], cfg, _ray_starter(args, out), existing=_existing(args)
+        )
     counts = result["counts"]
     out.final(
         f"screened {counts['slides']} slides: {counts['cells']} leukocytes, {counts['flagged_cells']} flagged; "
         + ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("slides", "cells", "flagged_cells"))
-        + f"; per-slide results in {places['out']}/slides.csv",
+        + f"; per-slide results in {places['out']}/slides.csv, review in {places['out']}/report.html",
         out=places["out"],
         counts=counts,
     )
@@ -715,6 +717,7 @@ def _add_model_commands(sub, auto: argparse.ArgumentParser, ray: argparse.Argume
     scr.add_argument("--out", help="output folder: cells.parquet, slides.csv, screen.json (or `out:` in --config)")
     scr.add_argument("--config", help="YAML with model/data/out and a `screen:` section (overridden by options)")
     _add_section_options(scr.add_argument_group("screening settings (screen.field)"), "screen", ScreenConfig)
+    _add_existing_options(scr)  # default: a rerun into --out resumes; other bundle/data/settings are refused
     scr.set_defaults(func=cmd_screen)
 
     _add_smear_train(sub, [auto, ray])

@@ -429,6 +429,14 @@ class ScreenConfig:
     level: int = -1
     """The pyramid level to read whole slides at (0 = full resolution), overriding
     target_mpp; -1 = choose by target_mpp (level 0 when the file has no resolution)."""
+    part_slides: int = 16
+    """Finished slides per result part (OUT/parts/*.parquet, each written atomically); a
+    rerun into the same --out skips the slides of finished parts. A part is also written
+    once a minute, so an interrupted screen loses at most about a minute of work."""
+    report_cells: int = 24
+    """The most suspicious cells (highest prob_all) shown per slide in report.html."""
+    thumbnail_px: int = 640
+    """Longer side, in pixels, of the field thumbnails in report.html."""
 
     def __post_init__(self) -> None:
         check_at_least("screen.red_cell_diameter_px", self.red_cell_diameter_px, 0.0)
@@ -458,6 +466,9 @@ class ScreenConfig:
         check_in_range("screen.tile_overlap", self.tile_overlap, 1.0, 50.0)
         check_at_least("screen.target_mpp", self.target_mpp, 0.0)
         check_at_least("screen.level", self.level, -1)
+        check_at_least("screen.part_slides", self.part_slides, 1)
+        check_at_least("screen.report_cells", self.report_cells, 0)
+        check_in_range("screen.thumbnail_px", self.thumbnail_px, 32, 4096)
 
 
 @dataclass(frozen=True)

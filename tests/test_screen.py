@@ -3,10 +3,13 @@ recall on real ALL-IDB1 and BCCD fields, and the whole job through a local Ray r
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,6 +20,7 @@ from conftest import SHARED_DATA
 
 from leukray.config import PreprocessConfig, ScreenConfig
 from leukray.errors import ConfigError, DataError, LeukrayError
+from leukray.io import screenparts
 from leukray.ops.smear import (
     NO_CELLS,
     CellBox,
@@ -28,6 +32,7 @@ from leukray.ops.smear import (
     leukocyte_mask,
     normalise_field_cells,
 )
+from leukray.report.review import review_order
 from leukray.stages.screen import CELL_COLUMNS, SLIDE_COLUMNS, screen, summarise_slides
 
 ALL_IDB1 = SHARED_DATA / "all-idb1-dev"
@@ -415,9 +420,9 @@ def tiny_bundle(tmp_path_factory):
     return model_dir
 
 
-@pytest.fixture()
-def slides_dir(tmp_path):
-    root = tmp_path / "slides"
+def make_slides(root):
+    """Two fields with three leukocytes each, one without any, an unreadable file and a
+    text file that is not a slide."""
     (root / "ward-b").mkdir(parents=True)
     (root / "field-1.png").write_bytes(encode(smear_field(seed=0)))
     (root / "ward-b" / "field-2.jpg").write_bytes(encode(smear_field(seed=5), ".jpg"))
@@ -427,10 +432,23 @@ def slides_dir(tmp_path):
     return root
 
 
+@pytest.fixture()
+def slides_dir(tmp_path):
+    return make_slides(tmp_path / "slides")
+
+
+@pytest.fixture(scope="module")
+def screened(ray_local, tiny_bundle, tmp_path_factory):
+    """One uninterrupted screen of `make_slides`' folder: (slides, out, summary)."""
+    root = tmp_path_factory.mktemp("screened")
+    slides = make_slides(root / "slides")
+    out = root / "screen"
+    return slides, out, screen(str(tiny_bundle), str(slides), str(out), ScreenConfig(min_cells=2))
+
+
 @pytest.mark.slow
-def test_screen_end_to_end(ray_local, tiny_bundle, slides_dir, tmp_path):
-    out = tmp_path / "screen"
-    summary = screen(str(tiny_bundle), str(slides_dir), str(out), ScreenConfig(min_cells=2))
+def test_screen_end_to_end(tiny_bundle, screened):
+    slides_dir, out, summary = screened
 
     cells = pd.read_parquet(out / "cells.parquet")
     assert list(cells.columns) == CELL_COLUMNS
@@ -471,6 +489,64 @@ def test_screen_end_to_end(ray_local, tiny_bundle, slides_dir, tmp_path):
     meta = json.loads(pq.read_schema(out / "cells.parquet").metadata[b"leukray"])
     assert meta["bundle_sha256"] == written["model"]["bundle_json_sha256"]
     assert json.loads(meta["weights"])["kind"] == "random"
+    # the review: a section per slide in review order, the three decodable fields as thumbnails
+    page = (out / "report.html").read_text()
+    shown = re.findall(r'<section class="slide" id="s\d+" data-slide="([^"]+)"', page)
+    assert shown == list(review_order(slides.reset_index())["slide"]) and len(shown) == 4
+    assert shown[-1] == str(slides_dir / "broken.jpg")  # errors last
+    thumbs = re.findall(r'<image href="data:image/jpeg;base64,([^"]+)"', page)
+    assert len(thumbs) == 3 and all(
+        cv2.imdecode(np.frombuffer(base64.b64decode(t), np.uint8), 1).shape[1] == 480 for t in thumbs
+    )
+    assert page.count('<rect id="s') == 6  # every classified cell outlined
+
+
+def read_results(out) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return pd.read_parquet(out / "cells.parquet"), pd.read_csv(out / "slides.csv", keep_default_na=False)
+
+
+@pytest.mark.slow
+def test_an_interrupted_screen_resumes_to_the_uninterrupted_result(tiny_bundle, screened, tmp_path, monkeypatch):
+    """A screen killed while writing its second part (one slide a part) leaves its first
+    part and a half-written temporary file; the rerun into the same folder screens only the
+    other slides and its tables equal those of an uninterrupted screen."""
+    slides, reference, _ = screened
+    out = tmp_path / "screen"
+    cfg = ScreenConfig(min_cells=2, part_slides=1)
+    real_write = screenparts.write_part
+
+    def killed_at_second_part(folder, name, rows, identity, provenance):
+        if screenparts.list_parts(folder)[0]:
+            (out / "parts" / f"{name}.tmp-killed").write_bytes(b"PAR1 half a part")
+            raise RuntimeError("killed while writing a part")
+        return real_write(folder, name, rows, identity, provenance)
+
+    monkeypatch.setattr(screenparts, "write_part", killed_at_second_part)
+    with pytest.raises(RuntimeError, match="killed while writing a part"):
+        screen(str(tiny_bundle), str(slides), str(out), cfg)
+    monkeypatch.undo()
+    (first,) = screenparts.list_parts(str(out))[0]
+    first_bytes = Path(first.path).read_bytes()
+    assert not (out / "cells.parquet").exists() and len(first.slides) == 1
+
+    summary = screen(str(tiny_bundle), str(slides), str(out), cfg)
+    assert summary["resumed"] == {"slides_from_earlier_attempts": 1, "slides_screened_now": 3}
+    parts, stray = screenparts.list_parts(str(out))
+    assert not stray and Path(first.path).read_bytes() == first_bytes  # kept, not redone
+    held = [s for p in parts for s in p.slides]
+    assert sorted(held) == sorted(pd.read_csv(reference / "slides.csv")["slide"])  # each slide once
+    (cells, table), (want_cells, want_table) = read_results(out), read_results(reference)
+    pd.testing.assert_frame_equal(table, want_table, check_exact=False, rtol=1e-5)
+    pd.testing.assert_frame_equal(cells, want_cells, check_exact=False, rtol=1e-5)
+    assert (out / "report.html").read_text().count('<section class="slide"') == 4
+
+    # other detection settings are refused; other flagging settings, with --resume, reuse every part
+    with pytest.raises(ConfigError, match=r"other data or settings \(screen.min_stain 20 -> 30\)"):
+        screen(str(tiny_bundle), str(slides), str(out), ScreenConfig(min_cells=2, min_stain=30))
+    strict = ScreenConfig(min_cells=2, blast_threshold=0.9999)
+    again = screen(str(tiny_bundle), str(slides), str(out), strict, existing="resume")
+    assert again["resumed"]["slides_screened_now"] == 0
+    assert again["counts"]["flagged_cells"] == int((want_cells["prob_all"] >= 0.9999).sum())
 
 
 def test_bad_bundle_and_empty_data_are_one_line_errors(tmp_path, slides_dir):

@@ -19,7 +19,8 @@ from leukray.io.features import error_mask
 from leukray.models.bundle import load_bundle
 from leukray.models.custom import build_custom_model, load_model_state
 from leukray.models.trunk import TrunkExtractor
-from leukray.ops.preprocess import READ_ERRORS, load_and_preprocess, read_error_reason
+from leukray.ops.preprocess import READ_ERRORS, load_and_preprocess, read_error_reason, to_rgb_uint8
+from leukray.ops.review import add_review_media, field_thumbnail, thumbnailing_reader
 from leukray.ops.smear import detect_and_crop, field_row, slide_tile_rows
 
 
@@ -47,23 +48,74 @@ def detect_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.nd
     return _stamp(out, "detect_node", len(out["slide"]))
 
 
+# A whole slide's thumbnail comes from its coarsest pyramid level when that level is at most
+# this many pixels (a pyramid's top level is typically a few million); otherwise it has none
+# rather than decode a large level whole.
+THUMBNAIL_LEVEL_PIXELS = 16_000_000
+
+
 def slide_tiles(row: dict[str, Any], cfg: Any) -> list[dict[str, Any]]:
     """Ray Data flat_map: one slide row (`path`) -> its detection rows: one for a camera
     field, one per tile for a whole-slide image (`leukray.ops.smear.slide_tile_rows`; only
-    the header and the central tile are read here), or one row with the reason when the
-    slide cannot be opened."""
+    the header, the central tile and the coarsest level for the thumbnail are read here), or
+    one row with the reason when the slide cannot be opened. Every row says how many rows
+    its slide has (`tiles`); a whole slide's first row carries its review thumbnail."""
     path = str(row["path"])
     is_tiff = path.lower().endswith(wholeslide.TIFF_EXTENSIONS)
+    thumbnail: tuple[bytes, float] = (b"", 0.0)
     if not wholeslide.is_openslide_path(path) and not (
         is_tiff and wholeslide.tiff_is_whole_slide(path, cfg.max_pixels)
     ):
-        return [field_row(path)]
-    try:
-        with wholeslide.open_slide(path) as slide:
-            levels = [(lv.width, lv.height, lv.downsample) for lv in slide.info.levels]
-            return slide_tile_rows(path, levels, slide.info.mpp, slide.read_region, cfg)
-    except (*READ_ERRORS, ValueError) as exc:
-        return [field_row(path, read_error_reason(exc))]
+        rows = [field_row(path)]
+    else:
+        try:
+            with wholeslide.open_slide(path) as slide:
+                levels = [(lv.width, lv.height, lv.downsample) for lv in slide.info.levels]
+                rows = slide_tile_rows(path, levels, slide.info.mpp, slide.read_region, cfg)
+                thumbnail = slide_thumbnail(slide, cfg.thumbnail_px)
+        except (*READ_ERRORS, ValueError) as exc:
+            rows = [field_row(path, read_error_reason(exc))]
+    for k, tile in enumerate(rows):
+        tile.update(tiles=len(rows), thumbnail=thumbnail[0] if k == 0 else b"", thumb_scale=thumbnail[1])
+    return rows
+
+
+def slide_thumbnail(slide: Any, max_side: int) -> tuple[bytes, float]:
+    """(JPEG, thumbnail px per level-0 px) of an open whole slide, from its coarsest level;
+    (b"", 0.0) when that level is larger than THUMBNAIL_LEVEL_PIXELS."""
+    level = slide.info.levels[-1]
+    if level.width * level.height > THUMBNAIL_LEVEL_PIXELS:
+        return b"", 0.0
+    image = to_rgb_uint8(slide.read_region(len(slide.info.levels) - 1, 0, 0, level.width, level.height))
+    jpeg, scale = field_thumbnail(image, max_side)
+    return jpeg, scale / level.downsample
+
+
+def detect_review_batch(batch: dict[str, np.ndarray], thumbnail_px: int, **kwargs: Any) -> dict[str, np.ndarray]:
+    """`detect_batch` plus what the visual review shows (`leukray.ops.review.add_review_media`):
+    each field's thumbnail, made from the bytes detection reads (not read twice; a whole
+    slide's comes with its first tile row), each cell's crop as JPEG, and the unit columns
+    that say when a slide is complete (REVIEW_COLUMNS: each input row, a field or a tile,
+    is one unit)."""
+    read, thumbnails = thumbnailing_reader(storage.read_bytes, thumbnail_px, kwargs["cfg"].max_pixels)
+    outs = []
+    for i in range(len(batch["path"])):
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        out = detect_and_crop(row, read_bytes=read, read_region=wholeslide.read_region, **kwargs)
+        n = len(out["slide"])
+        unit = max(int(row["tile_index"][0]), 0) if "tile_index" in row else 0
+        out["unit"] = np.full(n, unit, dtype=np.int64)
+        out["units"] = np.full(n, int(row["tiles"][0]) if "tiles" in row else 1, dtype=np.int64)
+        out["unit_rows"] = np.full(n, n, dtype=np.int64)
+        if "thumbnail" in row and len(row["thumbnail"][0]):
+            thumbnails[str(row["path"][0])] = (bytes(row["thumbnail"][0]), float(row["thumb_scale"][0]))
+        outs.append(out)
+    if not outs:  # an empty block: the columns, no rows
+        out = detect_and_crop(batch, read_bytes=read, read_region=wholeslide.read_region, **kwargs)
+        outs = [{**out, **{c: np.zeros(0, dtype=np.int64) for c in ("unit", "units", "unit_rows")}}]
+    out = {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}
+    out = add_review_media(out, thumbnails)
+    return _stamp(out, "detect_node", len(out["slide"]))
 
 
 class FeatureExtractor(TrunkExtractor):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generator, Iterator
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from leukray.distributed.actors import (
     BundlePredictor,
     CustomEmbedder,
     FeatureExtractor,
-    detect_batch,
+    detect_review_batch,
     hash_batch,
     preprocess_batch,
     slide_tiles,
@@ -259,18 +259,40 @@ def slide_tiles_dataset(slides: list[str], cfg: ScreenConfig) -> Any:
 
 
 def screen_stream(
-    slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str]
-) -> tuple[pd.DataFrame, bool]:
+    slides: list[str], cfg: ScreenConfig, bundle: Bundle, model_dir: str, columns: list[str], thumbnail_px: int
+) -> tuple[Generator[pd.DataFrame, None, None], bool]:
     """Smear fields and whole slides -> detected, cropped and classified cells (one row
-    each, `columns`), and whether the classifier ran on GPUs."""
+    each, `columns`), handed over block by block as they arrive (a slide's rows may span
+    blocks; each row says which detection unit, a field or a tile, it came from and how many
+    rows that unit and how many units its slide has: `unit`, `unit_rows`, `units`), and
+    whether the classifier runs on GPUs. Each field's thumbnail and each crop's JPEG come
+    along for the review (`leukray.ops.review`)."""
     ds = slide_tiles_dataset(slides, cfg)
     ds = ds.map_batches(
-        detect_batch,
+        detect_review_batch,
         batch_format="numpy",
         batch_size=cfg.batch_size,
-        fn_kwargs={"cfg": cfg, "preprocess_cfg": bundle.preprocess, "cell_families": bundle.cell_families},
+        fn_kwargs={
+            "cfg": cfg,
+            "preprocess_cfg": bundle.preprocess,
+            "cell_families": bundle.cell_families,
+            "thumbnail_px": thumbnail_px,
+        },
     )
     ds, use_gpu = _bundle_stream(ds, bundle, model_dir)
-    batches = ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256)
-    parts = [pd.DataFrame({c: batch[c] for c in columns}) for batch in batches]
-    return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)), use_gpu
+    # block by block as the classifier finishes them (no re-batching): a slide's rows reach
+    # the driver, and its part the disk, as soon as they exist
+    batches = ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None)
+    return _frames(batches, columns), use_gpu
+
+
+def _frames(batches: Iterator[dict[str, np.ndarray]], columns: list[str]) -> Generator[pd.DataFrame, None, None]:
+    """The batches as frames; closing this closes the stream (Ray Data stops its operators,
+    so a screen that fails half-way leaves no actors holding the cluster's CPUs)."""
+    try:
+        for batch in batches:
+            yield pd.DataFrame({c: batch[c] for c in columns})
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
