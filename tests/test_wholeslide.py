@@ -4,6 +4,7 @@ smear fields a synthetic slide was stitched from, each once."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -253,3 +254,15 @@ def test_screen_whole_slide_end_to_end(ray_local, tiny_bundle, slide_path, tmp_p
     assert slides.loc[str(data / "broken.tif"), "status"] == "error"
     assert summary["counts"]["cells"] == 15 and summary["counts"]["slides"] == 3
     assert 0 <= float(slides.loc[str(data / "slide.tif"), "mean_prob_all"]) <= 1
+    # the review: the whole slide's thumbnail comes from its coarsest level, scaled to level 0
+    from leukray.io import screenparts
+
+    parts, _ = screenparts.list_parts(str(tmp_path / "out"))
+    media = [screenparts.read_media(part.path, str(data / "slide.tif")) for part in parts]
+    thumb, scale, crops = next(m for m in media if m[0])
+    image = cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR)
+    with tifffile.TiffFile(slide_path) as tif:
+        width = tif.pages.first.imagewidth
+    assert abs(image.shape[1] - width * scale) <= 1 and max(image.shape[:2]) <= cfg.thumbnail_px
+    assert crops and set(crops) <= set(wsi["cell_index"])
+    assert "slide.tif" in (tmp_path / "out" / "report.html").read_text()
