@@ -430,3 +430,29 @@ def test_the_stacked_ensemble_is_scored_by_the_grouped_cv_and_bundled(tmp_path):
     loaded = load_bundle(str(tmp_path / "model")).classifier
     assert type(loaded).__name__ == "StackingClassifier"
     np.testing.assert_allclose(loaded.predict_proba(train.X), model.predict_proba(train.X))
+
+
+def test_a_bundle_with_a_threshold_outside_0_1_is_refused_and_the_report_states_it(tmp_path):
+    from sklearn.dummy import DummyClassifier
+
+    from leukray.config import PreprocessConfig
+    from leukray.models.bundle import BundleError, load_bundle, save_bundle
+    from leukray.report.document import _threshold_lines
+    from leukray.stages.smeartrain import NO_TRUNK
+
+    prior = DummyClassifier(strategy="prior").fit(np.zeros((4, 1)), [0, 1, 1, 1])
+    kwargs = dict(
+        classes=["hem", "all"], positive_label="all", preprocess=PreprocessConfig(size=64), weights=NO_TRUNK,
+        weights_seed=0, feature_source="morphology", classifier_name="DummyClassifier", classifier=prior,
+    )  # fmt: skip
+    save_bundle(str(tmp_path / "bad"), **kwargs, extra={"decision_threshold": {"value": 1.5}})
+    with pytest.raises(BundleError, match="decision_threshold"):
+        load_bundle(str(tmp_path / "bad"))
+    save_bundle(str(tmp_path / "old"), **kwargs)  # a bundle of an earlier leukray: the most probable class
+    old = load_bundle(str(tmp_path / "old"))
+    assert old.decision_threshold is None and old.predicted_labels(np.array([[0.45, 0.55]])).tolist() == ["all"]
+    record = {"value": 0.675, "rule": "balanced", "chosen_on": "out-of-fold probabilities of LDA",
+              "oof": {"balanced_accuracy": 0.875, "sensitivity": 0.75, "specificity": 1.0},
+              "oof_at_0.5": {"balanced_accuracy": 0.675}, "crossfit_cv_balanced_accuracy": 0.8}  # fmt: skip
+    (line,) = _threshold_lines(record, {"Balanced Accuracy": 0.9}, {"Balanced Accuracy": 0.85})
+    assert "0.675 (balanced" in line and "0.8750" in line and "0.6750 at 0.5" in line and "0.9000 at it" in line
