@@ -177,13 +177,16 @@ STACKING = "stacking"
 def inner_group_folds(groups: np.ndarray, y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """StratifiedGroupKFold splits of every row (augmented copies go with their subject, so
     the test sets partition the rows, as `cross_val_predict` needs): at most `folds`, at
-    most the subjects of the rarest class."""
+    most the subjects of the rarest class (every fold's fit must see every class).
+
+    Raises:
+        ValueError: a class has fewer than two subjects."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     per_class = [len(set(groups[y == c])) for c in np.unique(y)]
     k = min([folds, *per_class])
     if len(per_class) < 2 or k < 2:
-        raise ValueError("too few subjects per class for a stacked ensemble's inner folds")
+        raise ValueError("a stacked ensemble's inner folds need two subjects of every class")
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(train, test) for train, test in cv.split(np.zeros(len(y)), y, groups)]
 

@@ -374,8 +374,11 @@ def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tup
         on_result=lambda r: print(_format_cv(r), flush=True), timeout_s=cfg.sweep.timeout_s,
     )  # fmt: skip
     ensembles = [soft_voting_row(table, data, cfg.sweep.ensemble_size)]
-    if cfg.sweep.stacking:
+    train = extracted.meta[(extracted.meta["split"] == TRAIN).to_numpy()]
+    if cfg.sweep.stacking and train.groupby("label")["subject"].nunique().min() >= 2:
         ensembles.append(stacking_row(table, data, extracted.cfg, folds))
+    elif cfg.sweep.stacking:  # the chosen model is refitted on the training split, with inner folds
+        log("stacking skipped: the training split has a class of fewer than two subjects")
     ensembles = [e for e in ensembles if e is not None]
     table = _ranked(pd.concat([table, pd.DataFrame(ensembles)], ignore_index=True) if ensembles else table)
     sweeps.oof = _oof_by_candidate(table, data)
