@@ -375,7 +375,7 @@ def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tup
     )  # fmt: skip
     ensembles = [soft_voting_row(table, data, cfg.sweep.ensemble_size)]
     train = extracted.meta[(extracted.meta["split"] == TRAIN).to_numpy()]
-    if cfg.sweep.stacking and train.groupby("label")["subject"].nunique().min() >= 2:
+    if cfg.sweep.stacking and train.assign(_g=subject_groups(train)).groupby("label")["_g"].nunique().min() >= 2:
         ensembles.append(stacking_row(table, data, extracted.cfg, folds))
     elif cfg.sweep.stacking:  # the chosen model is refitted on the training split, with inner folds
         log("stacking skipped: the training split has a class of fewer than two subjects")
