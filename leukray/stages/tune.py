@@ -750,19 +750,7 @@ def build_summary(
     facts, meta = record["facts"], extracted.meta
     usable_meta = meta[meta["aug_index"] == 0]
     classes = sweeps.classes
-    code = {name: i for i, name in enumerate(classes)}
-    y_test = predictions["label"].map(code).to_numpy()
-    # scored as predict calls the labels: at the decision threshold (predictions.parquet's predicted_label)
-    pred = predictions["predicted_label"].map(code).to_numpy()
-    chosen_test = score_probabilities(y_test, chosen.test_probs, pred)
-    chosen_test["argmax"] = score_probabilities(y_test, chosen.test_probs)
-    if cfg.sweep.bootstrap:
-        groups = np.where(
-            predictions["subject"].astype(str) != "", predictions["subject"].astype(str), predictions["path"]
-        )
-        chosen_test["ci95"] = subject_bootstrap(
-            y_test, chosen.test_probs, groups, cfg.sweep.bootstrap, cfg.sweep.seed, pred=pred
-        )
+    chosen_test = _chosen_test(cfg, chosen, predictions, classes)
     return {
         "leukray_version": __version__,
         "weights": extracted.weights.as_dict(),
@@ -796,6 +784,25 @@ def build_summary(
         "ray": _ray_facts(record, trained, sweeps.boards[sweeps.tables[0]["source"]]),
         "environment": {"python": platform.python_version(), "platform": sys.platform},
     }
+
+
+def _chosen_test(cfg: RunConfig, chosen: Chosen, predictions: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    """The chosen model's test metrics as predict calls the labels (at the decision
+    threshold: predictions.parquet's predicted_label), with `argmax` (at the most probable
+    class) and `ci95` (subject-bootstrap intervals) beside them."""
+    code = {name: i for i, name in enumerate(classes)}
+    y_test = predictions["label"].map(code).to_numpy()
+    pred = predictions["predicted_label"].map(code).to_numpy()
+    chosen_test = score_probabilities(y_test, chosen.test_probs, pred)
+    chosen_test["argmax"] = score_probabilities(y_test, chosen.test_probs)
+    if cfg.sweep.bootstrap:
+        groups = np.where(
+            predictions["subject"].astype(str) != "", predictions["subject"].astype(str), predictions["path"]
+        )
+        chosen_test["ci95"] = subject_bootstrap(
+            y_test, chosen.test_probs, groups, cfg.sweep.bootstrap, cfg.sweep.seed, pred=pred
+        )
+    return chosen_test
 
 
 def _model_facts(
