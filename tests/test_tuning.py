@@ -456,3 +456,37 @@ def test_a_bundle_with_a_threshold_outside_0_1_is_refused_and_the_report_states_
               "oof_at_0.5": {"balanced_accuracy": 0.675}, "crossfit_cv_balanced_accuracy": 0.8}  # fmt: skip
     (line,) = _threshold_lines(record, {"Balanced Accuracy": 0.9}, {"Balanced Accuracy": 0.85})
     assert "0.675 (balanced" in line and "0.8750" in line and "0.6750 at 0.5" in line and "0.9000 at it" in line
+
+
+def test_a_chosen_stacked_ensemble_is_refitted_on_the_training_subjects_with_inner_folds():
+    """`fit_chosen` builds the stacked ensemble on the training split only, its inner folds
+    grouped by the training subjects, and gives probabilities on the test split."""
+    import pandas as pd
+
+    from leukray.config import RunConfig
+    from leukray.models.classifiers import sweep_data
+    from leukray.stages.extract import Extracted
+    from leukray.stages.tune import Sweeps, fit_chosen
+
+    data = subjects_data(n_subjects=12, dim=6)
+    subject = data.groups
+    split = np.select([np.isin(subject, ["s0", "s1"]), np.isin(subject, ["s2", "s3"])], ["test", "val"], "train")
+    keep = data.original | (split == "train")  # augmented copies only ever train
+    meta = pd.DataFrame({
+        "path": [f"{s}/{i}.png" for i, s in enumerate(subject)], "label": np.where(data.y == 1, "all", "hem"),
+        "subject": subject, "split": split, "aug_index": (~data.original).astype(int),
+    })[keep].reset_index(drop=True)  # fmt: skip
+    extracted = Extracted(RunConfig(), {}, meta, meta, data.X[keep], pd.DataFrame())
+    sweeps = Sweeps({"cells": sweep_data(meta, data.X[keep])}, {}, [], True, ["hem", "all"], [])
+    members = [{"model": "LogisticRegression", "params": None}, {"model": "GaussianNB", "params": None}]
+    row = pd.Series({"Model": "Stacking: LR + NB", "ensemble": "stacking", "members": members,
+                     "params": json.dumps({"members": members, "folds": 3})})  # fmt: skip
+    chosen = fit_chosen(extracted, None, sweeps, ("cells", row), "cv")
+    model = chosen.classifier
+    assert type(model).__name__ == "StackingClassifier" and len(model.cv) == 3
+    train_subjects = meta.loc[meta["split"] == "train", "subject"].to_numpy()
+    assert set(train_subjects) == {f"s{i}" for i in range(4, 12)}
+    for fit_rows, meta_rows in model.cv:  # indices into the training split's rows, subjects whole
+        assert not set(train_subjects[fit_rows]) & set(train_subjects[meta_rows])
+    assert chosen.test_probs.shape == (int(((meta["split"] == "test") & (meta["aug_index"] == 0)).sum()), 2)
+    assert chosen.params == {"members": members, "folds": 3}
