@@ -54,6 +54,26 @@ def parse_feature_sets(spec: str) -> list[tuple[str, ...]]:
     return sets
 
 
+def parse_threshold_rule(spec: str) -> tuple[str, float]:
+    """`sweep.threshold` -> (kind, value): `balanced` -> ("balanced", nan); `sensitivity:0.95`
+    -> ("sensitivity", 0.95); `0.3` -> ("fixed", 0.3).
+
+    Raises:
+        ConfigError: anything else, or a value outside [0, 1].
+    """
+    text = str(spec).strip().lower()
+    if text == "balanced":
+        return "balanced", float("nan")
+    kind, _, number = text.rpartition(":") if text.startswith("sensitivity:") else ("fixed", "", text)
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"sweep.threshold must be balanced, sensitivity:<0..1> or a number in [0, 1], got {spec!r}")
+    return kind, value
+
+
 def cell_families_of(sets: list[tuple[str, ...]]) -> tuple[str, ...]:
     """The cell families any of `sets` needs, in CELL_FAMILIES order (what preprocessing measures)."""
     return tuple(f for f in CELL_FAMILIES if any(f in s for s in sets))
@@ -269,6 +289,16 @@ class SweepConfig:
     bootstrap: int = 1000
     """Subject-bootstrap resamples for the 95% intervals of the chosen model's test
     balanced accuracy and ROC AUC; 0 = no intervals."""
+    stacking: bool = True
+    """A stacked ensemble of the same members as the soft vote (a logistic regression on
+    their probabilities, fitted on inner subject-grouped folds) is a candidate too, scored by
+    the same grouped CV and chosen only if strictly better (needs ensemble_size >= 2)."""
+    threshold: str = "balanced"
+    """The decision threshold on P(ALL) of a two-class model, stored in the bundle and used
+    by `predict` and `screen`: `balanced` = the one maximising balanced accuracy on the
+    chosen model's out-of-fold predictions of the grouped CV; `sensitivity:0.95` = the
+    highest one that keeps that out-of-fold sensitivity; a number in [0, 1] = that value
+    (`0.5` = the most probable class, as before)."""
 
     def __post_init__(self) -> None:
         check_at_least("sweep.tune_trials", self.tune_trials, 0)
@@ -279,6 +309,7 @@ class SweepConfig:
         check_at_least("sweep.tune_top", self.tune_top, 1)
         check_at_least("sweep.ensemble_size", self.ensemble_size, 0)
         check_at_least("sweep.bootstrap", self.bootstrap, 0)
+        parse_threshold_rule(self.threshold)
         if not self.classifiers.strip():
             raise ConfigError("sweep.classifiers is empty: use 'all' or a comma-separated list")
         check_in_range("sweep.timeout_s", self.timeout_s, 0.1, 7 * 24 * 3600)
@@ -404,8 +435,10 @@ class ScreenConfig:
     edge_fraction: float = 0.0
     """Drop cells whose nucleus box touches the field border and whose nucleus is smaller
     than this fraction of a red cell's area (cut-off cells); 0 = keep every border cell."""
-    blast_threshold: float = 0.5
-    """A cell is flagged when its prob_all >= this."""
+    blast_threshold: float = -1.0
+    """A cell is flagged when its prob_all >= this; -1 = the model bundle's decision
+    threshold (chosen on out-of-fold predictions, see `sweep.threshold`; 0.5 for a bundle
+    without one)."""
     slide_flag_fraction: float = 0.2
     """A slide is flagged when the share of its cells that are flagged is >= this."""
     min_cells: int = 1
@@ -457,7 +490,8 @@ class ScreenConfig:
         )
         check_in_range("screen.margin", self.margin, 0.0, 5.0)
         check_in_range("screen.edge_fraction", self.edge_fraction, 0.0, 1000.0)
-        check_in_range("screen.blast_threshold", self.blast_threshold, 0.0, 1.0)
+        if self.blast_threshold != -1.0:
+            check_in_range("screen.blast_threshold", self.blast_threshold, 0.0, 1.0)
         check_in_range("screen.slide_flag_fraction", self.slide_flag_fraction, 0.0, 1.0)
         check_at_least("screen.min_cells", self.min_cells, 0)
         check_at_least("screen.batch_size", self.batch_size, 1)
@@ -469,6 +503,13 @@ class ScreenConfig:
         check_at_least("screen.part_slides", self.part_slides, 1)
         check_at_least("screen.report_cells", self.report_cells, 0)
         check_in_range("screen.thumbnail_px", self.thumbnail_px, 32, 4096)
+
+    def cell_threshold(self, bundle_threshold: float | None = None) -> float:
+        """The prob_all at which a cell is flagged: `blast_threshold` when set, else the
+        bundle's decision threshold, else 0.5."""
+        if self.blast_threshold >= 0:
+            return self.blast_threshold
+        return 0.5 if bundle_threshold is None else float(bundle_threshold)
 
 
 @dataclass(frozen=True)

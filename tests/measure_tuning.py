@@ -1,13 +1,15 @@
 """Measure the model choice on the real C-NMC dev fold in ../shared/data by subject-grouped
 cross-validation only (not a test; it prints a table): the best untuned classifier, the
-Optuna search over the best `--top` of them, and the soft-voting ensemble, on the cell
+Optuna search over the best `--top` of them, the soft-voting and the stacked ensembles, and
+the decision threshold chosen on the chosen candidate's out-of-fold predictions, on the cell
 features (morphology + colour + texture, 175-d) that tests/measure_cellfeatures.py caches:
 
     PYTHONPATH=. .venv/bin/python tests/measure_tuning.py [--trials 24] [--top 5] [--cpus 2]
 
 It uses leukray's own code paths: `run_cv_tune` (the choice's CV, one Ray Tune trial per
 candidate), `run_search_tune` (Optuna TPE through Ray Tune, each trial a grouped CV on folds
-shuffled with seed + 1) and `soft_voting_row` (the ensemble from out-of-fold predictions).
+shuffled with seed + 1), `soft_voting_row` (the ensemble from out-of-fold predictions),
+`stacking_row` (the stacked ensemble, by the same grouped CV) and `threshold_record`.
 Every number is a 5-fold StratifiedGroupKFold over the 28 subjects (shuffle, seed 42): no
 fixed test split is looked at, so nothing is tuned to one. The cached features are checked
 against the current `cell_features` on a sample of images first.
@@ -68,9 +70,10 @@ def main() -> None:
 
     import ray
 
+    from leukray.config import RunConfig, SweepConfig
     from leukray.distributed.tuning import run_cv_tune, run_search_tune, tunable
-    from leukray.models.classifiers import GroupedData
-    from leukray.stages.tune import soft_voting_row
+    from leukray.models.classifiers import GroupedData, threshold_record
+    from leukray.stages.tune import _oof_by_candidate, _ranked, soft_voting_row, stacking_row
 
     X, y, groups = load_checked(16)
     data = {"cells": GroupedData(X.astype(np.float32), y, groups, np.ones(len(y), bool))}
@@ -105,15 +108,31 @@ def main() -> None:
     pool.append(candidate(best["Model"], best["params"], f"{best['Model']} (tuned)"))
     tick = time.perf_counter()
     choice = run_cv_tune(pool, data, SEED, FOLDS, 1, store, timeout_s=args.timeout)
-    ensemble = soft_voting_row(choice, data, 3)
+    ensembles = [soft_voting_row(choice, data, 3)]
     seconds["choice"] = time.perf_counter() - tick
-    rows = choice.drop(columns=["oof", "fold"])
-    if ensemble is not None:
-        import pandas as pd
+    tick = time.perf_counter()
+    cfg = RunConfig(out=store, sweep=SweepConfig(seed=SEED, ensemble_size=3, timeout_s=args.timeout))
+    ensembles.append(stacking_row(choice, data, cfg, FOLDS))
+    seconds["stacking"] = time.perf_counter() - tick
+    import pandas as pd
 
-        rows = pd.concat([rows, pd.DataFrame([{k: v for k, v in ensemble.items() if k != "members"}])])
-    show(f"model choice, {FOLDS}-fold subject-grouped CV (seed {SEED})", rows)
+    table = _ranked(pd.concat([choice, pd.DataFrame([e for e in ensembles if e is not None])], ignore_index=True))
+    show(f"model choice, {FOLDS}-fold subject-grouped CV (seed {SEED})", table.drop(columns=["oof", "fold", "members"]))
     print(f"\ntuned settings: {json.loads(best['params'])}")
+    # the decision threshold on the out-of-fold predictions of the best single model and of each ensemble
+    oof = _oof_by_candidate(table, data)
+    singles = table[(table["status"] == "ok") & table["ensemble"].isna()]
+    for name in [singles.iloc[0]["Model"], *[e["Model"] for e in ensembles if e is not None]]:
+        y_, probs, fold = oof[("cells", name)]
+        for rule in (("balanced", float("nan")), ("sensitivity", 0.95)):
+            rec = threshold_record(y_, probs, fold, rule, 1)
+            print(
+                f"threshold {rec['rule']:<17} {rec['value']:.3f} for {name[:60]}: OOF bal.acc "
+                f"{rec['oof']['balanced_accuracy']:.3f} (sens {rec['oof']['sensitivity']:.3f}, spec "
+                f"{rec['oof']['specificity']:.3f}) vs {rec['oof_at_0.5']['balanced_accuracy']:.3f} at 0.5; "
+                f"fold mean {rec['cv_balanced_accuracy']:.3f} ± {rec['cv_sd']:.3f}; chosen on the other folds "
+                f"{rec['crossfit_cv_balanced_accuracy']:.3f} ± {rec['crossfit_cv_sd']:.3f}"
+            )
     print(f"seconds: { ({k: round(v) for k, v in seconds.items()}) }")
 
 

@@ -147,6 +147,12 @@ class TestRun:
         assert chosen["chosen_by"].startswith("subject-grouped") and "train+val" in chosen["chosen_by"]
         bundle = json.loads((tiny_run / "model" / "bundle.json").read_text())
         assert bundle["chosen_by"] == chosen["chosen_by"] and bundle["classifier"] == chosen["name"]
+        # the decision threshold was chosen on the chosen model's out-of-fold predictions, and the
+        # test predictions call ALL at it (as `leukray predict` will with this bundle)
+        threshold = bundle["decision_threshold"]
+        assert threshold == chosen["decision_threshold"] and "out-of-fold" in threshold["chosen_on"]
+        predictions = pd.read_parquet(tiny_run / "predictions.parquet")
+        assert ((predictions["prob_all"] >= threshold["value"]) == (predictions["predicted_label"] == "all")).all()
 
     def test_provenance_in_every_output(self, tiny_run):
         summary = json.loads((tiny_run / "summary.json").read_text())

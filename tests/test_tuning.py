@@ -279,3 +279,214 @@ def test_the_custom_heads_features_are_never_cross_validated_for_the_choice():
     assert {s for s, _ in _pool_rows(sweeps)} == {"trunk"}
     pool = _cv_pool(sweeps, top=5, seed=0)
     assert [(c["source"], c["Model"]) for c in pool] == [("trunk", "LogisticRegression"), ("trunk", "GaussianNB")]
+
+
+# -- the decision threshold and the stacked ensemble ----------------------------------------------
+
+# Out-of-fold P(ALL) of a constructed case: the best balanced accuracy is 0.875, at every
+# threshold in the gap (0.65, 0.7] (3 of 4 ALL cells above, all 5 normal ones below); at 0.5
+# it is 0.675 (3/4 and 3/5); keeping every ALL cell needs a threshold in (0.3, 0.45].
+OOF_POSITIVE = np.array([0.45, 0.7, 0.8, 0.9, 0.1, 0.2, 0.3, 0.6, 0.65])
+OOF_TRUTH = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
+
+
+def _balanced(threshold: float) -> float:
+    called = OOF_POSITIVE >= threshold
+    return (called[OOF_TRUTH == 1].mean() + (~called[OOF_TRUTH == 0]).mean()) / 2
+
+
+class TestDecisionThreshold:
+    def test_the_threshold_is_the_out_of_fold_optimum(self):
+        from leukray.models.classifiers import oof_threshold
+
+        positive = OOF_TRUTH == 1
+        best = oof_threshold(positive, OOF_POSITIVE, ("balanced", np.nan))
+        assert best == pytest.approx(0.675)  # half-way across the optimal gap
+        grid = np.linspace(0, 1, 1001)
+        assert _balanced(best) == pytest.approx(max(_balanced(t) for t in grid)) == pytest.approx(0.875)
+        assert _balanced(0.5) == pytest.approx(0.675)
+        assert oof_threshold(positive, OOF_POSITIVE, ("sensitivity", 1.0)) == pytest.approx(0.375)
+        assert oof_threshold(positive, OOF_POSITIVE, ("sensitivity", 0.75)) == pytest.approx(0.675)
+        assert oof_threshold(positive, OOF_POSITIVE, ("fixed", 0.3)) == 0.3
+
+    def test_the_record_says_what_the_threshold_gives_and_an_honest_estimate(self):
+        from leukray.models.classifiers import threshold_record
+
+        probs = np.stack([1 - OOF_POSITIVE, OOF_POSITIVE], axis=1)
+        fold = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+        record = threshold_record(OOF_TRUTH, probs, fold, ("balanced", np.nan), positive_code=1)
+        assert record["value"] == pytest.approx(0.675) and record["rule"] == "balanced"
+        assert record["oof"] == pytest.approx({"balanced_accuracy": 0.875, "sensitivity": 0.75, "specificity": 1.0})
+        assert record["oof_at_0.5"]["balanced_accuracy"] == pytest.approx(0.675)
+        assert 0 <= record["crossfit_cv_balanced_accuracy"] <= 1 and record["crossfit_cv_sd"] >= 0
+
+    def test_the_tune_stage_takes_it_from_the_chosen_models_out_of_fold_predictions(self):
+        import pandas as pd
+
+        from leukray.config import RunConfig, SweepConfig
+        from leukray.errors import ConfigError
+        from leukray.stages.tune import Sweeps, decision_threshold
+
+        sweeps = Sweeps(data={}, boards={}, candidates=[], has_val=True, classes=["hem", "all"], tables=[])
+        probs = np.stack([1 - OOF_POSITIVE, OOF_POSITIVE], axis=1)
+        sweeps.oof[("cells", "LDA")] = (OOF_TRUTH, probs, np.array([0, 1, 2] * 3))
+        choice = ("cells", pd.Series({"Model": "LDA"}))
+
+        def threshold(rule: str, chosen=choice) -> dict:
+            return decision_threshold(RunConfig(sweep=SweepConfig(threshold=rule)), sweeps, chosen)
+
+        assert threshold("balanced")["value"] == pytest.approx(0.675)
+        assert "out-of-fold probabilities of LDA" in threshold("balanced")["chosen_on"]
+        assert threshold("sensitivity:1")["value"] == pytest.approx(0.375)
+        assert threshold("0.3")["value"] == 0.3
+        # a model chosen without the grouped CV has no out-of-fold predictions: 0.5, and why
+        unscored = threshold("balanced", ("cells", pd.Series({"Model": "GaussianNB"})))
+        assert unscored["value"] == 0.5 and "no out-of-fold" in unscored["chosen_on"]
+        with pytest.raises(ConfigError, match="sweep.threshold"):
+            SweepConfig(threshold="sensitivity:high")
+
+    def test_labels_at_the_threshold(self):
+        from leukray.models.classifiers import threshold_labels
+
+        probs = np.array([[0.4, 0.6], [0.2, 0.8], [0.7, 0.3]])
+        assert threshold_labels(probs, ["hem", "all"], 1, 0.675).tolist() == ["hem", "all", "hem"]
+        assert threshold_labels(probs, ["hem", "all"], 1, None).tolist() == ["all", "all", "hem"]
+
+    def test_screen_flags_at_the_bundles_threshold_unless_one_is_set(self):
+        from leukray.config import ScreenConfig
+
+        assert ScreenConfig().cell_threshold(0.675) == 0.675
+        assert ScreenConfig().cell_threshold(None) == 0.5  # a bundle without a threshold: as before
+        assert ScreenConfig(blast_threshold=0.5).cell_threshold(0.675) == 0.5  # the user's choice wins
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_predict_calls_all_at_the_bundles_threshold_not_at_half(tiny_cells, tmp_path):
+    """A model whose P(ALL) is 0.6 for every cell: the most probable class would be ALL, but
+    with the bundle's threshold 0.675 `leukray predict` calls every cell normal."""
+    import pandas as pd
+    from sklearn.dummy import DummyClassifier
+
+    from leukray.config import PreprocessConfig
+    from leukray.models.bundle import load_bundle, save_bundle
+    from leukray.stages.predict import predict
+    from leukray.stages.smeartrain import NO_TRUNK
+
+    prior = DummyClassifier(strategy="prior").fit(np.zeros((10, 1)), [1] * 6 + [0] * 4)  # P(ALL) = 0.6
+    model_dir = tmp_path / "model"
+    save_bundle(
+        str(model_dir), classes=["hem", "all"], positive_label="all", preprocess=PreprocessConfig(size=64),
+        weights=NO_TRUNK, weights_seed=0, feature_source="morphology", classifier_name="DummyClassifier",
+        classifier=prior, extra={"decision_threshold": {"value": 0.675, "rule": "balanced"}},
+    )  # fmt: skip
+    bundle = load_bundle(str(model_dir))
+    assert bundle.decision_threshold == 0.675
+    out = tmp_path / "predictions.parquet"
+    predict(str(model_dir), str(tiny_cells), str(out))
+    preds = pd.read_parquet(out)
+    ok = preds[preds["error"] == ""]
+    assert len(ok) > 0 and np.allclose(ok["prob_all"], 0.6)
+    assert (ok["predicted_label"] == "hem").all()
+    assert (np.asarray(prior.classes_)[prior.predict_proba(np.zeros((1, 1))).argmax(1)] == 1).all()  # argmax: ALL
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_stacked_ensemble_is_scored_by_the_grouped_cv_and_bundled(tmp_path):
+    import pandas as pd
+
+    from leukray.config import PreprocessConfig, RunConfig, SweepConfig
+    from leukray.distributed.tuning import run_cv_tune
+    from leukray.models.bundle import load_bundle, save_bundle
+    from leukray.models.classifiers import STACKING, build_model
+    from leukray.stages.smeartrain import NO_TRUNK
+    from leukray.stages.tune import _oof_by_candidate, stacking_row
+
+    data = {"cells": subjects_data(dim=6)}
+    pool = [
+        {"source": "cells", "Model": m, "base_model": m, "params": p}
+        for m, p in (("LogisticRegression", json.dumps({"C": 0.1})), ("GaussianNB", None))
+    ]
+    table = run_cv_tune(pool, data, 5, 3, 1, str(tmp_path / "tune"), timeout_s=60)
+    cfg = RunConfig(out=str(tmp_path), sweep=SweepConfig(seed=5, ensemble_size=3, timeout_s=60))
+    row = stacking_row(table, data, cfg, 3)
+    assert row["status"] == "ok" and row["ensemble"] == "stacking" and row["Model"].startswith("Stacking: ")
+    assert [m["model"] for m in row["members"]] == table["base_model"].tolist()
+    # its score is the grouped CV of the real StackingClassifier on the candidates' folds
+    params = json.loads(row["params"])
+    direct = grouped_cv(STACKING, data["cells"], 5, 3, params, oof=True)
+    assert row["CV Balanced Accuracy"] == pytest.approx(direct["CV Balanced Accuracy"])
+    assert row["fold"] == table["fold"].iloc[0]  # the members' folds: comparable with them
+    full = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    assert ("cells", row["Model"]) in _oof_by_candidate(full, data)
+    # the fitted ensemble's inner folds keep subjects whole, and it survives the bundle
+    train = data["cells"]
+    model = build_model(STACKING, 5, params=params, groups=train.groups, y=train.y).fit(train.X, train.y)
+    for fit_rows, meta_rows in model.cv:
+        assert not set(train.groups[fit_rows]) & set(train.groups[meta_rows])
+    save_bundle(
+        str(tmp_path / "model"), classes=["hem", "all"], positive_label="all", preprocess=PreprocessConfig(size=64),
+        weights=NO_TRUNK, weights_seed=0, feature_source="morphology", classifier_name=row["Model"], classifier=model,
+    )  # fmt: skip
+    loaded = load_bundle(str(tmp_path / "model")).classifier
+    assert type(loaded).__name__ == "StackingClassifier"
+    np.testing.assert_allclose(loaded.predict_proba(train.X), model.predict_proba(train.X))
+
+
+def test_a_bundle_with_a_threshold_outside_0_1_is_refused_and_the_report_states_it(tmp_path):
+    from sklearn.dummy import DummyClassifier
+
+    from leukray.config import PreprocessConfig
+    from leukray.models.bundle import BundleError, load_bundle, save_bundle
+    from leukray.report.document import _threshold_lines
+    from leukray.stages.smeartrain import NO_TRUNK
+
+    prior = DummyClassifier(strategy="prior").fit(np.zeros((4, 1)), [0, 1, 1, 1])
+    kwargs = dict(
+        classes=["hem", "all"], positive_label="all", preprocess=PreprocessConfig(size=64), weights=NO_TRUNK,
+        weights_seed=0, feature_source="morphology", classifier_name="DummyClassifier", classifier=prior,
+    )  # fmt: skip
+    save_bundle(str(tmp_path / "bad"), **kwargs, extra={"decision_threshold": {"value": 1.5}})
+    with pytest.raises(BundleError, match="decision_threshold"):
+        load_bundle(str(tmp_path / "bad"))
+    save_bundle(str(tmp_path / "old"), **kwargs)  # a bundle of an earlier leukray: the most probable class
+    old = load_bundle(str(tmp_path / "old"))
+    assert old.decision_threshold is None and old.predicted_labels(np.array([[0.45, 0.55]])).tolist() == ["all"]
+    record = {"value": 0.675, "rule": "balanced", "chosen_on": "out-of-fold probabilities of LDA",
+              "oof": {"balanced_accuracy": 0.875, "sensitivity": 0.75, "specificity": 1.0},
+              "oof_at_0.5": {"balanced_accuracy": 0.675}, "crossfit_cv_balanced_accuracy": 0.8}  # fmt: skip
+    (line,) = _threshold_lines(record, {"Balanced Accuracy": 0.9}, {"Balanced Accuracy": 0.85})
+    assert "0.675 (balanced" in line and "0.8750" in line and "0.6750 at 0.5" in line and "0.9000 at it" in line
+
+
+def test_a_chosen_stacked_ensemble_is_refitted_on_the_training_subjects_with_inner_folds():
+    """`fit_chosen` builds the stacked ensemble on the training split only, its inner folds
+    grouped by the training subjects, and gives probabilities on the test split."""
+    import pandas as pd
+
+    from leukray.config import RunConfig
+    from leukray.models.classifiers import sweep_data
+    from leukray.stages.extract import Extracted
+    from leukray.stages.tune import Sweeps, fit_chosen
+
+    data = subjects_data(n_subjects=12, dim=6)
+    subject = data.groups
+    split = np.select([np.isin(subject, ["s0", "s1"]), np.isin(subject, ["s2", "s3"])], ["test", "val"], "train")
+    keep = data.original | (split == "train")  # augmented copies only ever train
+    meta = pd.DataFrame({
+        "path": [f"{s}/{i}.png" for i, s in enumerate(subject)], "label": np.where(data.y == 1, "all", "hem"),
+        "subject": subject, "split": split, "aug_index": (~data.original).astype(int),
+    })[keep].reset_index(drop=True)  # fmt: skip
+    extracted = Extracted(RunConfig(), {}, meta, meta, data.X[keep], pd.DataFrame())
+    sweeps = Sweeps({"cells": sweep_data(meta, data.X[keep])}, {}, [], True, ["hem", "all"], [])
+    members = [{"model": "LogisticRegression", "params": None}, {"model": "GaussianNB", "params": None}]
+    row = pd.Series({"Model": "Stacking: LR + NB", "ensemble": "stacking", "members": members,
+                     "params": json.dumps({"members": members, "folds": 3})})  # fmt: skip
+    chosen = fit_chosen(extracted, None, sweeps, ("cells", row), "cv")
+    model = chosen.classifier
+    assert type(model).__name__ == "StackingClassifier" and len(model.cv) == 3
+    train_subjects = meta.loc[meta["split"] == "train", "subject"].to_numpy()
+    assert set(train_subjects) == {f"s{i}" for i in range(4, 12)}
+    for fit_rows, meta_rows in model.cv:  # indices into the training split's rows, subjects whole
+        assert not set(train_subjects[fit_rows]) & set(train_subjects[meta_rows])
+    assert chosen.test_probs.shape == (int(((meta["split"] == "test") & (meta["aug_index"] == 0)).sum()), 2)
+    assert chosen.params == {"members": members, "folds": 3}

@@ -174,7 +174,7 @@ class BundlePredictor:
             features, maps, cells = (c[ok] if c is not None else None for c in columns.values())
             probs = self.bundle.probabilities(features, maps, cells)
             prob[ok] = probs[:, self.bundle.positive_index]
-            predicted[ok] = np.asarray(self.bundle.classes, dtype=object)[probs.argmax(axis=1)]
+            predicted[ok] = self.bundle.predicted_labels(probs)  # at the bundle's decision threshold
         batch["prob_all"] = prob
         batch["predicted_label"] = predicted
         return batch

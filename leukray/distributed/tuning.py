@@ -370,11 +370,14 @@ def run_cv_tune(
     storage_path: str,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float = 600.0,
+    run_name: str = "model_choice",
 ) -> pd.DataFrame:
     """Subject-grouped cross-validation of each candidate (`source`, `Model`, `base_model`,
-    `params` JSON or None), one Ray Tune trial each, limited to `timeout_s` CPU seconds per
-    fold; best CV balanced accuracy first. Beside `CV_COLUMNS`, `oof` and `fold` hold each
-    candidate's out-of-fold probabilities and folds over the original rows (for ensembles)."""
+    `params` JSON or None; `base_model` `STACKING` is a stacked ensemble, see
+    `leukray.models.classifiers.build_model`), one Ray Tune trial each, limited to
+    `timeout_s` CPU seconds per fold; best CV balanced accuracy first. Beside `CV_COLUMNS`,
+    `oof` and `fold` hold each candidate's out-of-fold probabilities and folds over the
+    original rows (for ensembles and the decision threshold)."""
     from ray import tune
 
     n_jobs = max(1, int(cpus_per_trial))
@@ -396,7 +399,7 @@ def run_cv_tune(
     columns = [*CV_COLUMNS, "base_model", "oof", "fold"]
     rows = _run_trials(
         data, fit_row, space, tune.TuneConfig(reuse_actors=True),
-        run_name="model_choice", storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
+        run_name=run_name, storage_path=storage_path, cpus_per_trial=cpus_per_trial, on_result=on_result,
         columns=columns, failed_row=failed_row,
     )  # fmt: skip
     frame = pd.DataFrame(rows).reindex(columns=columns)

@@ -4,7 +4,9 @@ loaded before it is verified.
 Files:
   bundle.json          preprocessing parameters, trunk weights reference (name + sha256),
                        head config, chosen classifier and its feature source, label names,
-                       versions, and the sha256 of every other file in the bundle;
+                       the decision threshold (`decision_threshold.value`, chosen on
+                       out-of-fold predictions), versions, and the sha256 of every other
+                       file in the bundle;
   v-<id>/              the files of the current generation (see `save_bundle`):
   custom_resnet50.pt   the custom model's state dict (torch.save; loaded weights_only);
   trunk.pt             the trunk's state dict when it is not torchvision's ImageNet file;
@@ -44,7 +46,7 @@ from leukray import __version__
 from leukray.config import CELL_FAMILIES, PreprocessConfig, build_section, parse_feature_sets
 from leukray.errors import ConfigError, LeukrayError
 from leukray.io import storage
-from leukray.models.classifiers import positive_index
+from leukray.models.classifiers import positive_index, threshold_labels
 
 BUNDLE_FILE = "bundle.json"
 FORMAT_VERSION = 2  # 1 stored the classifier as a pickle
@@ -68,7 +70,7 @@ TRUSTED_TYPES = [
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.feature_selection._univariate_selection.f_classif",  # a searched SelectKBest's score
     "sklearn.tree._tree.Tree",
-    "sklearn.utils._bunch.Bunch",  # a soft-voting ensemble's named_estimators_
+    "sklearn.utils._bunch.Bunch",  # a soft-voting or stacked ensemble's named_estimators_
     "xgboost.core.Booster",
     "xgboost.sklearn.XGBClassifier",
 ]
@@ -186,6 +188,20 @@ class Bundle:
     @property
     def positive_index(self) -> int:
         return positive_index(self.classes, self.positive_label)
+
+    @property
+    def decision_threshold(self) -> float | None:
+        """The P(positive) at or above which a cell is called positive (bundle.json's
+        `decision_threshold.value`, chosen on out-of-fold predictions); None for bundles
+        without one and for more than two classes (the most probable class is called)."""
+        record = self.manifest.get("decision_threshold")
+        if not isinstance(record, dict) or len(self.classes) != 2:
+            return None
+        return float(record["value"])
+
+    def predicted_labels(self, probs: np.ndarray) -> np.ndarray:
+        """Label names (N,) of class probabilities (N x C), at the decision threshold."""
+        return threshold_labels(probs, self.classes, self.positive_index, self.decision_threshold)
 
     @property
     def cell_families(self) -> tuple[str, ...]:
@@ -325,6 +341,14 @@ def _malformed(manifest: dict[str, Any]) -> str:
         source_families(manifest["feature_source"])
     except (TypeError, ValueError, ConfigError) as exc:
         return str(exc).splitlines()[0][:200]
+    threshold = manifest.get("decision_threshold")
+    if threshold is not None and not (
+        isinstance(threshold, dict)
+        and isinstance(threshold.get("value"), (int, float))
+        and not isinstance(threshold.get("value"), bool)
+        and 0.0 <= threshold["value"] <= 1.0
+    ):
+        return "`decision_threshold` must be an object whose `value` is a number in [0, 1]"
     if manifest["weights"].get("kind") not in ("imagenet", "file", "random", "none"):
         return "`weights.kind` must be imagenet, file, random or none (cell features only)"
     needs = {CLASSIFIER_FILE} if manifest["feature_source"] != "head" else set()

@@ -2,7 +2,8 @@
 scored and chosen, without Ray: Lazy Predict's classifier list and pipeline, one scorer for
 every model (ROC AUC from scores), a fit in a forked child with a CPU-time limit, the
 leaderboard, the choice of the model on validation, subject-grouped cross-validation with
-out-of-fold predictions, the soft-voting ensemble and subject-bootstrap intervals.
+out-of-fold predictions, the soft-voting and stacked ensembles, the decision threshold on
+out-of-fold predictions and subject-bootstrap intervals.
 
 Each classifier is Lazy Predict's pipeline (mean imputation, standard scaling, the
 classifier with `random_state` set where it takes one), fitted on the training split and
@@ -168,6 +169,65 @@ def soft_voting(members: list[dict[str, Any]], seed: int, n_jobs: int = 1):
     return VotingClassifier(estimators, voting="soft")
 
 
+# The `base_model` of a stacked ensemble in the model choice's table; its `params` are
+# {"members": [{"model", "params"}, ...], "folds": inner folds}.
+STACKING = "stacking"
+
+
+def inner_group_folds(groups: np.ndarray, y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """StratifiedGroupKFold splits of every row (augmented copies go with their subject, so
+    the test sets partition the rows, as `cross_val_predict` needs): at most `folds`, at
+    most the subjects of the rarest class (every fold's fit must see every class).
+
+    Raises:
+        ValueError: a class has fewer than two subjects."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    per_class = [len(set(groups[y == c])) for c in np.unique(y)]
+    k = min([folds, *per_class])
+    if len(per_class) < 2 or k < 2:
+        raise ValueError("a stacked ensemble's inner folds need two subjects of every class")
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(train, test) for train, test in cv.split(np.zeros(len(y)), y, groups)]
+
+
+def stacking(
+    members: list[dict[str, Any]], seed: int, groups: np.ndarray, y: np.ndarray, folds: int = 5, n_jobs: int = 1
+):
+    """A stacked ensemble (Wolpert 1992) of pipelines `make_pipeline(m["model"], seed,
+    n_jobs, m["params"])`: a logistic regression on their class probabilities, fitted on
+    out-of-fold probabilities of inner subject-grouped folds of the rows it will be fitted
+    on (`groups`, `y`: those rows' subjects and labels), so no subject's own probabilities
+    teach the meta-learner."""
+    from sklearn.ensemble import StackingClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    estimators = [(f"m{i}", make_pipeline(m["model"], seed, n_jobs, m.get("params"))) for i, m in enumerate(members)]
+    return StackingClassifier(
+        estimators,
+        final_estimator=LogisticRegression(max_iter=1000),
+        cv=inner_group_folds(np.asarray(groups), np.asarray(y), folds, seed),
+        stack_method="predict_proba",
+    )
+
+
+def build_model(
+    name: str,
+    seed: int,
+    n_jobs: int = 1,
+    params: dict[str, Any] | None = None,
+    groups: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+):
+    """The estimator of a candidate: `make_pipeline`, or for `STACKING` a stacked ensemble
+    whose inner folds follow `groups` (the subjects of the rows it will be fitted on)."""
+    if name == STACKING:
+        if groups is None or y is None:
+            raise ValueError("a stacked ensemble needs the subjects and labels of its training rows")
+        return stacking(params["members"], seed, groups, y, int(params.get("folds", 5)), n_jobs)
+    return make_pipeline(name, seed, n_jobs, params)
+
+
 def positive_scores(model, X: np.ndarray) -> np.ndarray | None:
     """Continuous scores for ROC AUC: P(positive) for binary (N,), class probabilities
     (N, C) for multi-class; `decision_function` where there are no probabilities; None if
@@ -219,12 +279,13 @@ def score_split(model, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return classification_metrics(y, model.predict(X), positive_scores(model, X), classes)
 
 
-def score_probabilities(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """The leaderboard metrics of class probabilities `probs` (N x C, columns in code order)."""
+def score_probabilities(y: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> dict[str, float]:
+    """The leaderboard metrics of class probabilities `probs` (N x C, columns in code order),
+    the labels being `pred` (codes, e.g. at a decision threshold) or else the most probable."""
     if len(y) == 0:
         return {"Accuracy": math.nan, "Balanced Accuracy": math.nan, "ROC AUC": math.nan, "F1 Score": math.nan}
     scores = probs[:, 1] if probs.shape[1] == 2 else probs
-    return classification_metrics(y, probs.argmax(axis=1), scores, np.arange(probs.shape[1]))
+    return classification_metrics(y, probs.argmax(axis=1) if pred is None else pred, scores, np.arange(probs.shape[1]))
 
 
 @dataclass
@@ -417,13 +478,18 @@ class GroupedData:
     original: np.ndarray
 
 
+def subject_groups(meta: pd.DataFrame) -> np.ndarray:
+    """Each row's group: its subject, or the image itself when it has none."""
+    subject = meta["subject"].astype(str).to_numpy()
+    return np.where(subject != "", subject, meta["path"].astype(str).to_numpy())
+
+
 def grouped_data(meta: pd.DataFrame, matrix: np.ndarray, classes: list[str]) -> GroupedData:
     """train (with its augmented copies) + validation originals of a feature table."""
     split, aug = meta["split"].to_numpy(), meta["aug_index"].to_numpy()
     pick = (split == TRAIN) | ((split == VAL) & (aug == 0))
     code = {name: i for i, name in enumerate(classes)}
-    subject = meta["subject"].astype(str).to_numpy()
-    groups = np.where(subject != "", subject, meta["path"].astype(str).to_numpy())
+    groups = subject_groups(meta)
     y = np.fromiter((code[v] for v in meta["label"].astype(str)), dtype=np.int64, count=len(meta))
     return GroupedData(matrix[pick], y[pick], groups[pick], aug[pick] == 0)
 
@@ -484,7 +550,8 @@ def grouped_cv(
         warnings.simplefilter("ignore")
         for i in range(k):
             held_out = np.isin(data.groups, np.unique(data.groups[fold == i]))
-            model = make_pipeline(name, seed, n_jobs, params).fit(data.X[~held_out], data.y[~held_out])
+            train_groups, train_y = data.groups[~held_out], data.y[~held_out]
+            model = build_model(name, seed, n_jobs, params, train_groups, train_y).fit(data.X[~held_out], train_y)
             rows = fold == i
             if hasattr(model, "predict_proba"):
                 probs[np.ix_(rows, model.classes_)] = model.predict_proba(data.X[rows])
@@ -522,7 +589,13 @@ def run_grouped_cv(
 
 
 def subject_bootstrap(
-    y: np.ndarray, probs: np.ndarray, subjects: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05
+    y: np.ndarray,
+    probs: np.ndarray,
+    subjects: np.ndarray,
+    n_boot: int,
+    seed: int,
+    alpha: float = 0.05,
+    pred: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Percentile intervals of balanced accuracy and ROC AUC by resampling subjects with
     replacement (all cells of a drawn subject come along: cells of one patient share a
@@ -536,7 +609,8 @@ def subject_bootstrap(
     subject b (ties count half).
 
     Args:
-        y: (N,) integer labels; probs: (N, C) class probabilities; subjects: (N,) groups.
+        y: (N,) integer labels; probs: (N, C) class probabilities; subjects: (N,) groups;
+            pred: (N,) predicted codes (default: the most probable class).
 
     Returns:
         {"Balanced Accuracy": [lo, hi], "ROC AUC": [lo, hi] (None for more than two
@@ -547,7 +621,7 @@ def subject_bootstrap(
     n_subjects, n_classes = (int(code.max()) + 1 if len(code) else 0), probs.shape[1]
     totals, correct = np.zeros((n_subjects, n_classes)), np.zeros((n_subjects, n_classes))
     np.add.at(totals, (code, y), 1.0)
-    np.add.at(correct, (code, y), (probs.argmax(axis=1) == y).astype(float))
+    np.add.at(correct, (code, y), ((probs.argmax(axis=1) if pred is None else pred) == y).astype(float))
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, max(n_subjects, 1), size=(n_boot if n_subjects else 0, n_subjects))
     w = np.stack([np.bincount(d, minlength=n_subjects) for d in draws]).astype(float) if len(draws) else draws
@@ -587,6 +661,91 @@ def _pair_wins(y: np.ndarray, score: np.ndarray, code: np.ndarray, n_subjects: i
         ties = np.searchsorted(neg, score[pos], side="right") - below
         np.add.at(wins[:, b], code[pos], below + 0.5 * ties)
     return wins
+
+
+def _rates(positive: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(sensitivity, specificity) of `score >= threshold` against the boolean truth."""
+    called = score >= threshold
+    sens = float(called[positive].mean()) if positive.any() else math.nan
+    spec = float((~called[~positive]).mean()) if (~positive).any() else math.nan
+    return sens, spec
+
+
+def oof_threshold(positive: np.ndarray, score: np.ndarray, rule: tuple[str, float]) -> float:
+    """The decision threshold on P(positive) a rule picks on out-of-fold predictions.
+
+    Args:
+        positive: (N,) bool truth; score: (N,) P(positive) of each row.
+        rule: `leukray.config.parse_threshold_rule`'s (kind, value): `balanced` maximises
+            balanced accuracy (ties: the threshold nearest 0.5); `sensitivity` keeps the
+            sensitivity >= value with the highest threshold (the best specificity); `fixed`
+            is the value itself.
+
+    Returns:
+        A threshold in [0, 1] half-way between two neighbouring scores, so the rows it splits
+        are split the same way by any threshold in that gap.
+    """
+    kind, value = rule
+    if kind == "fixed":
+        return float(value)
+    positive, score = np.asarray(positive, bool), np.asarray(score, np.float64)
+    if not positive.any() or positive.all():
+        raise ValueError("a threshold needs out-of-fold predictions of both classes")
+    levels = np.unique(score)  # ascending; "called positive" = score >= level
+    cuts = np.concatenate([[0.0], (levels[:-1] + levels[1:]) / 2, [min(1.0, levels[-1] + 1e-9)]])
+    # positives/negatives at or above each cut, from sorted scores
+    pos_sorted, neg_sorted = np.sort(score[positive]), np.sort(score[~positive])
+    sens = 1.0 - np.searchsorted(pos_sorted, cuts, side="left") / len(pos_sorted)
+    spec = np.searchsorted(neg_sorted, cuts, side="left") / len(neg_sorted)
+    if kind == "sensitivity":
+        ok = np.flatnonzero(sens >= value - 1e-12)
+        return float(cuts[ok[-1]])
+    bacc = (sens + spec) / 2
+    best = np.flatnonzero(bacc >= bacc.max() - 1e-12)
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
+
+
+def threshold_record(
+    y: np.ndarray, probs: np.ndarray, fold: np.ndarray, rule: tuple[str, float], positive_code: int
+) -> dict[str, Any]:
+    """The decision threshold of a rule on out-of-fold probabilities (N x C, rows of fold -1
+    ignored), with what it gives there: pooled balanced accuracy, sensitivity and
+    specificity at it and at 0.5, the per-fold mean ± sd at it, and an honest estimate of
+    the choice (`crossfit`: each fold scored at the threshold chosen on the other folds;
+    the in-sample figures are optimistic, the threshold was chosen on them)."""
+    keep = fold >= 0
+    positive, score, fold = y[keep] == positive_code, probs[keep, positive_code], fold[keep]
+    threshold = oof_threshold(positive, score, rule)
+
+    def at(t: float) -> dict[str, float]:
+        sens, spec = _rates(positive, score, t)
+        return {"balanced_accuracy": (sens + spec) / 2, "sensitivity": sens, "specificity": spec}
+
+    k = int(fold.max()) + 1
+    per_fold = [sum(_rates(positive[fold == i], score[fold == i], threshold)) / 2 for i in range(k)]
+    crossfit = []
+    for i in range(k):
+        t = oof_threshold(positive[fold != i], score[fold != i], rule)
+        crossfit.append(sum(_rates(positive[fold == i], score[fold == i], t)) / 2)
+    return {
+        "value": threshold,
+        "rule": rule[0] if rule[0] != "sensitivity" else f"sensitivity:{rule[1]:g}",
+        "oof": at(threshold),
+        "oof_at_0.5": at(0.5),
+        "cv_balanced_accuracy": float(np.mean(per_fold)),
+        "cv_sd": float(np.std(per_fold)),
+        "crossfit_cv_balanced_accuracy": float(np.mean(crossfit)),
+        "crossfit_cv_sd": float(np.std(crossfit)),
+    }
+
+
+def threshold_labels(probs: np.ndarray, classes: list[str], positive_code: int, threshold: float | None) -> np.ndarray:
+    """Predicted label names (N,) of probabilities (N x C): with two classes and a
+    threshold, the positive class where P(positive) >= threshold; else the most probable."""
+    names = np.asarray(classes, dtype=object)
+    if threshold is None or probs.shape[1] != 2:
+        return names[probs.argmax(axis=1)]
+    return np.where(probs[:, positive_code] >= threshold, names[positive_code], names[1 - positive_code])
 
 
 def choose_model(candidates: list[tuple[str, pd.Series | None]]) -> tuple[str, pd.Series] | None:

@@ -117,6 +117,12 @@ def _print_facts(summary: dict[str, Any]) -> None:
             f"Chosen by {chosen['chosen_by']}: {chosen['name']}{source} — test accuracy {_fmt(test['Accuracy'])}, "
             f"balanced accuracy {_fmt(test['Balanced Accuracy'])}, ROC AUC {_fmt(test['ROC AUC'])}"
         )
+        threshold = chosen.get("decision_threshold") or {}
+        if isinstance(threshold.get("value"), (int, float)):
+            print(
+                f"  decision threshold on P(ALL) {threshold['value']:.3f} ({threshold.get('rule')}), "
+                "in model/bundle.json"
+            )
         ci = chosen.get("test_ci95") or {}
         if ci.get("Balanced Accuracy") and ci.get("ROC AUC"):
             (b0, b1), (a0, a1) = ci["Balanced Accuracy"], ci["ROC AUC"]

@@ -643,8 +643,10 @@ def _choice_lines(choice: Any, ci: Any) -> list[str]:
     chosen model's subject-bootstrap test intervals, as summary.json records them."""
     lines = []
     if isinstance(choice, dict):
+        kinds = {"ensemble": "soft voting", "stacking": "stacked"}
         parts = [
-            f"{kind.replace('_', ' ')} {c['name']} {_num(c['cv_balanced_accuracy'])} ± {_num(c['cv_sd'])}"
+            f"{kinds.get(kind, kind.replace('_', ' '))} {c['name']} "
+            f"{_num(c['cv_balanced_accuracy'])} ± {_num(c['cv_sd'])}"
             for kind, c in choice.items()
             if isinstance(c, dict)
         ]
@@ -662,6 +664,32 @@ def _choice_lines(choice: Any, ci: Any) -> list[str]:
                 f"{ci.get('resamples')} resamples): " + ", ".join(shown)
             )
     return lines
+
+
+def _threshold_lines(threshold: Any, test: Any, test_argmax: Any) -> list[str]:
+    """The decision threshold on P(ALL) the bundle carries (summary.json's
+    `chosen_model.decision_threshold`), what it gave on the out-of-fold predictions it was
+    chosen on, and the test balanced accuracy at it and at the most probable class."""
+    if not isinstance(threshold, dict):
+        return []
+    line = (
+        f"Decision threshold on P(ALL): {_num(threshold.get('value'), 3)} "
+        f"({threshold.get('rule')}; {threshold.get('chosen_on')})"
+    )
+    oof, half = threshold.get("oof"), threshold.get("oof_at_0.5")
+    if isinstance(oof, dict) and isinstance(half, dict):
+        line += (
+            f"; out-of-fold balanced accuracy {_num(oof.get('balanced_accuracy'))} (sensitivity "
+            f"{_num(oof.get('sensitivity'))}, specificity {_num(oof.get('specificity'))}) vs "
+            f"{_num(half.get('balanced_accuracy'))} at 0.5, {_num(threshold.get('crossfit_cv_balanced_accuracy'))} "
+            "with the threshold chosen on the other folds"
+        )
+    if isinstance(test, dict) and isinstance(test_argmax, dict):
+        line += (
+            f"; test balanced accuracy {_num(test.get('Balanced Accuracy'))} at it, "
+            f"{_num(test_argmax.get('Balanced Accuracy'))} at the most probable class"
+        )
+    return [line]
 
 
 def _chosen_section(
@@ -711,6 +739,7 @@ def _chosen_facts(summary: dict[str, Any], chosen: dict[str, Any] | None, sectio
                 f"Chosen by: {chosen.get('chosen_by', NOT_AVAILABLE)}",
                 *_tuned_lines(summary.get("tuned_model")),
                 *_choice_lines(summary.get("model_choice"), chosen.get("test_ci95")),
+                *_threshold_lines(chosen.get("decision_threshold"), chosen.get("test"), chosen.get("test_argmax")),
             ]
         )
     )

@@ -67,7 +67,8 @@ def summarise_slides(rows: pd.DataFrame, cfg: ScreenConfig) -> tuple[pd.DataFram
         rows: one row per `detect_and_crop` output row, with `prob_all` added.
 
     Returns:
-        cells: the classified cells (CELL_COLUMNS), `flagged` = prob_all >= blast_threshold.
+        cells: the classified cells (CELL_COLUMNS), `flagged` = prob_all >= the threshold
+        (`ScreenConfig.cell_threshold`).
         slides: one row per slide (SLIDE_COLUMNS). status is "error" when the slide could not
         be read, "insufficient cells" below `min_cells` classified cells, else "flagged" when
         the share of flagged cells is >= `slide_flag_fraction`, else "not flagged".
@@ -76,7 +77,7 @@ def summarise_slides(rows: pd.DataFrame, cfg: ScreenConfig) -> tuple[pd.DataFram
     rows["error"] = rows["error"].astype(str)
     is_cell = (rows["cell_index"] >= 0) & (rows["error"] == "") & rows["prob_all"].notna()
     cells = rows[is_cell].copy()
-    cells["flagged"] = cells["prob_all"] >= cfg.blast_threshold
+    cells["flagged"] = cells["prob_all"] >= cfg.cell_threshold()
     cells = cells.sort_values(["slide", "cell_index"], kind="stable").reset_index(drop=True)[CELL_COLUMNS]
     records = []
     for slide, group in rows.groupby("slide", sort=True):
@@ -271,6 +272,8 @@ def screen(
         raise ConfigError("no output folder: pass --out DIR")
     t0 = time.perf_counter()
     bundle = load_bundle(model_dir)  # verify before anything else runs
+    # unless screen.blast_threshold is set, cells are flagged at the bundle's decision threshold
+    cfg = dataclasses.replace(cfg, blast_threshold=cfg.cell_threshold(bundle.decision_threshold))
     bundle_sha256 = sha256_bytes(storage.read_bytes(storage.join(model_dir, BUNDLE_FILE)))
     slides = list_slides(data)
     settings = screen_settings(bundle_sha256, data, cfg)

@@ -266,8 +266,8 @@ def smear_train(
     ok = ((rows["cell_index"] >= 0) & (rows["error"] == "")).to_numpy()
     positive = {k: a.positive for k, a in annotations.items()}
     rows["prob_all"] = _cross_validate(rows, features, ok, positive, cfg)
-    slides = slide_table(rows[ok], annotations, screen_cfg.blast_threshold)
-    scores = metrics(rows[ok], slides, screen_cfg.blast_threshold)
+    slides = slide_table(rows[ok], annotations, screen_cfg.cell_threshold())
+    scores = metrics(rows[ok], slides, screen_cfg.cell_threshold())
     trained = ok & (labels != UNLABELLED)
     model = build_classifier(cfg).fit(features[trained], labels[trained])
     model_dir = _write_bundle(out, model, cfg, preprocess_cfg)

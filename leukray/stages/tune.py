@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from leukray import __version__
-from leukray.config import CELL_FAMILIES, AugmentConfig, RunConfig
+from leukray.config import CELL_FAMILIES, AugmentConfig, RunConfig, parse_threshold_rule
 from leukray.data.splits import TEST, TRAIN, VAL
 from leukray.distributed.resources import cluster_cpus, cluster_gpus
 from leukray.distributed.tuning import run_cv_tune, run_search_tune, run_sweep_tune, tunable
@@ -34,9 +34,11 @@ from leukray.io import runfolder, storage
 from leukray.io.tables import counts_by, log, write_csv, write_json, write_parquet
 from leukray.models.bundle import MODEL_SOURCES, classifier_input, save_bundle, source_families
 from leukray.models.classifiers import (
+    STACKING,
     GroupedData,
     SweepData,
     best_row,
+    build_model,
     choose_model,
     fold_scores,
     format_row,
@@ -51,7 +53,10 @@ from leukray.models.classifiers import (
     select_classifiers,
     soft_voting,
     subject_bootstrap,
+    subject_groups,
     sweep_data,
+    threshold_labels,
+    threshold_record,
 )
 from leukray.models.custom import build_custom_model
 from leukray.models.trunk import FEATURE_DIM, TrunkExtractor, build_trunk, resolve_weights
@@ -78,7 +83,9 @@ class Sweeps:
     classes: list[str]
     tables: list[dict[str, Any]]  # per feature set: features, source, file, title, dim
     best: dict[str, pd.Series | None] = field(default_factory=dict)  # per source, before fine-tuning
-    choice: pd.DataFrame | None = None  # model_choice.csv: the grouped CV of the candidates and the ensemble
+    choice: pd.DataFrame | None = None  # model_choice.csv: the grouped CV of the candidates and the ensembles
+    # (source, Model) -> (labels, out-of-fold probabilities, folds) over the CV's original rows
+    oof: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +100,7 @@ class Chosen:
     test_meta: pd.DataFrame
     test_probs: np.ndarray  # N x C
     chosen_by: str = "validation balanced accuracy"
+    threshold: dict[str, Any] | None = None  # the decision threshold (`decision_threshold`); None: multi-class
 
 
 def tune_stage(
@@ -123,6 +131,7 @@ def tune_stage(
     choice, chosen_by = choose(extracted, trained, sweeps)
     seconds["model_choice"] = time.perf_counter() - tick
     chosen = fit_chosen(extracted, trained, sweeps, choice, chosen_by)
+    chosen.threshold = decision_threshold(cfg, sweeps, choice)
     predictions = write_predictions(extracted, chosen, sweeps.classes)
     log(f"chosen model (by {chosen_by}): {chosen.name} on {chosen.source} features")
     write_model_bundle(extracted, trained, chosen, sweeps.classes)
@@ -342,9 +351,11 @@ def _trunk_block(source: str) -> int:
 def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tuple[tuple[str, pd.Series], str]:
     """The model to keep, and how it was chosen: by subject-grouped cross-validation over the
     training and validation subjects among the best `sweep.cv_top` candidates on validation
-    and the tuned one, plus a soft-voting ensemble of the best `sweep.ensemble_size` of them
-    (RUN/model_choice.csv); or, with `sweep.cv_folds` 0 or too few subjects, by validation
-    balanced accuracy alone. The test split is never used."""
+    and the tuned one, plus a soft-voting and a stacked ensemble of the best
+    `sweep.ensemble_size` of them (RUN/model_choice.csv; an ensemble is chosen only if
+    strictly better than every single model); or, with `sweep.cv_folds` 0 or too few
+    subjects, by validation balanced accuracy alone. The test split is never used. The
+    candidates' out-of-fold probabilities are kept in `sweeps.oof` (for the threshold)."""
     cfg = extracted.cfg
     by_val = choose_model(sweeps.candidates)
     if by_val is None:
@@ -362,26 +373,29 @@ def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tup
         pool, data, cfg.sweep.seed, folds, cfg.sweep.cpus_per_trial, runfolder.tune_store(cfg.out),
         on_result=lambda r: print(_format_cv(r), flush=True), timeout_s=cfg.sweep.timeout_s,
     )  # fmt: skip
-    ensemble = soft_voting_row(table, data, cfg.sweep.ensemble_size)
-    if ensemble is not None:
-        print(_format_cv(ensemble), flush=True)
-        table = pd.concat([table, pd.DataFrame([ensemble])], ignore_index=True)
-        # best first; on a tie the single model stays ahead (the ensemble must beat it)
-        order = table.assign(_ok=table["status"] == "ok", _ens=table["Model"] == ensemble["Model"])
-        order = order.sort_values(
-            ["_ok", "CV Balanced Accuracy", "_ens", "Model"], ascending=[False, False, True, True]
-        )
-        table = table.loc[order.index].reset_index(drop=True)
+    ensembles = [soft_voting_row(table, data, cfg.sweep.ensemble_size)]
+    train = extracted.meta[(extracted.meta["split"] == TRAIN).to_numpy()]
+    if cfg.sweep.stacking and train.assign(_g=subject_groups(train)).groupby("label")["_g"].nunique().min() >= 2:
+        ensembles.append(stacking_row(table, data, extracted.cfg, folds))
+    elif cfg.sweep.stacking:  # the chosen model is refitted on the training split, with inner folds
+        log("stacking skipped: the training split has a class of fewer than two subjects")
+    ensembles = [e for e in ensembles if e is not None]
+    table = _ranked(pd.concat([table, pd.DataFrame(ensembles)], ignore_index=True) if ensembles else table)
+    sweeps.oof = _oof_by_candidate(table, data)
     sweeps.choice = table.drop(columns=["base_model", "oof", "fold", "members"], errors="ignore")
     write_csv(storage.join(cfg.out, "model_choice.csv"), sweeps.choice)
-    ok = table[(table["status"] == "ok") & (table["Model"] != (ensemble or {}).get("Model"))]
+    ok = table[(table["status"] == "ok") & ~table["Model"].isin([e["Model"] for e in ensembles])]
     if ok.empty:
         return by_val, "validation balanced accuracy"
     best = ok.iloc[0]
     how = f"subject-grouped {folds}-fold CV balanced accuracy on train+val (of {len(table)})"
-    if ensemble is not None and ensemble["CV Balanced Accuracy"] > best["CV Balanced Accuracy"]:
-        row = pd.Series({k: ensemble[k] for k in ("Model", "members", "CV Balanced Accuracy", "CV sd")})
-        return (ensemble["source"], row), how
+    better = [
+        e for e in ensembles if e["status"] == "ok" and e["CV Balanced Accuracy"] > best["CV Balanced Accuracy"]
+    ]  # fmt: skip
+    if better:  # the best ensemble; on a tie the soft vote, the simpler one
+        winner = max(better, key=lambda e: e["CV Balanced Accuracy"])
+        keys = ("Model", "members", "ensemble", "params", "CV Balanced Accuracy", "CV sd")
+        return (winner["source"], pd.Series({k: winner[k] for k in keys})), how
     row = next(
         r for s, r in sweeps.candidates + _pool_rows(sweeps) if s == best["source"] and r["Model"] == best["Model"]
     )
@@ -390,12 +404,36 @@ def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tup
     return (best["source"], row), how
 
 
-def soft_voting_row(table: pd.DataFrame, data: dict[str, GroupedData], size: int) -> dict[str, Any] | None:
-    """The soft-voting ensemble of the best `size` distinct classifiers (by CV balanced
-    accuracy; one per base classifier) on the feature set of the best candidate, scored
-    exactly from their out-of-fold probabilities: every member was cross-validated on the
-    same subject folds, so the mean of their fold-wise probabilities is what the ensemble
-    fitted on each fold predicts. None when fewer than two members qualify."""
+def _ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Best CV balanced accuracy first; on a tie a single model ahead of an ensemble (an
+    ensemble must beat it)."""
+    kind = table["ensemble"] if "ensemble" in table else pd.Series("", index=table.index)
+    order = table.assign(_ok=table["status"] == "ok", _ens=kind.fillna("").astype(str) != "")
+    order = order.sort_values(["_ok", "CV Balanced Accuracy", "_ens", "Model"], ascending=[False, False, True, True])
+    return table.loc[order.index].reset_index(drop=True)
+
+
+def _oof_by_candidate(
+    table: pd.DataFrame, data: dict[str, GroupedData]
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(source, Model) -> (labels, out-of-fold probabilities, folds) of every candidate the
+    CV scored, over its feature set's original rows."""
+    found = {}
+    for _, row in table.iterrows():
+        if row["status"] == "ok" and isinstance(row.get("oof"), list) and isinstance(row.get("fold"), list):
+            grouped = data[row["source"]]
+            found[(row["source"], row["Model"])] = (
+                grouped.y[grouped.original],
+                np.asarray(row["oof"], dtype=np.float64),
+                np.asarray(row["fold"], dtype=np.int64),
+            )
+    return found
+
+
+def ensemble_members(table: pd.DataFrame, size: int) -> tuple[str, pd.DataFrame] | None:
+    """The members of an ensemble: the best `size` distinct classifiers (by CV balanced
+    accuracy; one per base classifier) on the feature set of the best candidate, all
+    cross-validated on the same folds; None when fewer than two qualify."""
     ok = table[table["status"] == "ok"]
     if size < 2 or ok.empty:
         return None
@@ -404,20 +442,67 @@ def soft_voting_row(table: pd.DataFrame, data: dict[str, GroupedData], size: int
     folds = [np.asarray(f) for f in members["fold"]]
     if len(members) < 2 or any(not np.array_equal(f, folds[0]) for f in folds[1:]):
         return None
-    probs = np.mean([np.asarray(p, dtype=np.float64) for p in members["oof"]], axis=0)
-    y = data[source].y[data[source].original]
-    described = [
+    return source, members
+
+
+def _described(members: pd.DataFrame) -> list[dict[str, Any]]:
+    return [
         {"model": m["base_model"], "name": m["Model"], "params": _params(m["params"])} for _, m in members.iterrows()
     ]
+
+
+def soft_voting_row(table: pd.DataFrame, data: dict[str, GroupedData], size: int) -> dict[str, Any] | None:
+    """The soft-voting ensemble of `ensemble_members`, scored exactly from their out-of-fold
+    probabilities: every member was cross-validated on the same subject folds, so the mean
+    of their fold-wise probabilities is what the ensemble fitted on each fold predicts.
+    None when fewer than two members qualify."""
+    picked = ensemble_members(table, size)
+    if picked is None:
+        return None
+    source, members = picked
+    fold = np.asarray(members["fold"].iloc[0])
+    probs = np.mean([np.asarray(p, dtype=np.float64) for p in members["oof"]], axis=0)
+    y = data[source].y[data[source].original]
+    described = _described(members)
     return {
         "source": source,
         "Model": "Soft voting: " + " + ".join(members["Model"]),
         "params": json.dumps(described, sort_keys=True),
         "members": described,
-        **fold_scores(y, probs, folds[0]),
+        "ensemble": "voting",
+        **fold_scores(y, probs, fold),
         "status": "ok",
         "detail": f"mean probability of {len(members)} models, scored from their out-of-fold predictions",
+        "oof": probs.tolist(),
+        "fold": fold.tolist(),
     }
+
+
+def stacking_row(table: pd.DataFrame, data: dict[str, GroupedData], cfg: RunConfig, folds: int) -> dict | None:
+    """The stacked ensemble of `ensemble_members` (a logistic regression on their
+    probabilities, fitted on inner subject-grouped folds), scored by the same grouped CV as
+    the candidates (one Ray Tune trial: every outer fold fits the members on each inner
+    fold, so it costs about `folds` + 1 times the members' CV). None when fewer than two
+    members qualify."""
+    picked = ensemble_members(table, cfg.sweep.ensemble_size)
+    if picked is None:
+        return None
+    source, members = picked
+    described = _described(members)
+    candidate = {
+        "source": source,
+        "Model": "Stacking: " + " + ".join(members["Model"]),
+        "base_model": STACKING,
+        "params": json.dumps({"members": described, "folds": folds}, sort_keys=True),
+    }
+    log(f"stacking {len(members)} models (logistic regression on their probabilities), by the same grouped CV")
+    result = run_cv_tune(
+        [candidate], {source: data[source]}, cfg.sweep.seed, folds, cfg.sweep.cpus_per_trial,
+        runfolder.tune_store(cfg.out), on_result=lambda r: print(_format_cv(r), flush=True),
+        timeout_s=cfg.sweep.timeout_s * (folds + 1) * len(members), run_name="model_choice_stacking",
+    )  # fmt: skip
+    row = result.iloc[0].to_dict()
+    return {**row, "members": described, "ensemble": "stacking"}
 
 
 def _params(value: Any) -> dict[str, Any] | None:
@@ -484,8 +569,11 @@ def fit_chosen(
         test_probs = np.stack(test_meta["path"].map(probs_by_path).to_numpy())
         return Chosen(source, HEAD_MODEL, row, params, None, test_meta, test_probs, chosen_by)
     data, seed = sweeps.data[source], extracted.cfg.sweep.seed
-    if isinstance(row.get("members"), list):  # the soft-voting ensemble
+    if row.get("ensemble") == "voting":
         pipeline, params = soft_voting(row["members"], seed), {"members": row["members"]}
+    elif row.get("ensemble") == "stacking":  # its inner folds follow the training split's subjects
+        groups = subject_groups(meta[(meta["split"] == TRAIN).to_numpy()])
+        pipeline = build_model(STACKING, seed, params=params, groups=groups, y=data.y_train)
     else:
         pipeline = make_pipeline(row.get("base_model", row["Model"]), seed, params=params)
     with warnings.catch_warnings():
@@ -500,6 +588,40 @@ def fit_chosen(
     return Chosen(source, row["Model"], row, params, classifier, test_meta, probs, chosen_by)
 
 
+def decision_threshold(cfg: RunConfig, sweeps: Sweeps, choice: tuple[str, pd.Series]) -> dict[str, Any] | None:
+    """The decision threshold on P(positive) of a two-class model (`sweep.threshold`),
+    chosen on the chosen candidate's out-of-fold probabilities of the grouped CV (see
+    `threshold_record`); 0.5 when the model was not chosen by CV (no out-of-fold
+    predictions); None with more than two classes (the most probable class is called)."""
+    if len(sweeps.classes) != 2:
+        return None
+    rule = parse_threshold_rule(cfg.sweep.threshold)
+    source, row = choice
+    oof = sweeps.oof.get((source, row["Model"]))
+    if oof is None:
+        value = rule[1] if rule[0] == "fixed" else 0.5
+        why = "sweep.threshold" if rule[0] == "fixed" else "0.5: no out-of-fold predictions of the chosen model"
+        return {"value": value, "rule": cfg.sweep.threshold, "chosen_on": why}
+    y, probs, fold = oof
+    record = threshold_record(y, probs, fold, rule, positive_index(sweeps.classes, cfg.data.positive_label))
+    record["chosen_on"] = (
+        f"out-of-fold probabilities of {row['Model']} (subject-grouped {int(fold.max()) + 1}-fold CV on train+val)"
+        if rule[0] != "fixed" else "sweep.threshold"
+    )  # fmt: skip
+    oof_at = record["oof"]
+    log(
+        f"decision threshold {record['value']:.3f} ({record['rule']}): out-of-fold balanced accuracy "
+        f"{oof_at['balanced_accuracy']:.3f} (sensitivity {oof_at['sensitivity']:.3f}, specificity "
+        f"{oof_at['specificity']:.3f}) vs {record['oof_at_0.5']['balanced_accuracy']:.3f} at 0.5; chosen on other "
+        f"folds {record['crossfit_cv_balanced_accuracy']:.3f} ± {record['crossfit_cv_sd']:.3f}"
+    )
+    return record
+
+
+def _threshold_value(chosen: Chosen) -> float | None:
+    return None if chosen.threshold is None else float(chosen.threshold["value"])
+
+
 def write_predictions(extracted: Extracted, chosen: Chosen, classes: list[str]) -> pd.DataFrame:
     """predictions.parquet: the chosen model on the test split."""
     positive = positive_index(classes, extracted.cfg.data.positive_label)
@@ -508,7 +630,7 @@ def write_predictions(extracted: Extracted, chosen: Chosen, classes: list[str]) 
             "path": chosen.test_meta["path"],
             "label": chosen.test_meta["label"],
             "subject": chosen.test_meta["subject"],
-            "predicted_label": np.asarray(classes, dtype=object)[chosen.test_probs.argmax(axis=1)],
+            "predicted_label": threshold_labels(chosen.test_probs, classes, positive, _threshold_value(chosen)),
             "prob_all": chosen.test_probs[:, positive],
             "error": "",
         }
@@ -550,6 +672,7 @@ def write_model_bundle(extracted: Extracted, trained: Trained | None, chosen: Ch
             "chosen_by": chosen.chosen_by,
             "extract_batch_size": cfg.extract.batch_size,  # predict batches the trunk the same way
             "classifier_params": chosen.params,
+            "decision_threshold": chosen.threshold,  # predict and screen call ALL at or above its value
         },
     )
     return model_dir
@@ -627,14 +750,7 @@ def build_summary(
     facts, meta = record["facts"], extracted.meta
     usable_meta = meta[meta["aug_index"] == 0]
     classes = sweeps.classes
-    code = {name: i for i, name in enumerate(classes)}
-    y_test = predictions["label"].map(code).to_numpy()
-    chosen_test = score_probabilities(y_test, chosen.test_probs)
-    if cfg.sweep.bootstrap:
-        groups = np.where(
-            predictions["subject"].astype(str) != "", predictions["subject"].astype(str), predictions["path"]
-        )
-        chosen_test["ci95"] = subject_bootstrap(y_test, chosen.test_probs, groups, cfg.sweep.bootstrap, cfg.sweep.seed)
+    chosen_test = _chosen_test(cfg, chosen, predictions, classes)
     return {
         "leukray_version": __version__,
         "weights": extracted.weights.as_dict(),
@@ -670,6 +786,25 @@ def build_summary(
     }
 
 
+def _chosen_test(cfg: RunConfig, chosen: Chosen, predictions: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    """The chosen model's test metrics as predict calls the labels (at the decision
+    threshold: predictions.parquet's predicted_label), with `argmax` (at the most probable
+    class) and `ci95` (subject-bootstrap intervals) beside them."""
+    code = {name: i for i, name in enumerate(classes)}
+    y_test = predictions["label"].map(code).to_numpy()
+    pred = predictions["predicted_label"].map(code).to_numpy()
+    chosen_test = score_probabilities(y_test, chosen.test_probs, pred)
+    chosen_test["argmax"] = score_probabilities(y_test, chosen.test_probs)
+    if cfg.sweep.bootstrap:
+        groups = np.where(
+            predictions["subject"].astype(str) != "", predictions["subject"].astype(str), predictions["path"]
+        )
+        chosen_test["ci95"] = subject_bootstrap(
+            y_test, chosen.test_probs, groups, cfg.sweep.bootstrap, cfg.sweep.seed, pred=pred
+        )
+    return chosen_test
+
+
 def _model_facts(
     sweeps: Sweeps, chosen: Chosen, chosen_test: dict[str, float], trained: Trained | None, n_classifiers: int
 ) -> dict[str, Any]:
@@ -692,24 +827,30 @@ def _model_facts(
             "val_balanced_accuracy": chosen.row["Val Balanced Accuracy"],
             "cv_balanced_accuracy": chosen.row.get("CV Balanced Accuracy"),
             "cv_sd": chosen.row.get("CV sd"),
-            "test": {k: v for k, v in chosen_test.items() if k != "ci95"},
+            "test": {k: v for k, v in chosen_test.items() if k not in ("ci95", "argmax")},
             # subject-bootstrap 95% intervals of the test balanced accuracy and ROC AUC
             "test_ci95": chosen_test.get("ci95"),
             "members": chosen.params.get("members") if isinstance(chosen.params, dict) else None,
+            "decision_threshold": chosen.threshold,
+            # the most probable class (0.5 for two classes), as before the threshold: for comparison
+            "test_argmax": chosen_test.get("argmax"),
         },
     }
 
 
 def _choice_summary(table: pd.DataFrame | None) -> dict[str, Any] | None:
     """Subject-grouped CV balanced accuracy (mean, sd) of the best single untuned model, the
-    best tuned one and the soft-voting ensemble, as model_choice.csv has them."""
+    best tuned one, the soft-voting (`ensemble`) and the stacked ensemble, as
+    model_choice.csv has them."""
     if table is None:
         return None
     ok = table[table["status"] == "ok"]
+    ensemble = ok["ensemble"].fillna("").astype(str) if "ensemble" in ok else pd.Series("", index=ok.index)
     kinds = {
-        "best_single": ok[~ok["Model"].str.endswith("(tuned)") & ~ok["Model"].str.startswith("Soft voting")],
+        "best_single": ok[~ok["Model"].str.endswith("(tuned)") & (ensemble == "")],
         "tuned": ok[ok["Model"].str.endswith("(tuned)")],
-        "ensemble": ok[ok["Model"].str.startswith("Soft voting")],
+        "ensemble": ok[ensemble == "voting"],
+        "stacking": ok[ensemble == "stacking"],
     }
     return {
         kind: None if rows.empty else {
