@@ -1,5 +1,5 @@
 """One module per verb: `extract`, `train`, `tune`, `run` (the three in one job), `predict`,
-`screen`. A stage returns a typed result; `run` hands them over in memory, and separate
+`screen`; `trunktrain` is `train` when the trunk itself is trained on the cells. A stage returns a typed result; `run` hands them over in memory, and separate
 stage jobs rebuild them from the run folder through `load_extracted` / `load_trained`.
 
 May import: every lower folder (`distributed`, `models`, `ops`, `data`, `io`) and `report`.
