@@ -151,3 +151,16 @@ class TestTrunkRun:
         np.testing.assert_allclose(predicted["prob_all"], expected["prob_all"], rtol=1e-4, atol=1e-5)
         inputs = bundle.classifier.predict_proba(matrix[test.index])[:, bundle.positive_index]
         np.testing.assert_allclose(expected["prob_all"], inputs, rtol=1e-6)
+
+    def test_a_train_job_resumes_the_finished_checkpoints_and_tune_reads_the_trunk_back(self, trunk_run):
+        """Last in the class: it reruns `train` and `tune` as jobs on the run's folder."""
+        checkpoints = sorted(p.name for p in (trunk_run / "train").glob("*/checkpoint_*"))
+        trained = torch.load(trunk_run / "trained_trunk" / "trained_trunk.pt", weights_only=True)
+        assert checkpoints and main(["train", "--out", str(trunk_run)]) == 0
+        # the finished run's checkpoints were resumed: no epoch ran (none reported), same trunk
+        assert sorted(p.name for p in (trunk_run / "train").glob("*/checkpoint_*")) == checkpoints
+        again = torch.load(trunk_run / "trained_trunk" / "trained_trunk.pt", weights_only=True)
+        assert all(torch.equal(again[k], v) for k, v in trained.items())
+        assert main(["tune", "--out", str(trunk_run)]) == 0  # reads the trunk and its features back
+        summary = json.loads((trunk_run / "summary.json").read_text())
+        assert summary["chosen_model"]["feature_source"] == "trained" and summary["trained_trunk"]["epochs"] == 2
