@@ -437,11 +437,15 @@ def _params(value: Any) -> dict[str, Any] | None:
 LEARNED_SOURCES = frozenset({"custom"})
 
 
+def learned(source: str) -> bool:
+    """Whether a source's features were learned from the training subjects' labels: the
+    custom head's, and any set with the trunk trained on the cells (`trained`)."""
+    return source in LEARNED_SOURCES or (source not in MODEL_SOURCES and "trained" in source_families(source))
+
+
 def _pool_rows(sweeps: Sweeps) -> list[tuple[str, pd.Series]]:
-    """Every sweep row whose features can be cross-validated honestly (not LEARNED_SOURCES)."""
-    return [
-        (src, row) for src, board in sweeps.boards.items() if src not in LEARNED_SOURCES for _, row in board.iterrows()
-    ]
+    """Every sweep row whose features can be cross-validated honestly (not `learned`)."""
+    return [(src, row) for src, board in sweeps.boards.items() if not learned(src) for _, row in board.iterrows()]
 
 
 def _cv_pool(sweeps: Sweeps, top: int, seed: int) -> list[dict[str, Any]]:
