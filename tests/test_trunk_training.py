@@ -126,8 +126,9 @@ class TestTrunkRun:
         history = pd.read_csv(trunk_run / "history.csv")
         assert history["epoch"].tolist() == [1, 2]
         summary = json.loads((trunk_run / "summary.json").read_text())
-        assert summary["trained_trunk"]["trained_layers"] == "all layers (stem too)"
+        assert summary["trained_trunk"]["trained_layers"] == "all layers, the stem too"
         assert summary["trained_trunk"]["epochs"] == 2 and summary["custom_model"] is None
+        assert summary["seconds"]["train"] > 0
         assert summary["chosen_model"]["feature_source"] == "trained"
         assert pd.read_csv(trunk_run / "leaderboard.csv")["features"].eq("trained").all()
 

@@ -42,7 +42,7 @@ from leukray.models.trained import trunk_state
 from leukray.models.trunk import WeightsInfo
 from leukray.stages.extract import Extracted
 
-STAGE_NAMES = {1: "layer4", 2: "layer3-4", 3: "layer2-4", 4: "layer1-4", 5: "all layers (stem too)"}
+STAGE_NAMES = {1: "layer4", 2: "layer3-4", 3: "layer2-4", 4: "layer1-4", 5: "all layers, the stem too"}
 
 
 def train_trunk_stage(

@@ -107,6 +107,9 @@ def tune_stage(
     t0 = time.perf_counter() if total_start is None else total_start
     cfg = extracted.cfg
     seconds: dict[str, float] = {**extracted.record["seconds"], **(trained.record["seconds"] if trained else {})}
+    seconds.update(
+        extracted.trunk_record["seconds"] if extracted.trunk_record else {}
+    )  # the trunk trained on the cells
     names = select_classifiers(cfg.sweep.classifiers)
     if write_config:
         runfolder.write_config(cfg)
