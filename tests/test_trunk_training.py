@@ -105,6 +105,7 @@ FAST = [
     "--train.unfreeze_stages", "all",
     "--train.epochs", "2",
     "--train.batch_size", "16",
+    "--train.workers", "2",  # data-parallel: DistributedDataParallel over 2 CPU workers
 ]  # fmt: skip
 
 
@@ -127,7 +128,8 @@ class TestTrunkRun:
         assert history["epoch"].tolist() == [1, 2]
         summary = json.loads((trunk_run / "summary.json").read_text())
         assert summary["trained_trunk"]["trained_layers"] == "all layers, the stem too"
-        assert summary["trained_trunk"]["epochs"] == 2 and summary["custom_model"] is None
+        assert summary["trained_trunk"]["epochs"] == 2 and summary["trained_trunk"]["workers"] == 2
+        assert summary["custom_model"] is None
         assert summary["seconds"]["train"] > 0
         assert summary["chosen_model"]["feature_source"] == "trained"
         assert pd.read_csv(trunk_run / "leaderboard.csv")["features"].eq("trained").all()

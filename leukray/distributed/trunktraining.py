@@ -94,13 +94,15 @@ def crop_datasets(
     )
     crops.context.execution_options.preserve_order = True
     crops = crops.materialize()
+    # Materialised: the workers' shards then need no CPU task while training, so as many
+    # workers as the cluster has CPUs (or GPUs) can hold them all.
     train_ds = crops.map_batches(
         trunk_rows, batch_format="numpy", fn_kwargs={"classes": classes, "split": train, "oversample": True}
-    )
+    ).materialize()
     val_ds = crops.map_batches(
         trunk_rows, batch_format="numpy", fn_kwargs={"classes": classes, "split": val, "oversample": False}
     )
-    return train_ds, val_ds.select_columns(["image", "label_code"])
+    return train_ds, val_ds.select_columns(["image", "label_code"]).materialize()
 
 
 class EpochAugment:
