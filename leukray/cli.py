@@ -367,6 +367,16 @@ def cmd_train(args: argparse.Namespace, out: Output) -> int:
     cfg = _stage_config(args, "train", {"train.enabled": "true"})
     with _stage(out, "train"):
         record = run_train_job(cfg, start_ray=_ray_starter(args, out))
+    if "trained_trunk" in record:
+        facts = record["trained_trunk"]
+        out.final(
+            f"trained the ResNet50 on the cells ({facts['trained_layers']}) for {facts['epochs']} epochs: best epoch "
+            f"{facts['best_epoch']}, validation balanced accuracy {facts['best_val_balanced_accuracy']:.4f}; its "
+            f"features in {cfg.out}/trained_features.parquet; next: `leukray tune --out {cfg.out}`",
+            out=cfg.out,
+            trained_trunk=facts,
+        )
+        return 0
     facts = record["custom_model"]
     out.final(
         f"trained the custom ResNet50 for {facts['epochs']} epochs: best epoch {facts['best_epoch']}, "

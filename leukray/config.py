@@ -25,8 +25,14 @@ WEIGHT_KEYWORDS = ("imagenet", "random", "auto")
 # hand-crafted cell families of `leukray.ops.cellfeatures` (measured on each cell at its own
 # resolution, in the preprocessing pass).
 CELL_FAMILIES = ("morphology", "colour", "texture")
-FEATURE_FAMILIES = ("resnet50", *CELL_FAMILIES)
+# `trained`: the 2,048 features of the trunk trained on the cells (train.unfreeze_stages >= 1).
+TRUNK_FAMILIES = ("resnet50", "trained")
+FEATURE_FAMILIES = (*TRUNK_FAMILIES, *CELL_FAMILIES)
 FEATURE_ALIASES = {"cells": CELL_FAMILIES}
+# train.unfreeze_stages: the 4 ResNet50 stages, and `all` (= 5) with the stem.
+ALL_STAGES = 5
+# Integer fields that also take a word: `--train.unfreeze_stages all`.
+INT_WORDS = {"train.unfreeze_stages": {"all": ALL_STAGES}}
 
 
 def parse_feature_sets(spec: str) -> list[tuple[str, ...]]:
@@ -48,6 +54,11 @@ def parse_feature_sets(spec: str) -> list[tuple[str, ...]]:
                 known = ", ".join([*FEATURE_FAMILIES, *FEATURE_ALIASES])
                 raise ConfigError(f"extract.features: unknown feature family {name!r} in {spec!r} (known: {known})")
         families = tuple(f for f in FEATURE_FAMILIES if f in names)
+        if set(TRUNK_FAMILIES) <= names:
+            raise ConfigError(
+                f"extract.features: {'+'.join(families)!r} joins two trunks' features; a model carries one "
+                "trunk, so sweep resnet50 and trained as separate sets (resnet50,trained)"
+            )
         if families in sets:
             raise ConfigError(f"extract.features: the set {'+'.join(families)} is given twice in {spec!r}")
         sets.append(families)
@@ -227,8 +238,10 @@ class ExtractConfig:
     """Seeds the random trunk for --weights random, so its features are reproducible."""
     features: str = "resnet50,cells"
     """Feature sets the classifier sweep runs on, comma-separated; each set joins families
-    with '+': resnet50 (the trunk's 2,048 features, the paper's Table III), morphology,
-    colour, texture (hand-crafted, per cell; `cells` = all three). The first set is
+    with '+': resnet50 (the trunk's 2,048 features, the paper's Table III), trained (the
+    2,048 features of the trunk trained on the cells, with train.unfreeze_stages >= 1; added
+    when not named), morphology, colour, texture (hand-crafted, per cell; `cells` = all
+    three). The first set is
     leaderboard.csv, the others leaderboard-<families>.csv; e.g. resnet50+cells sweeps both
     joined."""
     deterministic: bool = False
@@ -335,9 +348,14 @@ class TrainConfig:
     use_gpu: str = "auto"
     """auto (when the cluster has GPUs) | true | false."""
     unfreeze_stages: int = 0
-    """Fine-tuning (Algorithm 1, step 6): train the last N ResNet50 stages (0-2) too."""
+    """0: the head trains on trunk maps computed once (the paper). 1-4 or all: the trunk is
+    trained on the cells instead (`leukray.distributed.trunktraining`): images stream through
+    it every epoch with augmentation drawn anew, the last N of its 4 stages (all: the stem
+    too) are trained with a linear classifier on its pooled features, and its features are
+    the `trained` family of extract.features."""
     finetune_lr: float = 1e-5
-    """Learning rate of the unfrozen trunk stages (lower than the head's)."""
+    """Learning rate of the trained trunk layers when the weights are pretrained (ImageNet
+    or a file; a random-init trunk trains at train.lr)."""
     embedding: int = 256
     """Penultimate layer whose activations feed the second sweep (Table IV): 256 or 512."""
     max_failures: int = 3
@@ -354,11 +372,16 @@ class TrainConfig:
         check_in_range("train.dropout", self.dropout, 0.0, 0.95)
         check_at_least("train.workers", self.workers, 1)
         check_choice("train.use_gpu", self.use_gpu, ("auto", "true", "false"))
-        check_in_range("train.unfreeze_stages", self.unfreeze_stages, 0, 2)
+        check_in_range("train.unfreeze_stages", self.unfreeze_stages, 0, ALL_STAGES)
         check_in_range("train.finetune_lr", self.finetune_lr, 1e-9, 1.0)
         if self.embedding not in (256, 512):
             raise ConfigError(f"train.embedding must be 256 or 512, got {self.embedding}")
         check_at_least("train.max_failures", self.max_failures, 0)
+
+    @property
+    def trains_trunk(self) -> bool:
+        """Whether the trunk itself is trained on the cells (unfreeze_stages >= 1)."""
+        return self.unfreeze_stages > 0
 
 
 @dataclass(frozen=True)
@@ -392,6 +415,19 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        wants_trained = any("trained" in s for s in self.extract.feature_sets)
+        if wants_trained and not self.train.trains_trunk:
+            raise ConfigError(
+                "extract.features: `trained` is the trunk trained on the cells; it needs "
+                "--train.unfreeze_stages N (1-4) or all"
+            )
+        if self.train.trains_trunk and not self.train.enabled:
+            raise ConfigError("train.unfreeze_stages trains the trunk, but train.enabled is false")
+        if self.train.trains_trunk and not wants_trained:  # what the trained trunk is for
+            extract = dataclasses.replace(self.extract, features=self.extract.features + ",trained")
+            object.__setattr__(self, "extract", extract)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -531,7 +567,7 @@ class SmearTrainConfig:
 
     def __post_init__(self) -> None:
         (families,) = parse_feature_sets(self.features)
-        if "resnet50" in families:
+        if "resnet50" in families or "trained" in families:
             raise ConfigError(
                 "smear.features: the smear classifier reads cell features only (morphology, colour, texture)"
             )
@@ -571,6 +607,8 @@ def parse_value(key: str, raw: Any, typ: type) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{key} must be true or false, got {raw!r}")
+    if typ is int and str(raw).strip().lower() in INT_WORDS.get(key, {}):
+        return INT_WORDS[key][str(raw).strip().lower()]
     if typ in (int, float):
         if isinstance(raw, bool):
             raise ConfigError(f"{key} must be a number, got {raw!r}")

@@ -384,10 +384,20 @@ def train_head(
 
 
 def _trainer(
-    loop_config: dict[str, Any], cfg: TrainConfig, train_ds, val_ds, *, storage_path: str, name: str, use_gpu: bool
+    loop_config: dict[str, Any],
+    cfg: TrainConfig,
+    train_ds,
+    val_ds,
+    *,
+    storage_path: str,
+    name: str,
+    use_gpu: bool,
+    loop: Callable[[dict[str, Any]], None] | None = None,
 ):
-    """A TorchTrainer that keeps the best epoch's checkpoint (by validation balanced
-    accuracy) under storage_path/name, and restarts dead workers up to train.max_failures."""
+    """A TorchTrainer running `loop` (default `train_loop_per_worker`; the trunk's is
+    `trunktraining.trunk_loop_per_worker`) that keeps the best epoch's checkpoint (by
+    validation balanced accuracy) under storage_path/name, and restarts dead workers up to
+    train.max_failures."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -397,7 +407,7 @@ def _trainer(
     # the same batches.
     ingest = ray.data.ExecutionOptions(preserve_order=True)
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(

@@ -210,7 +210,8 @@ class Bundle:
 
     @property
     def needs_trunk(self) -> bool:
-        return self.feature_source in MODEL_SOURCES or "resnet50" in source_families(self.feature_source)
+        families = source_families(self.feature_source)
+        return self.feature_source in MODEL_SOURCES or "resnet50" in families or "trained" in families
 
     def probabilities(
         self, features: np.ndarray | None, maps: np.ndarray | None, cell_features: np.ndarray | None = None
@@ -254,7 +255,8 @@ def classifier_input(
 ) -> np.ndarray:
     """The classifier's input for a feature set: the trunk's features and the set's cell
     features (measured for exactly its families), side by side, as in the sweep."""
-    parts = ([features] if "resnet50" in families else []) + (
+    # `trained`: the bundle's trunk is the one trained on the cells; its features come as the trunk's do
+    parts = ([features] if "resnet50" in families or "trained" in families else []) + (
         [cell_features] if any(f in CELL_FAMILIES for f in families) else []
     )
     return np.hstack(parts) if len(parts) > 1 else parts[0]

@@ -23,6 +23,36 @@ def augmentation_rng(seed: int, content_hash: str, copy_index: int) -> np.random
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def epoch_augmentation_rng(seed: int, content_hash: str, draw: int, epoch: int) -> np.random.Generator:
+    """The generator of one image's augmentation in one epoch of training the trunk: a
+    function of (seed, content hash, draw, epoch) only, so every epoch sees new rotations,
+    scales and flips, and a resumed run draws the ones the uninterrupted run drew."""
+    digest = hashlib.sha256(f"{seed}\0{content_hash}\0{draw}\0epoch {epoch}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def augment_epoch(
+    images: np.ndarray, content_hashes: np.ndarray, draws: np.ndarray, seed: int, epoch: int, cfg: AugmentConfig
+) -> np.ndarray:
+    """A batch of training crops augmented afresh for `epoch` (`augment_image` each, seeded
+    by `epoch_augmentation_rng`).
+
+    Args:
+        images: N x H x W x 3 uint8 crops.
+        content_hashes: N sha256 strings (the images' content).
+        draws: N ints: which of an oversampled image's draws a row is (0 for the original).
+
+    Returns:
+        N x H x W x 3 uint8.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected NxHxWx3 uint8, got {images.shape} {images.dtype}")
+    out = np.empty_like(images)
+    for i, (image, content_hash, draw) in enumerate(zip(images, content_hashes, draws)):
+        out[i] = augment_image(image, epoch_augmentation_rng(seed, str(content_hash), int(draw), epoch), cfg)
+    return out
+
+
 def augment_image(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     """Rotate about the centre, scale, and maybe flip an HxWx3 uint8 crop; the corners
     revealed by rotation are black, like the C-NMC background.

@@ -46,10 +46,18 @@ class Extracted:
     errors: pd.DataFrame  # errors.csv
     maps_ds: Any = None  # the trunk maps for training, within one job
     cell_matrix: np.ndarray | None = None  # N x D hand-crafted cell features, rows as `meta`
+    # the trunk trained on the cells (train.unfreeze_stages >= 1; `leukray.stages.trunktrain`):
+    trained_matrix: np.ndarray | None = None  # N x 2048 float32, its features, rows as `meta`
+    trunk_record: dict[str, Any] | None = None  # its train.json: weights (a WeightsInfo), epochs, ...
 
     @property
     def weights(self) -> WeightsInfo:
         return WeightsInfo(**self.record["weights"])
+
+    @property
+    def trained_weights(self) -> WeightsInfo:
+        """The trained trunk's weights (its file), for the `trained` family."""
+        return WeightsInfo(**self.trunk_record["weights"])
 
 
 def _frozen_weights(cfg: RunConfig) -> tuple[RunConfig, WeightsInfo]:

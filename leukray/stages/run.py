@@ -23,6 +23,7 @@ from leukray.io import journal, runfolder, storage, tracking
 from leukray.io.tables import log, read_json
 from leukray.stages.extract import Extracted, extract_stage, load_extracted
 from leukray.stages.train import Trained, extract_id, load_trained, train_stage
+from leukray.stages.trunktrain import load_trained_trunk, train_trunk_stage
 from leukray.stages.tune import tune_stage
 
 
@@ -47,16 +48,19 @@ def run_pipeline(
     t0 = time.perf_counter()
     tracking.check(cfg.tracking.mlflow)
     with _stage(on_stage, "extract"):
-        extracted = extract_stage(cfg, start_ray, keep_maps=cfg.train.enabled, existing=existing)
+        keep_maps = cfg.train.enabled and not cfg.train.trains_trunk
+        extracted = extract_stage(cfg, start_ray, keep_maps=keep_maps, existing=existing)
     cfg, out = extracted.cfg, extracted.cfg.out
     trained = None
-    if cfg.train.enabled:
+    if cfg.train.trains_trunk:
+        with _stage(on_stage, "train"):
+            extracted = _train_trunk(extracted, existing)
+    elif cfg.train.enabled:
         with _stage(on_stage, "train"):
             trained = _train(extracted, existing)
     else:
         journal.discard(out, "train")  # an earlier run's custom model and tables are not this run's
-    upstream = trained.record.get("identity", "") if trained is not None else extract_id(extracted.record)
-    identity = runfolder.tune_identity(cfg, upstream)
+    identity = runfolder.tune_identity(cfg, _upstream(extracted, trained))
     if existing == "resume" and journal.committed(out, "tune", identity):
         log(f"resuming: the sweeps, model choice and bundle in {out} are already this run's")
         return read_json(storage.join(out, "summary.json"))
@@ -76,6 +80,25 @@ def _train(extracted: Extracted, existing: str) -> Trained:
         log(f"resuming: the custom model in {out} was trained on the same maps with the same settings")
         return load_trained(out, extracted.record["fingerprint"], extracted.weights.name)
     return train_stage(extracted, write_config=False)
+
+
+def _train_trunk(extracted: Extracted, existing: str) -> Extracted:
+    """The trunk trained on the cells, or the committed one when resuming with the same identity."""
+    cfg, out = extracted.cfg, extracted.cfg.out
+    identity = runfolder.train_identity(cfg, extract_id(extracted.record))
+    if existing == "resume" and journal.committed(out, "train", identity):
+        log(f"resuming: the trunk in {out} was trained on the same images with the same settings")
+        return load_trained_trunk(extracted)
+    return train_trunk_stage(extracted, write_config=False)
+
+
+def _upstream(extracted: Extracted, trained: Trained | None) -> str:
+    """The identity the tune stage's results depend on: the train stage's when it ran."""
+    if trained is not None:
+        return trained.record.get("identity", "")
+    if extracted.trunk_record is not None:
+        return extracted.trunk_record["identity"]
+    return extract_id(extracted.record)
 
 
 @contextlib.contextmanager
@@ -98,6 +121,8 @@ def _tune(extracted: Extracted, trained: Trained | None, identity: str, **kwargs
 
 def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """`leukray train` on a run folder that `leukray extract` wrote; returns train.json's content."""
+    if cfg.train.trains_trunk:  # its features must be of features.parquet's rows: read them
+        return train_trunk_stage(load_extracted(cfg, "train"), start_ray).trunk_record
     extracted = load_extracted(cfg, "train", with_features=False)
     return train_stage(extracted, start_ray).record
 
@@ -108,10 +133,13 @@ def run_tune_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) ->
     tracking.check(cfg.tracking.mlflow)
     extracted = load_extracted(cfg, "tune")
     trained = None
-    if cfg.train.enabled:
+    if cfg.train.trains_trunk:
+        extracted = load_trained_trunk(extracted)
+    elif cfg.train.enabled:
         trained = load_trained(cfg.out, extracted.record["fingerprint"], extracted.weights.name)
-    upstream = trained.record.get("identity", "") if trained is not None else extract_id(extracted.record)
-    summary = _tune(extracted, trained, runfolder.tune_identity(cfg, upstream), start_ray=start_ray)
+    summary = _tune(
+        extracted, trained, runfolder.tune_identity(cfg, _upstream(extracted, trained)), start_ray=start_ray
+    )
     track_run(cfg)
     return summary
 

@@ -8,7 +8,7 @@ stages handed over (in memory within `run`, from the run folder for a separate j
 
 May import: `leukray.config`, `leukray.errors`, `leukray.io`, `leukray.data`, `leukray.ops`,
 `leukray.models`, `leukray.distributed`, `leukray.report`, `leukray.stages.extract`,
-`leukray.stages.train`.
+`leukray.stages.train`, `leukray.stages.trunktrain`.
 """
 
 from __future__ import annotations
@@ -58,13 +58,14 @@ from leukray.models.classifiers import (
     threshold_labels,
     threshold_record,
 )
-from leukray.models.custom import build_custom_model
+from leukray.models.custom import build_custom_model, load_model_state
 from leukray.models.trunk import FEATURE_DIM, TrunkExtractor, build_trunk, resolve_weights
 from leukray.ops.cellfeatures import family_columns
 from leukray.ops.preprocess import load_and_preprocess
 from leukray.report.console import leaderboard_markdown
 from leukray.stages.extract import Extracted
 from leukray.stages.train import Trained
+from leukray.stages.trunktrain import local_trunk_file
 
 HEAD_MODEL = "CustomResNet50 head (sigmoid)"
 METRICS = ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score"]
@@ -114,6 +115,9 @@ def tune_stage(
     t0 = time.perf_counter() if total_start is None else total_start
     cfg = extracted.cfg
     seconds: dict[str, float] = {**extracted.record["seconds"], **(trained.record["seconds"] if trained else {})}
+    seconds.update(
+        extracted.trunk_record["seconds"] if extracted.trunk_record else {}
+    )  # the trunk trained on the cells
     names = select_classifiers(cfg.sweep.classifiers)
     if write_config:
         runfolder.write_config(cfg)
@@ -170,6 +174,7 @@ def feature_matrix(extracted: Extracted, families: tuple[str, ...]) -> np.ndarra
     """The N x D matrix of a feature set: the trunk's 2,048 features and/or the columns of
     the measured cell families it names, side by side."""
     parts = [extracted.matrix] if "resnet50" in families else []
+    parts += [extracted.trained_matrix] if "trained" in families else []  # the trunk trained on the cells
     cell = tuple(f for f in families if f in CELL_FAMILIES)
     if cell:
         parts.append(extracted.cell_matrix[:, family_columns(extracted.cfg.extract.cell_families, cell)])
@@ -181,6 +186,8 @@ def _table_of(families: tuple[str, ...], first: bool, dim: int) -> dict[str, Any
     title = (
         "ResNet50 trunk features (the paper's Table III)" if families == ("resnet50",) else f"{name} features, {dim}-d"
     )
+    if families == ("trained",):
+        title = f"features of the ResNet50 trained on the cells, {dim}-d"
     stem = "leaderboard" if first else "leaderboard-" + "-".join(families)
     return {
         "features": name,
@@ -345,7 +352,8 @@ def tune_best(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> 
 def _trunk_block(source: str) -> int:
     """How many leading columns of a source's features are the trunk's (what a search may
     reduce with PCA or a filter); 0 without trunk features."""
-    return FEATURE_DIM if source not in MODEL_SOURCES and "resnet50" in source_families(source) else 0
+    trunk = source not in MODEL_SOURCES and {"resnet50", "trained"} & set(source_families(source))
+    return FEATURE_DIM if trunk else 0
 
 
 def choose(extracted: Extracted, trained: Trained | None, sweeps: Sweeps) -> tuple[tuple[str, pd.Series], str]:
@@ -517,11 +525,15 @@ def _params(value: Any) -> dict[str, Any] | None:
 LEARNED_SOURCES = frozenset({"custom"})
 
 
+def learned(source: str) -> bool:
+    """Whether a source's features were learned from the training subjects' labels: the
+    custom head's, and any set with the trunk trained on the cells (`trained`)."""
+    return source in LEARNED_SOURCES or (source not in MODEL_SOURCES and "trained" in source_families(source))
+
+
 def _pool_rows(sweeps: Sweeps) -> list[tuple[str, pd.Series]]:
-    """Every sweep row whose features can be cross-validated honestly (not LEARNED_SOURCES)."""
-    return [
-        (src, row) for src, board in sweeps.boards.items() if src not in LEARNED_SOURCES for _, row in board.iterrows()
-    ]
+    """Every sweep row whose features can be cross-validated honestly (not `learned`)."""
+    return [(src, row) for src, board in sweeps.boards.items() if not learned(src) for _, row in board.iterrows()]
 
 
 def _cv_pool(sweeps: Sweeps, top: int, seed: int) -> list[dict[str, Any]]:
@@ -649,7 +661,10 @@ def write_model_bundle(extracted: Extracted, trained: Trained | None, chosen: Ch
     """RUN/model: everything `predict` and `screen` need (see `leukray.models.bundle`)."""
     cfg, weights = extracted.cfg, extracted.weights
     trunk_state = None
-    if weights.kind != "imagenet":
+    if chosen.source not in MODEL_SOURCES and "trained" in source_families(chosen.source):
+        weights = extracted.trained_weights  # the trunk trained on the cells computes its features
+        trunk_state = load_model_state(weights.source)
+    elif weights.kind != "imagenet":
         trunk_state = build_trunk(
             resolve_weights(cfg.extract.weights, cfg.extract.seed)[0], cfg.extract.seed
         ).state_dict()
@@ -699,8 +714,10 @@ def measure_inference(
         return timing
     custom = chosen.source in MODEL_SOURCES and trained is not None
     features = maps = None
-    if custom or "resnet50" in families:
-        features, maps, timing["trunk"] = _time_trunk(cfg, images, trained.record["head_config"] if custom else None)
+    if custom or {"resnet50", "trained"} & set(families):
+        spec = local_trunk_file(extracted.trained_weights.source) if "trained" in families else cfg.extract.weights
+        head_config = trained.record["head_config"] if custom else None
+        features, maps, timing["trunk"] = _time_trunk(cfg, spec, images, head_config)
     if custom:
         inputs, timing["head"] = _time_head(trained, maps)
     else:
@@ -712,9 +729,11 @@ def measure_inference(
     return timing
 
 
-def _time_trunk(cfg: RunConfig, images: np.ndarray, head_config: dict[str, Any] | None) -> tuple[Any, Any, float]:
+def _time_trunk(
+    cfg: RunConfig, weights: str, images: np.ndarray, head_config: dict[str, Any] | None
+) -> tuple[Any, Any, float]:
     maps_stage = head_config["unfreeze_stages"] if head_config else -1
-    extractor = TrunkExtractor(cfg.extract.weights, seed=cfg.extract.seed, maps_stage=maps_stage)
+    extractor = TrunkExtractor(weights, seed=cfg.extract.seed, maps_stage=maps_stage)
     extractor.extract(images[:2])  # warm-up
     tick = time.perf_counter()
     features, maps = extractor.extract(images)
@@ -775,6 +794,9 @@ def build_summary(
         "duplicates": facts["duplicate_pairs"],
         **_model_facts(sweeps, chosen, chosen_test, trained, n_classifiers),
         "custom_model": trained.record["custom_model"] if trained is not None else None,
+        "trained_trunk": {**extracted.trunk_record["trained_trunk"], "weights": extracted.trunk_record["weights"]}
+        if extracted.trunk_record is not None
+        else None,
         "tuned_model": {k: v for k, v in tuned.items() if k != "row"} if tuned is not None else None,
         "model_choice": _choice_summary(sweeps.choice),
         "sweep": _sweep_counts(sweeps.boards[sweeps.tables[0]["source"]], n_classifiers),
