@@ -22,8 +22,12 @@ $(DEPS_STAMP):
 demo: setup
 	$(VENV)/bin/leukray demo --out $(OUT)
 
+# the suite in TEST_WORKERS processes (pytest-xdist), each test module whole in one of them
+# (its module-scoped local Ray runtime and fixtures stay as they are); TEST_WORKERS=0 runs
+# it in this process, one test after another
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff, configured in pyproject.toml (line length 120; CI runs `make lint` before `make test`)
 lint: setup

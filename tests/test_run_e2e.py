@@ -440,6 +440,22 @@ def _by_content(out: Path, name: str) -> tuple[pd.DataFrame, np.ndarray]:
     return meta.iloc[order].reset_index(drop=True), matrix[order]
 
 
+def _assert_close_tree(a, b, atol: float) -> None:
+    """Nested dicts/lists equal, their floats within `atol`."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), (a.keys(), b.keys())
+        for key in a:
+            _assert_close_tree(a[key], b[key], atol)
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_close_tree(x, y, atol)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, abs=atol)
+    else:
+        assert a == b
+
+
 def _assert_same_results(a: Path, b: Path) -> None:
     for name in ["features.parquet", "cell_features.parquet"]:
         (meta_a, x_a), (meta_b, x_b) = _by_content(a, name), _by_content(b, name)
@@ -453,13 +469,19 @@ def _assert_same_results(a: Path, b: Path) -> None:
         pd.testing.assert_frame_equal(pd.read_csv(a / entry["file"])[metrics], pd.read_csv(b / entry["file"])[metrics])
     pd.testing.assert_frame_equal(*(pd.read_csv(o / "model_choice.csv").drop(columns=["Time Taken"], errors="ignore")
                                     .drop(columns=["node_id"], errors="ignore") for o in (a, b)))  # fmt: skip
-    assert summary_a["chosen_model"] == summary_b["chosen_model"]
+    chosen_a, chosen_b = dict(summary_a["chosen_model"]), dict(summary_b["chosen_model"])
+    # the decision threshold lies between two out-of-fold probabilities, which carry the
+    # features' rounding (below): equal within it, everything else exactly
+    threshold_a, threshold_b = chosen_a.pop("decision_threshold", None), chosen_b.pop("decision_threshold", None)
+    assert chosen_a == chosen_b
+    _assert_close_tree(threshold_a, threshold_b, atol=1e-3)
+    threshold = (threshold_a or {}).get("value") or 0.5
     pa_, pb_ = (pd.read_parquet(o / "predictions.parquet") for o in (a, b))
     pa_["path"], pb_["path"] = pa_["path"].map(lambda p: Path(p).name), pb_["path"].map(lambda p: Path(p).name)
     pa_, pb_ = (p.sort_values("path").reset_index(drop=True) for p in (pa_, pb_))
     # the features' rounding (above) reaches the probabilities: measured up to 1.4e-4
     np.testing.assert_allclose(pa_["prob_all"], pb_["prob_all"], rtol=0, atol=1e-3)
-    clear = (pa_["prob_all"] - 0.5).abs() > 1e-3  # a label within the tolerance of 0.5 may flip
+    clear = (pa_["prob_all"] - threshold).abs() > 1e-3  # a label within the tolerance of the threshold may flip
     pd.testing.assert_frame_equal(pa_.drop(columns="prob_all")[clear], pb_.drop(columns="prob_all")[clear])
 
 

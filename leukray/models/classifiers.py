@@ -1,6 +1,6 @@
 """The classifiers of the sweep (the paper's step 4, Tables III and IV) and how they are
 scored and chosen, without Ray: Lazy Predict's classifier list and pipeline, one scorer for
-every model (ROC AUC from scores), a fit in a forked child with a CPU-time limit, the
+every model (ROC AUC from scores), a fit in a child process with a CPU-time limit, the
 leaderboard, the choice of the model on validation, subject-grouped cross-validation with
 out-of-fold predictions, the soft-voting and stacked ensembles, the decision threshold on
 out-of-fold predictions and subject-bootstrap intervals.
@@ -11,12 +11,13 @@ scored on validation (which picks the best model) and test (which reports it). R
 from scores (`predict_proba`, else `decision_function`), never from hard labels: from labels
 it equals balanced accuracy, as every row of the paper's tables shows.
 
-A classifier is fitted in a forked child process limited to `sweep.timeout_s` seconds of CPU
-time (RLIMIT_CPU), so that one past its limit is ended by the kernel (its CPU is freed at
-once) and recorded as `timeout`; one that raises is recorded as `failed` with its error.
-Neither stops the sweep. The limit is CPU time, not wall time, so a machine loaded by other
-work does not change which classifiers time out (a wall-time backstop, ten times the limit
-plus a minute, only catches fits that stop computing). `leukray.distributed.tuning`
+A classifier is fitted in a child process (forked from a clean fork server) limited to
+`sweep.timeout_s` seconds of CPU time (RLIMIT_CPU), so that one past its limit is ended
+by the kernel (its CPU is freed at once) and recorded as `timeout`; one that raises is
+recorded as `failed` with its error. Neither stops the sweep. The limit is CPU time, not
+wall time, so a machine loaded by other work does not change which classifiers time out (a
+wall-time backstop, ten times the limit plus a minute, only catches fits that stop
+computing). `leukray.distributed.tuning`
 spreads these fits over the cluster as Ray Tune trials.
 
 May import: numpy, pandas, scikit-learn, Lazy Predict, `leukray.errors`, `leukray.data.splits`.
@@ -374,7 +375,13 @@ def wall_backstop_s(cpu_limit_s: float) -> float:
 
 
 def run_limited(fn: Callable[..., Any], args: tuple, cpu_limit_s: float) -> tuple[str, Any, float]:
-    """`fn(*args)` in a forked child limited to `cpu_limit_s` seconds of CPU time.
+    """`fn(*args)` in a child process limited to `cpu_limit_s` seconds of CPU time.
+
+    The child is forked from a fork server (`_fit_context`), not from this process: a fork
+    of a process whose OpenMP runtime has started its thread pool (PyTorch, XGBoost or
+    LightGBM used here before) deadlocks in the child's first parallel region (measured:
+    XGBClassifier blocked in libgomp until the wall-time backstop). `fn` and `args` are
+    pickled to the child.
 
     The limit is CPU time, not wall time, so that a loaded machine (other jobs sharing the
     cores) does not change which fits finish: a fit is stopped when it has computed for
@@ -385,7 +392,7 @@ def run_limited(fn: Callable[..., Any], args: tuple, cpu_limit_s: float) -> tupl
         (status, payload, wall seconds): ("ok", result), ("failed", error text) or
         ("timeout", what stopped it).
     """
-    ctx = multiprocessing.get_context("fork")
+    ctx = _fit_context()
     receive, send = ctx.Pipe(duplex=False)
     start = time.perf_counter()
     child = ctx.Process(target=_child, args=(send, cpu_limit_s, fn, args), daemon=True)
@@ -409,19 +416,32 @@ def run_limited(fn: Callable[..., Any], args: tuple, cpu_limit_s: float) -> tupl
     return status, payload, elapsed
 
 
+# What the fork server imports once (its children inherit them), so that `Time Taken`
+# measures the fit, not the imports; a module that does not import is skipped.
+FIT_MODULES = [
+    "leukray.models.classifiers", "lazypredict.Supervised", "sklearn.metrics", "sklearn.model_selection",
+    "sklearn.pipeline", "xgboost", "lightgbm",
+]  # fmt: skip
+
+
+def _fit_context():
+    """The multiprocessing context fits run in: children of a fork server, a fresh
+    interpreter started once per process that has imported FIT_MODULES and never ran a
+    fit, so no OpenMP or other thread state is inherited."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FIT_MODULES)
+    return ctx
+
+
 def _import_fit_modules() -> None:
-    # Import Lazy Predict and scikit-learn once per process, so that the forked child
-    # inherits them and `Time Taken` measures the fit, not the imports.
+    # The classifier table is read here too (the sweep lists the classifiers it runs).
     lazypredict_classifiers()
-    import sklearn.metrics  # noqa: F401
-    import sklearn.model_selection  # noqa: F401
-    import sklearn.pipeline  # noqa: F401
 
 
 def run_one(
     name: str, data: SweepData, seed: int, timeout_s: float, n_jobs: int = 1, params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Fit and score `name` in a forked child limited to `timeout_s` CPU seconds (see
+    """Fit and score `name` in a child process limited to `timeout_s` CPU seconds (see
     `run_limited`).
 
     Returns:
