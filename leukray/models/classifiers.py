@@ -417,25 +417,31 @@ def run_limited(fn: Callable[..., Any], args: tuple, cpu_limit_s: float) -> tupl
 
 
 # What the fork server imports once (its children inherit them), so that `Time Taken`
-# measures the fit, not the imports; a module that does not import is skipped.
+# measures the fit, not the imports; a module that does not import is skipped. The caller
+# itself need not import them (a Ray Tune trial's process then pays the imports once, in
+# its fork server).
 FIT_MODULES = [
     "leukray.models.classifiers", "lazypredict.Supervised", "sklearn.metrics", "sklearn.model_selection",
     "sklearn.pipeline", "xgboost", "lightgbm",
 ]  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1)
 def _fit_context():
     """The multiprocessing context fits run in: children of a fork server, a fresh
     interpreter started once per process that has imported FIT_MODULES and never ran a
-    fit, so no OpenMP or other thread state is inherited."""
+    fit, so no OpenMP or other thread state is inherited. The server is started (and its
+    imports done) here, by one empty child, so no fit's `Time Taken` includes them."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(FIT_MODULES)
+    warm = ctx.Process(target=_no_op, daemon=True)
+    warm.start()
+    warm.join()
     return ctx
 
 
-def _import_fit_modules() -> None:
-    # The classifier table is read here too (the sweep lists the classifiers it runs).
-    lazypredict_classifiers()
+def _no_op() -> None:
+    """The child that starts the fork server."""
 
 
 def run_one(
@@ -448,7 +454,6 @@ def run_one(
         A leaderboard row: the metrics, `Time Taken` (wall seconds), `status` (ok | failed |
         timeout) and `detail` (the error, or the limit that was hit).
     """
-    _import_fit_modules()
     status, payload, elapsed = run_limited(fit_and_score, (name, data, seed, n_jobs, params), timeout_s)
     row: dict[str, Any] = {"Model": name, "Time Taken": round(elapsed, 3), "status": status, "detail": ""}
     metric_names = ["Accuracy", "Balanced Accuracy", "ROC AUC", "F1 Score", "Val Balanced Accuracy"]
@@ -595,7 +600,6 @@ def run_grouped_cv(
 ) -> dict[str, Any]:
     """`grouped_cv` in a forked child limited to `timeout_s` CPU seconds per fold (see
     `run_limited`): the CV's result plus `status`, `detail` and `Time Taken`."""
-    _import_fit_modules()
     k = max(grouped_folds(data, folds), 1)
     status, payload, elapsed = run_limited(grouped_cv, (name, data, seed, folds, params, n_jobs, oof), timeout_s * k)
     row: dict[str, Any] = {"status": status, "detail": "", "Time Taken": round(elapsed, 3)}
