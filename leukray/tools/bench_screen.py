@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -33,6 +32,7 @@ import cv2
 import numpy as np
 
 from leukray.config import PreprocessConfig, ScreenConfig
+from leukray.tools.bench_e2e import Sampler
 
 TARGETS = {"memory_growth": ("<=", 1.3)}
 # Object-store peaks below this count as this much: Ray keeps objects under 100 KiB inline,
@@ -137,60 +137,15 @@ def random_bundle(model_dir: str, crop_size: int, weights: str) -> None:
     )
 
 
-# -- sampling -------------------------------------------------------------------------------
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class MemorySampler:
-    """A thread recording this process's RSS and Ray's object-store bytes in use (summed
-    over the cluster's nodes) every `interval` seconds while the block runs."""
-
-    def __init__(self, interval: float = 0.25):
-        self.interval = interval
-        self.rss: list[int] = []
-        self.store: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import ray
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-        state = get_state_from_address(ray.get_runtime_context().gcs_address)
-        while True:
-            self.rss.append(_rss_bytes())
-            try:
-                self.store.append(int(get_memory_info_reply(state).store_stats.object_store_bytes_used))
-            except Exception:  # noqa: BLE001 - an internal Ray API; a busy raylet skips a sample
-                pass
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # -- the section ----------------------------------------------------------------------------
 
 
 def screen_run(model_dir: str, slides: list[str], out: str, cfg: ScreenConfig, fields: int) -> dict[str, Any]:
-    """`screen` over `slides` under a MemorySampler: throughput and peak memory."""
+    """`screen` over `slides` under the e2e section's `Sampler`: throughput and peak memory."""
     from leukray.stages.screen import screen
 
     folder = os.path.dirname(slides[0])
-    with MemorySampler() as sampler:
+    with Sampler(interval=0.25) as sampler:
         tick = time.perf_counter()
         summary = screen(model_dir, folder, out, cfg)
         seconds = time.perf_counter() - tick
