@@ -9,9 +9,12 @@ from leukray.config import RunConfig, build_config
 from leukray.distributed.actors import FeatureExtractor
 from leukray.errors import ConfigError, WeightsError
 from leukray.models.classifiers import (
+    CLASSIFIER_HOMES,
     SweepData,
+    classifier_class,
     lazypredict_classifiers,
     roc_auc_from_scores,
+    run_limited,
     run_one,
     select_classifiers,
 )
@@ -73,11 +76,28 @@ def separable(n=120, d=6, seed=0):
     return X, y
 
 
+def _heavy_modules_after_a_pipeline(name: str) -> list[str]:
+    import sys
+
+    from leukray.models.classifiers import make_pipeline
+
+    make_pipeline(name, seed=0)
+    return sorted(m for m in ("lazypredict", "mlflow") if m in sys.modules)
+
+
 class TestSweep:
     def test_lazypredict_list_is_used(self):
         names = select_classifiers("all")
         assert set(names) == set(lazypredict_classifiers())
         assert {"XGBClassifier", "LGBMClassifier", "LogisticRegression"} <= set(names)
+
+    def test_each_classifier_is_lazypredicts_own_class_without_importing_it_in_the_fit(self):
+        known = lazypredict_classifiers()
+        assert all(classifier_class(name) is cls for name, cls in known.items())
+        homed = [name for names in CLASSIFIER_HOMES.values() for name in names]
+        assert set(homed) <= set(known) and len(homed) == len(set(homed))
+        # a fit process builds its pipeline from the table: Lazy Predict (and the MLflow it imports) stay out
+        assert run_limited(_heavy_modules_after_a_pipeline, ("ExtraTreesClassifier",), 30.0)[:2] == ("ok", [])
 
     def test_unknown_classifier(self):
         with pytest.raises(ConfigError, match="unknown classifier"):

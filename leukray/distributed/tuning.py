@@ -190,12 +190,12 @@ def search_space(name: str, block: int = 0, rows: int = 1_000_000) -> dict[str, 
     to fewer dimensions than the block and than a quarter of the `rows` cross-validated (a
     fold trains on about half of them at the least; PCA needs more rows than components)
     (see `leukray.models.classifiers.PREP_KEYS`)."""
-    from leukray.models.classifiers import lazypredict_classifiers
+    from leukray.models.classifiers import classifier_class
 
     if name not in _SPACES:
         return None
     space = dict(_SPACES[name])
-    if "class_weight" in lazypredict_classifiers()[name]().get_params():
+    if "class_weight" in classifier_class(name)().get_params():
         space["class_weight"] = ("choice", [None, "balanced"])
     space["prep_scaler"] = ("choice", ["standard", "robust"])
     dims = [d for d in (8, 32, 64, 128, 256) if d < block and d <= rows // 4]

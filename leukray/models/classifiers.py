@@ -81,6 +81,52 @@ _SLOW_FIRST = [
 ]
 
 
+# Where each of Lazy Predict's classifiers lives (scikit-learn's public modules, XGBoost,
+# LightGBM), so that a fit process builds its classifier without importing Lazy Predict:
+# `lazypredict.Supervised` walks every scikit-learn module (`all_estimators`) and imports
+# PyTorch and MLflow on the way, ~6 s per process. A name not here (a newer Lazy Predict or
+# scikit-learn) is taken from Lazy Predict's list; a test checks the table against it.
+CLASSIFIER_HOMES = {
+    "sklearn.ensemble": [
+        "AdaBoostClassifier", "BaggingClassifier", "ExtraTreesClassifier", "RandomForestClassifier",
+        "StackingClassifier",
+    ],
+    "sklearn.naive_bayes": ["BernoulliNB", "CategoricalNB", "GaussianNB"],
+    "sklearn.calibration": ["CalibratedClassifierCV"],
+    "sklearn.tree": ["DecisionTreeClassifier", "ExtraTreeClassifier"],
+    "sklearn.dummy": ["DummyClassifier"],
+    "sklearn.model_selection": ["FixedThresholdClassifier", "TunedThresholdClassifierCV"],
+    "sklearn.neighbors": ["KNeighborsClassifier", "NearestCentroid"],
+    "sklearn.semi_supervised": ["LabelPropagation", "LabelSpreading", "SelfTrainingClassifier"],
+    "sklearn.discriminant_analysis": ["LinearDiscriminantAnalysis", "QuadraticDiscriminantAnalysis"],
+    "sklearn.svm": ["LinearSVC", "NuSVC", "SVC"],
+    "sklearn.linear_model": [
+        "LogisticRegression", "PassiveAggressiveClassifier", "Perceptron", "RidgeClassifier", "RidgeClassifierCV",
+        "SGDClassifier",
+    ],
+    "xgboost": ["XGBClassifier"],
+    "lightgbm": ["LGBMClassifier"],
+}  # fmt: skip
+_HOME_OF = {name: module for module, names in CLASSIFIER_HOMES.items() for name in names}
+
+
+def classifier_class(name: str) -> type:
+    """The class of Lazy Predict's classifier `name`, imported from its own module where
+    `CLASSIFIER_HOMES` knows it (no Lazy Predict import), else from Lazy Predict's list.
+
+    Raises:
+        KeyError: a name Lazy Predict does not have.
+    """
+    import importlib
+
+    home = _HOME_OF.get(name)
+    if home is not None:
+        cls = getattr(importlib.import_module(home), name, None)
+        if cls is not None:
+            return cls
+    return lazypredict_classifiers()[name]
+
+
 @functools.lru_cache(maxsize=1)
 def lazypredict_classifiers() -> dict[str, type]:
     """Name -> class of every classifier that `LazyClassifier(classifiers="all")` fits."""
@@ -143,7 +189,7 @@ def make_pipeline(name: str, seed: int, n_jobs: int = 1, params: dict[str, Any] 
 
     params = dict(params or {})
     prep = {k: params.pop(k) for k in PREP_KEYS if k in params}
-    cls = lazypredict_classifiers()[name]
+    cls = classifier_class(name)
     defaults = cls().get_params()
     kwargs: dict[str, Any] = {}
     if "random_state" in defaults:
@@ -417,12 +463,12 @@ def run_limited(fn: Callable[..., Any], args: tuple, cpu_limit_s: float) -> tupl
 
 
 # What the fork server imports once (its children inherit them), so that `Time Taken`
-# measures the fit, not the imports; a module that does not import is skipped. The caller
-# itself need not import them (a Ray Tune trial's process then pays the imports once, in
-# its fork server).
+# measures the fit, not the imports; a module that does not import is skipped. Lazy Predict
+# itself is not one (see `CLASSIFIER_HOMES`). The caller itself need not import them (a Ray
+# Tune trial's process then pays the imports once, in its fork server).
 FIT_MODULES = [
-    "leukray.models.classifiers", "lazypredict.Supervised", "sklearn.metrics", "sklearn.model_selection",
-    "sklearn.pipeline", "xgboost", "lightgbm",
+    "leukray.models.classifiers", "sklearn.metrics", "sklearn.model_selection", "sklearn.pipeline",
+    "sklearn.preprocessing", "sklearn.impute", *CLASSIFIER_HOMES,
 ]  # fmt: skip
 
 
