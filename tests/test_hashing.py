@@ -32,3 +32,18 @@ def test_hash_files_keeps_order_and_reasons_and_overlaps_reads():
     assert list(out["read_error"][:6]) == [""] * 6
     assert out["read_error"][6] == "file not found"
     assert out["read_error"][7] == "could not read: PermissionError: Access Denied"
+
+
+def test_the_cluster_pass_and_the_local_one_hash_alike(ray_local, tiny_cells, tmp_path):
+    import pandas as pd
+
+    from leukray.distributed.streaming import hash_paths
+
+    paths = sorted(str(p) for p in tiny_cells.rglob("*.bmp"))[:20] + [str(tmp_path / "gone.bmp")]
+    local = hash_paths(pd.Series(paths), local_max=len(paths))
+    spread = hash_paths(pd.Series(paths), local_max=0)  # a Ray Data pass
+    assert list(local.index) == paths and sorted(spread.index) == sorted(paths)
+    columns = ["sha256", "read_error"]
+    pd.testing.assert_frame_equal(local[columns], spread.loc[paths, columns], check_index_type=False, check_dtype=False)
+    assert local.loc[paths[0], "sha256"] == hashlib.sha256(open(paths[0], "rb").read()).hexdigest()
+    assert local.loc[paths[-1], "read_error"] == "file not found"

@@ -1,9 +1,10 @@
 """The Ray Data passes: hashing the inputs, the streaming stage (CPU decode + Otsu-crop +
 augment tasks -> trunk actors, features written as they arrive), the custom model's
-embedding pass, and the predict/screen streams through a model bundle.
+embedding pass, and the predict/screen streams through a model bundle. A few hundred files
+are hashed in the driver instead (`LOCAL_HASH_MAX`).
 
-May import: Ray, numpy, pandas, `leukray.config`, `leukray.io`, `leukray.models`,
-`leukray.distributed.actors`, `leukray.distributed.resources`.
+May import: Ray, numpy, pandas, `leukray.config`, `leukray.io`, `leukray.data.discovery`,
+`leukray.models`, `leukray.distributed.actors`, `leukray.distributed.resources`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from leukray.config import AugmentConfig, RunConfig, ScreenConfig
+from leukray.data.discovery import hash_files
 from leukray.distributed.actors import (
     BundlePredictor,
     CustomEmbedder,
@@ -26,6 +28,7 @@ from leukray.distributed.actors import (
     slide_tiles,
 )
 from leukray.distributed.resources import extract_batch_size, plan_actor_pool
+from leukray.io import storage
 from leukray.io.features import FeatureFileWriter, error_mask
 from leukray.io.tables import ERROR_COLUMNS
 from leukray.models.bundle import Bundle
@@ -42,10 +45,19 @@ def row_blocks(frame: pd.DataFrame, rows: int) -> list[pd.DataFrame]:
     return [frame.iloc[i : i + rows].reset_index(drop=True) for i in range(0, len(frame), rows)] or [frame]
 
 
-def hash_paths(paths: pd.Series) -> pd.DataFrame:
-    """sha256 and read_error of every path, read in parallel on the cluster; indexed by path."""
+# Up to this many files are hashed in the calling process (8 reads in flight): starting a
+# Ray Data pass costs seconds, more than hashing a few hundred files takes.
+LOCAL_HASH_MAX = 512
+
+
+def hash_paths(paths: pd.Series, local_max: int = LOCAL_HASH_MAX) -> pd.DataFrame:
+    """sha256 and read_error of every path, indexed by path: read in parallel on the cluster,
+    or here when there are at most `local_max` paths."""
     import ray
 
+    if len(paths) <= local_max:
+        frame = pd.DataFrame(hash_files({"path": paths.astype(object).to_numpy()}, storage.read_bytes))
+        return frame.drop_duplicates("path").set_index("path")
     hashed = (
         ray.data.from_pandas(row_blocks(pd.DataFrame({"path": paths}), 64))
         .map_batches(hash_batch, batch_format="numpy", batch_size=64)
