@@ -451,6 +451,7 @@ def _screen_summary(
             "feature_source": bundle.feature_source,
             "training_data_fingerprint": bundle.manifest.get("data_fingerprint", ""),
             "preprocess": dataclasses.asdict(bundle.preprocess),
+            "calibration": bundle.calibration,
         },
         "data": data,
         "config": dataclasses.asdict(cfg),
