@@ -258,7 +258,7 @@ def screen(
     assembles out/cells.parquet (one row per classified cell), out/slides.csv (one row per
     slide, none dropped), out/screen.json (provenance, resolved config, counts, caveat) and
     out/report.html (the visual review). Rerun into the same `out` it screens only the
-    slides no finished part holds.
+    slides no finished part holds, and those no earlier attempt could read.
 
     Args:
         model_dir: a model bundle folder written by `leukray run` (RUN/model).
@@ -292,26 +292,28 @@ def screen(
     identity = part_identity(settings)
     done, unreadable = _open_screen_folder(out, settings, identity, existing)
     todo = [s for s in slides if s not in done]
-    if unreadable & set(todo):
-        log(f"reading again {len(unreadable & set(todo))} slides that an earlier attempt could not read")
     provenance = _provenance(model_dir, bundle, bundle_sha256, data)
     use_gpu = None
     if todo:
-        if start_ray is not None:
-            start_ray()
-        use_gpu = _screen_slides(todo, len(slides), cfg, bundle, model_dir, out, identity, provenance)
+        use_gpu = _screen_slides(todo, len(slides), cfg, bundle, model_dir, out, identity, provenance, start_ray)
     else:
         log(f"all {len(slides)} smear fields were screened by an earlier attempt into {out}")
     summary = _assemble(out, slides, identity, cfg, provenance, bundle, bundle_sha256, use_gpu)
-    summary["resumed"] = {
-        "slides_from_earlier_attempts": len(slides) - len(todo),
-        "slides_screened_now": len(todo),
-        "unreadable_slides_read_again": len(unreadable & set(todo)),
-    }
+    summary["resumed"] = _resumed(len(slides), todo, unreadable)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(storage.join(out, "screen.json"), summary)
     log(f"wrote {out}: {summary['counts']}")
     return summary
+
+
+def _resumed(total: int, todo: list[str], unreadable: set[str]) -> dict[str, int]:
+    """screen.json's `resumed`: how many slides earlier attempts screened, how many this one
+    did, and how many of those it read again because no earlier attempt could."""
+    return {
+        "slides_from_earlier_attempts": total - len(todo),
+        "slides_screened_now": len(todo),
+        "unreadable_slides_read_again": len(unreadable & set(todo)),
+    }
 
 
 def _provenance(model_dir: str, bundle: Bundle, bundle_sha256: str, data: str) -> dict[str, str]:
@@ -351,6 +353,8 @@ def _open_screen_folder(out: str, settings: dict[str, Any], identity: str, exist
     if stray or other:
         log(f"removed {len(stray) + len(other)} files of earlier attempts in {out}")
     unreadable = {slide for slide, part in owners.items() if slide in part.failed}
+    if unreadable:
+        log(f"reading again {len(unreadable)} slides that an earlier attempt could not read")
     return set(owners) - unreadable, unreadable
 
 
@@ -363,8 +367,12 @@ def _screen_slides(
     out: str,
     identity: str,
     provenance: dict[str, str],
+    start_ray: Callable[[], None] | None,
 ) -> bool:
-    """Stream `todo` through detection and the classifier into parts; whether on GPUs."""
+    """Stream `todo` through detection and the classifier into parts (Ray started first by
+    `start_ray`, when given); whether on GPUs."""
+    if start_ray is not None:
+        start_ray()
     weights = bundle.manifest["weights"]
     resumed = f" ({total - len(todo)} done by an earlier attempt)" if total > len(todo) else ""
     log(
