@@ -7,11 +7,14 @@ own batch function), the cells are labelled from annotations (`leukray.data.anno
 ALL-IDB blast centres, Pascal-VOC WBC boxes, or a slide,x,y,label CSV), and a classifier on
 the hand-crafted cell features (`leukray.ops.cellfeatures`) is evaluated by leave-slides-out
 cross-validation (groups = slides: no slide's cells on both sides) before the final model,
-fitted on every labelled cell, is written as a bundle `leukray screen --model` accepts.
+fitted on every labelled cell, is written as a bundle `leukray screen --model` accepts, with
+the Platt calibration of its probabilities fitted on the out-of-fold predictions
+(`leukray.models.calibration`; the reported metrics use nested calibration).
 
-Outputs (OUT/): model/ (the bundle, its preprocessing with the stain target), cells.parquet
-(every cut cell: box, label, out-of-fold prob_all), slides.csv (per field: truth, cells,
-out-of-fold blast fraction and mean probability), smear_train.json (config, counts, metrics).
+Outputs (OUT/): model/ (the bundle, its preprocessing with the stain target and its
+calibration), cells.parquet (every cut cell: box, label, out-of-fold prob_all, calibrated and
+not), slides.csv (per field: truth, cells, out-of-fold blast fraction and mean probability),
+smear_train.json (config, counts, metrics, calibration).
 
 May import: `leukray.config`, `leukray.errors`, `leukray.io`, `leukray.data`, `leukray.ops`,
 `leukray.models`, `leukray.distributed`, `leukray.stages.screen`.
