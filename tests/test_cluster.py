@@ -547,6 +547,30 @@ def submit_screen(cluster, fields: Path, model: Path, out: Path, *extra: str, ru
     return job_id
 
 
+HOLD_HEAD_CPU = """
+import time, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address="auto", logging_level="ERROR")
+head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+Holder = ray.remote(num_cpus=1)(type("Holder", (), {"ready": lambda self: True}))
+holder = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+ray.get(holder.ready.remote())
+print("holding", flush=True)
+time.sleep(3600)
+"""
+
+
+def hold_head_cpu(cluster) -> subprocess.Popen:
+    """A driver whose actor holds the head node's one CPU until the driver is killed, so the
+    screen's tasks and actors all run on worker nodes (one of which the test kills)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_HEAD_CPU], env={**cluster["env"], "RAY_ADDRESS": cluster["address"]},
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    return holder
+
+
 @pytest.mark.slow
 def test_a_worker_node_killed_during_screening_loses_and_duplicates_no_slide(cluster, tmp_path):
     """A worker node detecting cells is killed mid-screen (while it detects a field) and a
@@ -560,11 +584,34 @@ def test_a_worker_node_killed_during_screening_loses_and_duplicates_no_slide(clu
     reference = tmp_path / "reference"
     submit_screen(cluster, fields, model, reference)
 
-    add_worker_node(cluster, "leukray_screen_pool")  # room for the actors beside the head
+    add_worker_node(cluster, "leukray_screen_pool")
     workers = {n["id"] for n in nodes(cluster) if "node:__internal_head__" not in n["res"]}
     hook, out = tmp_path / "detections", tmp_path / "screen"
     runtime_env = {"env_vars": {SCREEN_HOOK_ENV: f"{hook}:2"}, "worker_process_setup_hook": SCREEN_SETUP_HOOK}
-    job_id = submit_screen(cluster, fields, model, out, runtime_env=runtime_env)
+    holder = hold_head_cpu(cluster)
+    try:
+        job_id = submit_screen(cluster, fields, model, out, runtime_env=runtime_env)
+        killed_at, status, logs = kill_a_detecting_worker(cluster, job_id, hook, workers)
+    finally:
+        holder.kill()
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert any(p.stat().st_mtime > killed_at for p in hook.glob("*"))  # fields were detected after the kill
+
+    held = [s for part in screenparts.list_parts(str(out))[0] for s in part.slides]
+    want = sorted(str(p) for p in fields.glob("*.png"))
+    assert sorted(held) == want  # every field in exactly one part
+    cells, want_cells = (pd.read_parquet(d / "cells.parquet").drop(columns="node_id") for d in (out, reference))
+    assert not cells.duplicated(["slide", "cell_index"]).any() and len(want_cells) > len(want)
+    pd.testing.assert_frame_equal(cells, want_cells)
+    slides, want_slides = (pd.read_csv(d / "slides.csv", keep_default_na=False) for d in (out, reference))
+    pd.testing.assert_frame_equal(slides, want_slides)
+    assert sorted(slides["slide"]) == want
+
+
+def kill_a_detecting_worker(cluster, job_id: str, hook: Path, workers: set[str]) -> tuple[float, str, str]:
+    """Kill the first of `workers` seen detecting a field of the job (its stamp in `hook`),
+    add a replacement node, and wait for the job: (when the node was killed, the job's final
+    status, its logs)."""
     deadline, next_status = time.time() + 300, time.time() + 10
     # the victim: the first worker node (not the head, which runs the driver) seen detecting
     while not (detecting := sorted({p.name.split("-")[0] for p in hook.glob("*")} & workers)):
@@ -582,17 +629,6 @@ def test_a_worker_node_killed_during_screening_loses_and_duplicates_no_slide(clu
     while (status := job_status(cluster, job_id)) in ("PENDING", "RUNNING"):
         assert time.time() < deadline, "the screen did not finish after the node was killed"
         time.sleep(3)
-    logs = ray_cli("job", "logs", f"--address={cluster['url']}", job_id, env=cluster["env"], timeout=120).stdout
-    assert status == "SUCCEEDED", logs[-4000:]
     assert victim not in {n["id"] for n in nodes(cluster)}
-    assert any(p.stat().st_mtime > killed_at for p in hook.glob("*"))  # fields were detected after the kill
-
-    held = [s for part in screenparts.list_parts(str(out))[0] for s in part.slides]
-    want = sorted(str(p) for p in fields.glob("*.png"))
-    assert sorted(held) == want  # every field in exactly one part
-    cells, want_cells = (pd.read_parquet(d / "cells.parquet").drop(columns="node_id") for d in (out, reference))
-    assert not cells.duplicated(["slide", "cell_index"]).any() and len(want_cells) > len(want)
-    pd.testing.assert_frame_equal(cells, want_cells)
-    slides, want_slides = (pd.read_csv(d / "slides.csv", keep_default_na=False) for d in (out, reference))
-    pd.testing.assert_frame_equal(slides, want_slides)
-    assert sorted(slides["slide"]) == want
+    logs = ray_cli("job", "logs", f"--address={cluster['url']}", job_id, env=cluster["env"], timeout=120).stdout
+    return killed_at, status, logs
