@@ -10,16 +10,23 @@ hooks:
   that makes every extractor batch leave a file DIR/<node id>-<pid>-<n> and sleep, so a test
   sees which node is extracting and can kill it mid-stage. DIR and the seconds come from the
   job's `LEUKRAY_TEST_EXTRACT_HOOK=DIR:SECONDS` environment variable.
+- `install_screen_hook`: the same for `leukray screen`'s detection of each field or tile,
+  wherever it runs (a Ray Data task, or the classifier actor it is fused into), from
+  `LEUKRAY_TEST_SCREEN_HOOK`.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
+from typing import Any, Callable
 
 EXTRACT_HOOK_ENV = "LEUKRAY_TEST_EXTRACT_HOOK"
 EXTRACT_SETUP_HOOK = "leukray.testing.install_extract_hook"
+SCREEN_HOOK_ENV = "LEUKRAY_TEST_SCREEN_HOOK"
+SCREEN_SETUP_HOOK = "leukray.testing.install_screen_hook"
 
 
 class KillWorkerOnce:
@@ -49,20 +56,34 @@ class KillWorkerOnce:
 def install_extract_hook() -> None:
     """Wrap `FeatureExtractor.__call__` in this worker process (see the module docstring)."""
     spec = os.environ.get(EXTRACT_HOOK_ENV, "")
-    if not spec:
-        return
-    from leukray.distributed import actors
+    if spec:  # workers of jobs without the hook do not pay for importing the actors
+        from leukray.distributed import actors
 
+        actors.FeatureExtractor.__call__ = _stamped(actors.FeatureExtractor.__call__, spec)
+
+
+def install_screen_hook() -> None:
+    """Wrap the detection `leukray screen`'s batch function calls, for every field or tile
+    (`actors.detect_and_crop`), in this worker process (see the module docstring)."""
+    spec = os.environ.get(SCREEN_HOOK_ENV, "")
+    if spec:
+        from leukray.distributed import actors
+
+        actors.detect_and_crop = _stamped(actors.detect_and_crop, spec)
+
+
+def _stamped(original: Callable[..., Any], spec: str) -> Callable[..., Any]:
+    """`original`, made to leave a file DIR/<node id>-<pid>-<n> (the n-th call in this
+    process) and sleep SECONDS before each call (`spec` = DIR:SECONDS)."""
     folder, _, seconds = spec.rpartition(":")
-    original = actors.FeatureExtractor.__call__
+    calls = itertools.count(1)
 
-    def stamped(self, batch):
+    def stamped(*args: Any, **kwargs: Any) -> Any:
         from leukray.distributed.resources import ray_node_id
 
-        self._hook_calls = getattr(self, "_hook_calls", 0) + 1
         os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, f"{ray_node_id()}-{os.getpid()}-{self._hook_calls}"), "w").close()
+        open(os.path.join(folder, f"{ray_node_id()}-{os.getpid()}-{next(calls)}"), "w").close()
         time.sleep(float(seconds or 0))
-        return original(self, batch)
+        return original(*args, **kwargs)
 
-    actors.FeatureExtractor.__call__ = stamped
+    return stamped

@@ -477,3 +477,158 @@ def test_make_submit_as_documented_runs_the_job(cluster):
     )  # fmt: skip
     text = plain(result.stdout + result.stderr)
     assert result.returncode == 0 and "usage: leukray tune" in text and "succeeded" in text, text[-3000:]
+
+
+# -- a worker node killed during `leukray screen` -----------------------------------------------
+
+
+def screen_fields_and_bundle(root: Path, fields: int) -> tuple[Path, Path]:
+    """`fields` constructed smear fields (seeded blasts and lymphocytes) and a bundle on the
+    hand-crafted cell features, its logistic regression fitted on those fields' own detected
+    cells (a cell holding a blast centre is a blast), so its probabilities vary and mean
+    something. Returns (fields folder, bundle folder)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from test_smeartrain import encode, field_with_cells
+
+    from leukray.config import CELL_FAMILIES, PreprocessConfig, ScreenConfig
+    from leukray.models.bundle import save_bundle
+    from leukray.ops.smear import detect_and_crop
+    from leukray.stages.smeartrain import CLASSES, NO_TRUNK
+
+    (root / "fields").mkdir(parents=True)
+    features, labels = [], []
+    for k in range(fields):
+        image, blasts = field_with_cells(100 + k, k % 3, 1 + k % 2)
+        path = root / "fields" / f"field-{k:02d}.png"
+        path.write_bytes(encode(image))
+        cells = detect_and_crop(
+            {"path": np.asarray([str(path)])}, ScreenConfig(), PreprocessConfig(size=64),
+            lambda p: Path(p).read_bytes(), CELL_FAMILIES,
+        )  # fmt: skip
+        for x0, y0, x1, y1, row in zip(cells["x0"], cells["y0"], cells["x1"], cells["y1"], cells["cell_features"]):
+            features.append(row)
+            labels.append(any(x0 <= x < x1 and y0 <= y < y1 for x, y in blasts))
+    assert 0 < sum(labels) < len(labels), labels
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    model.fit(np.asarray(features), np.asarray(labels, int))
+    save_bundle(
+        str(root / "model"), classes=CLASSES, positive_label="all", preprocess=PreprocessConfig(size=64),
+        weights=NO_TRUNK, weights_seed=0, feature_source="+".join(CELL_FAMILIES),
+        classifier_name="LogisticRegression", classifier=model, extra={"extract_batch_size": 2},
+    )  # fmt: skip
+    return root / "fields", root / "model"
+
+
+def add_worker_node(cluster, resource: str) -> str:
+    """One more 1-CPU node advertising `resource`; returns its node ID once the GCS lists it."""
+    known = {n["id"] for n in nodes(cluster)}
+    start_worker(cluster["env"], cluster["address"], f"--resources={json.dumps({resource: 1})}")
+    deadline = time.time() + 120
+    while not (new := {n["id"] for n in nodes(cluster) if n["res"].get(resource)} - known):
+        assert time.time() < deadline, "the new node never joined"
+        time.sleep(2)
+    return new.pop()
+
+
+def submit_screen(cluster, fields: Path, model: Path, out: Path, *extra: str, runtime_env: dict | None = None) -> str:
+    """`ray job submit` of jobs/screen.py, one field per detection batch; waits for the job
+    only without a runtime env (the kill test polls its own). Returns the job's ID."""
+    job_id = f"leukray-screen-{secrets.token_hex(4)}"
+    env_args = ["--no-wait", "--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
+    result = ray_cli(
+        "job", "submit", f"--address={cluster['url']}", f"--submission-id={job_id}", *env_args,
+        "--", "python", str(REPO / "jobs" / "screen.py"), "--model", str(model), "--data", str(fields),
+        "--out", str(out), "--screen.batch_size", "1", "--screen.part_slides", "2", *extra,
+        env=cluster["env"], timeout=600,
+    )  # fmt: skip
+    assert runtime_env or "succeeded" in plain(result.stdout), result.stdout[-3000:]
+    return job_id
+
+
+HOLD_HEAD_CPU = """
+import time, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address="auto", logging_level="ERROR")
+head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+Holder = ray.remote(num_cpus=1)(type("Holder", (), {"ready": lambda self: True}))
+holder = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+ray.get(holder.ready.remote())
+print("holding", flush=True)
+time.sleep(3600)
+"""
+
+
+def hold_head_cpu(cluster) -> subprocess.Popen:
+    """A driver whose actor holds the head node's one CPU until the driver is killed, so the
+    screen's tasks and actors all run on worker nodes (one of which the test kills)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_HEAD_CPU], env={**cluster["env"], "RAY_ADDRESS": cluster["address"]},
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+@pytest.mark.slow
+def test_a_worker_node_killed_during_screening_loses_and_duplicates_no_slide(cluster, tmp_path):
+    """A worker node detecting cells is killed mid-screen (while it detects a field) and a
+    replacement joins: the screen still finishes, every field is in exactly one part
+    and once in the tables, and cells.parquet and slides.csv equal an uninterrupted screen's
+    (but for the node that classified each cell)."""
+    from leukray.io import screenparts
+    from leukray.testing import SCREEN_HOOK_ENV, SCREEN_SETUP_HOOK
+
+    fields, model = screen_fields_and_bundle(tmp_path, 10)
+    reference = tmp_path / "reference"
+    submit_screen(cluster, fields, model, reference)
+
+    add_worker_node(cluster, "leukray_screen_pool")
+    workers = {n["id"] for n in nodes(cluster) if "node:__internal_head__" not in n["res"]}
+    hook, out = tmp_path / "detections", tmp_path / "screen"
+    runtime_env = {"env_vars": {SCREEN_HOOK_ENV: f"{hook}:2"}, "worker_process_setup_hook": SCREEN_SETUP_HOOK}
+    holder = hold_head_cpu(cluster)
+    try:
+        job_id = submit_screen(cluster, fields, model, out, runtime_env=runtime_env)
+        killed_at, status, logs = kill_a_detecting_worker(cluster, job_id, hook, workers)
+    finally:
+        holder.kill()
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert any(p.stat().st_mtime > killed_at for p in hook.glob("*"))  # fields were detected after the kill
+
+    held = [s for part in screenparts.list_parts(str(out))[0] for s in part.slides]
+    want = sorted(str(p) for p in fields.glob("*.png"))
+    assert sorted(held) == want  # every field in exactly one part
+    cells, want_cells = (pd.read_parquet(d / "cells.parquet").drop(columns="node_id") for d in (out, reference))
+    assert not cells.duplicated(["slide", "cell_index"]).any() and len(want_cells) > len(want)
+    pd.testing.assert_frame_equal(cells, want_cells)
+    slides, want_slides = (pd.read_csv(d / "slides.csv", keep_default_na=False) for d in (out, reference))
+    pd.testing.assert_frame_equal(slides, want_slides)
+    assert sorted(slides["slide"]) == want
+
+
+def kill_a_detecting_worker(cluster, job_id: str, hook: Path, workers: set[str]) -> tuple[float, str, str]:
+    """Kill the first of `workers` seen detecting a field of the job (its stamp in `hook`),
+    add a replacement node, and wait for the job: (when the node was killed, the job's final
+    status, its logs)."""
+    deadline, next_status = time.time() + 300, time.time() + 10
+    # the victim: the first worker node (not the head, which runs the driver) seen detecting
+    while not (detecting := sorted({p.name.split("-")[0] for p in hook.glob("*")} & workers)):
+        if time.time() > next_status:
+            assert job_status(cluster, job_id) in ("PENDING", "RUNNING"), "the screen ended before a worker detected"
+            next_status = time.time() + 10
+        assert time.time() < deadline, f"no field was detected on a worker node: {sorted(hook.glob('*'))}"
+        time.sleep(0.2)
+    victim = detecting[0]
+    assert kill_node(victim) >= 2  # the raylet and at least the worker detecting under it
+    killed_at = time.time()
+    add_worker_node(cluster, "leukray_screen_pool")
+
+    deadline = time.time() + 600
+    while (status := job_status(cluster, job_id)) in ("PENDING", "RUNNING"):
+        assert time.time() < deadline, "the screen did not finish after the node was killed"
+        time.sleep(3)
+    assert victim not in {n["id"] for n in nodes(cluster)}
+    logs = ray_cli("job", "logs", f"--address={cluster['url']}", job_id, env=cluster["env"], timeout=120).stdout
+    return killed_at, status, logs

@@ -515,11 +515,11 @@ def test_an_interrupted_screen_resumes_to_the_uninterrupted_result(tiny_bundle, 
     cfg = ScreenConfig(min_cells=2, part_slides=1)
     real_write = screenparts.write_part
 
-    def killed_at_second_part(folder, name, rows, identity, provenance):
+    def killed_at_second_part(folder, name, rows, identity, provenance, **kwargs):
         if screenparts.list_parts(folder)[0]:
             (out / "parts" / f"{name}.tmp-killed").write_bytes(b"PAR1 half a part")
             raise RuntimeError("killed while writing a part")
-        return real_write(folder, name, rows, identity, provenance)
+        return real_write(folder, name, rows, identity, provenance, **kwargs)
 
     monkeypatch.setattr(screenparts, "write_part", killed_at_second_part)
     with pytest.raises(RuntimeError, match="killed while writing a part"):
@@ -530,11 +530,16 @@ def test_an_interrupted_screen_resumes_to_the_uninterrupted_result(tiny_bundle, 
     assert not (out / "cells.parquet").exists() and len(first.slides) == 1
 
     summary = screen(str(tiny_bundle), str(slides), str(out), cfg)
-    assert summary["resumed"] == {"slides_from_earlier_attempts": 1, "slides_screened_now": 3}
+    retried = list(first.failed)  # the first part may hold the unreadable slide: it is read again
+    assert summary["resumed"] == {
+        "slides_from_earlier_attempts": 1 - len(retried),
+        "slides_screened_now": 3 + len(retried),
+        "unreadable_slides_read_again": len(retried),
+    }
     parts, stray = screenparts.list_parts(str(out))
     assert not stray and Path(first.path).read_bytes() == first_bytes  # kept, not redone
     held = [s for p in parts for s in p.slides]
-    assert sorted(held) == sorted(pd.read_csv(reference / "slides.csv")["slide"])  # each slide once
+    assert sorted(held) == sorted([*pd.read_csv(reference / "slides.csv")["slide"], *retried])  # each slide once
     (cells, table), (want_cells, want_table) = read_results(out), read_results(reference)
     pd.testing.assert_frame_equal(table, want_table, check_exact=False, rtol=1e-5)
     pd.testing.assert_frame_equal(cells, want_cells, check_exact=False, rtol=1e-5)
@@ -545,8 +550,43 @@ def test_an_interrupted_screen_resumes_to_the_uninterrupted_result(tiny_bundle, 
         screen(str(tiny_bundle), str(slides), str(out), ScreenConfig(min_cells=2, min_stain=30))
     strict = ScreenConfig(min_cells=2, blast_threshold=0.9999)
     again = screen(str(tiny_bundle), str(slides), str(out), strict, existing="resume")
-    assert again["resumed"]["slides_screened_now"] == 0
     assert again["counts"]["flagged_cells"] == int((want_cells["prob_all"] >= 0.9999).sum())
+    # only the slide that could not be read is read again (and fails again: both failures kept)
+    assert again["resumed"]["slides_screened_now"] == again["resumed"]["unreadable_slides_read_again"] == 1
+    broken = str(slides / "broken.jpg")
+    assert [(f["slide"], f["read_later"]) for f in again["read_failures"]] == [(broken, False)] * (2 + len(retried))
+
+
+@pytest.mark.slow
+def test_a_slide_that_could_not_be_read_is_read_again_by_a_rerun(tiny_bundle, screened, tmp_path):
+    """A read error may be transient (network storage): the rerun reads that slide again,
+    and only it; the earlier failure stays recorded with its reason in screen.json."""
+    _, reference, _ = screened
+    slides, out = make_slides(tmp_path / "slides"), tmp_path / "screen"
+    cfg = ScreenConfig(min_cells=2)
+    first = screen(str(tiny_bundle), str(slides), str(out), cfg)
+    broken = str(slides / "broken.jpg")
+    ((failure,),) = [first["read_failures"]]
+    assert failure["slide"] == broken and "not a decodable image" in failure["error"] and not failure["read_later"]
+
+    (slides / "broken.jpg").write_bytes(encode(smear_field(seed=0), ".jpg"))  # the storage is back
+    second = screen(str(tiny_bundle), str(slides), str(out), cfg)
+    assert second["resumed"] == {
+        "slides_from_earlier_attempts": 3,
+        "slides_screened_now": 1,
+        "unreadable_slides_read_again": 1,
+    }
+    assert second["read_failures"] == [{**failure, "read_later": True}]
+    assert second["counts"]["error"] == 0 and second["counts"]["cells"] == first["counts"]["cells"] + 3
+    table = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide")
+    assert table.loc[broken, "cells"] == 3 and table.loc[broken, "error"] == ""
+    # the other slides' results are the earlier ones, unchanged
+    want = pd.read_csv(reference / "slides.csv", keep_default_na=False)
+    want["slide"] = want["slide"].str.replace(str(reference.parent / "slides"), str(slides), regex=False)
+    pd.testing.assert_frame_equal(
+        table.drop(index=broken).reset_index(), want[want["slide"] != broken].reset_index(drop=True)
+    )
+    assert screen(str(tiny_bundle), str(slides), str(out), cfg)["resumed"]["slides_screened_now"] == 0
 
 
 def test_bad_bundle_and_empty_data_are_one_line_errors(tmp_path, slides_dir):

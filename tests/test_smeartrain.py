@@ -180,7 +180,14 @@ def test_smear_train_learns_blasts_and_screen_takes_its_bundle(ray_local, annota
     assert scores["cell_auroc"] == 1.0 and scores["slide_auroc_mean_prob"] == 1.0 and scores["slides"] == 6
     cells = pd.read_parquet(out / "cells.parquet")
     assert cells["prob_all"].notna().all() and len(cells) == 18
+    assert cells["prob_all_uncalibrated"].notna().all() and not np.allclose(
+        cells["prob_all"], cells["prob_all_uncalibrated"]
+    )
     bundle = json.loads((out / "model" / "bundle.json").read_text())
+    calibration = summary["calibration"]  # Platt's, on the out-of-fold predictions: stored in the bundle
+    assert bundle["calibration"] == {k: calibration[k] for k in ("method", "slope", "intercept", "cells")}
+    assert calibration["method"] == "platt" and calibration["slope"] > 0 and calibration["cells"] == 18
+    assert calibration["brier_calibrated"] < 0.25 and calibration["log_loss_calibrated"] > 0
     assert bundle["weights"]["kind"] == "none" and bundle["features"] == "morphology+colour+texture"
     target = stain.parse_target("reinhard", bundle["preprocess"]["stain_target"])  # the training stain travels
     assert 20 < target[0] < 90
@@ -189,6 +196,7 @@ def test_smear_train_learns_blasts_and_screen_takes_its_bundle(ray_local, annota
     slides = pd.read_csv(tmp_path / "screen" / "slides.csv").set_index("slide")
     status = {k.rsplit("/", 1)[-1]: v for k, v in slides["status"].items()}
     assert screened["counts"]["cells"] == 20
+    assert screened["model"]["calibration"] == bundle["calibration"]
     assert [status[f"Im{k:03d}_{int(k < 3)}.png"] for k in range(6)] == ["flagged"] * 3 + ["not flagged"] * 3
 
 

@@ -2,8 +2,10 @@
 one stretch of the stream — every row of each (cells, and the slide's own row when it could
 not be read or had no cells), its thumbnail and its most suspicious crops — and names them,
 with the identity of what produced them (bundle, data, detection settings), in its Parquet
-metadata. A part is written whole under a temporary name and renamed, so a screen killed at
-any moment leaves only complete parts; a rerun skips their slides and screens the rest.
+metadata, with the slides among them that could not be read and why (a rerun reads those
+again: on network storage a read error can be transient). A part is written whole under a
+temporary name and renamed, so a screen killed at any moment leaves only complete parts; a
+rerun skips their slides and screens the rest.
 
 May import: pandas, pyarrow, `leukray.io.storage`, `leukray.io.tables`.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -27,11 +29,13 @@ MEDIA_COLUMNS = ["slide", "cell_index", "thumbnail", "thumb_scale", "crop_jpeg"]
 
 @dataclass(frozen=True)
 class Part:
-    """One part file: where it is, what produced it, and the slides it holds."""
+    """One part file: where it is, what produced it, the slides it holds, and those of them
+    that could not be read (slide -> reason)."""
 
     path: str
     identity: str
     slides: tuple[str, ...]
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def part_name(attempt: str, index: int) -> str:
@@ -43,20 +47,30 @@ def new_attempt() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def write_part(out: str, name: str, rows: pd.DataFrame, identity: str, provenance: dict[str, str]) -> Part:
-    """Write `rows` (whole slides only) as OUT/parts/`name`, atomically."""
+def write_part(
+    out: str,
+    name: str,
+    rows: pd.DataFrame,
+    identity: str,
+    provenance: dict[str, str],
+    failed: dict[str, str] | None = None,
+) -> Part:
+    """Write `rows` (whole slides only) as OUT/parts/`name`, atomically; `failed`: the slides
+    among them that could not be read, with the reason."""
     slides = tuple(sorted(set(map(str, rows["slide"]))))
+    failed = dict(sorted((failed or {}).items()))
     path = storage.join(out, PARTS_DIR, name)
-    described = {**provenance, "part_identity": identity, "slides": json.dumps(slides)}
+    described = {**provenance, "part_identity": identity, "slides": json.dumps(slides), "failed": json.dumps(failed)}
     write_parquet(path, rows.reset_index(drop=True), described)
-    return Part(path, identity, slides)
+    return Part(path, identity, slides, failed)
 
 
 def _read_part(path: str) -> Part | None:
     fs, inner = storage.resolve(path)
     try:
         meta = json.loads(pq.read_schema(inner, filesystem=fs).metadata[b"leukray"])
-        return Part(path, str(meta["part_identity"]), tuple(json.loads(meta["slides"])))
+        failed = {str(k): str(v) for k, v in json.loads(meta.get("failed", "{}")).items()}
+        return Part(path, str(meta["part_identity"]), tuple(json.loads(meta["slides"])), failed)
     except (OSError, KeyError, TypeError, ValueError):  # not a part (or cut short by a copy)
         return None
 
@@ -75,6 +89,22 @@ def list_parts(out: str) -> tuple[list[Part], list[str]]:
         else:
             parts.append(part)
     return parts, other
+
+
+def slide_owners(parts: list[Part], identity: str) -> tuple[dict[str, Part], list[tuple[str, str, Part]]]:
+    """Which part holds each slide's result, among the parts of `identity`: the first (by
+    name) that read it, else the first that holds it (every attempt failed to read it). Also
+    every failed read in those parts, as (slide, reason, part), in part order."""
+    owners: dict[str, Part] = {}
+    failures = []
+    for part in parts:
+        if part.identity != identity:
+            continue
+        failures += [(slide, reason, part) for slide, reason in part.failed.items()]
+        for slide in part.slides:
+            if slide not in owners or (slide in owners[slide].failed and slide not in part.failed):
+                owners[slide] = part
+    return owners, failures
 
 
 def read_rows(part: Part, columns: list[str]) -> pd.DataFrame:

@@ -5,7 +5,8 @@ Files:
   bundle.json          preprocessing parameters, trunk weights reference (name + sha256),
                        head config, chosen classifier and its feature source, label names,
                        the decision threshold (`decision_threshold.value`, chosen on
-                       out-of-fold predictions), versions, and the sha256 of every other
+                       out-of-fold predictions), the probability calibration when
+                       there is one (`calibration`, Platt scaling), versions, and the sha256 of every other
                        file in the bundle;
   v-<id>/              the files of the current generation (see `save_bundle`):
   custom_resnet50.pt   the custom model's state dict (torch.save; loaded weights_only);
@@ -46,6 +47,8 @@ from leukray import __version__
 from leukray.config import CELL_FAMILIES, PreprocessConfig, build_section, parse_feature_sets
 from leukray.errors import ConfigError, LeukrayError
 from leukray.io import storage
+from leukray.models.calibration import apply_calibration
+from leukray.models.calibration import malformed as calibration_malformed
 from leukray.models.classifiers import positive_index, threshold_labels
 
 BUNDLE_FILE = "bundle.json"
@@ -213,11 +216,27 @@ class Bundle:
         families = source_families(self.feature_source)
         return self.feature_source in MODEL_SOURCES or "resnet50" in families or "trained" in families
 
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """bundle.json's `calibration` (`leukray.models.calibration`: Platt scaling fitted on
+        out-of-fold predictions), applied by `probabilities`; None when the bundle has none."""
+        record = self.manifest.get("calibration")
+        return record if isinstance(record, dict) and len(self.classes) == 2 else None
+
     def probabilities(
         self, features: np.ndarray | None, maps: np.ndarray | None, cell_features: np.ndarray | None = None
     ) -> np.ndarray:
         """Class probabilities (N x C) from trunk features (N x 2048) and/or cell features
-        (N x D), or from trunk maps."""
+        (N x D), or from trunk maps; calibrated when the bundle carries a calibration."""
+        probs = self._model_probabilities(features, maps, cell_features)
+        if self.calibration is not None and len(probs):
+            positive = apply_calibration(probs[:, self.positive_index], self.calibration)
+            probs = np.column_stack([1 - positive, positive] if self.positive_index else [positive, 1 - positive])
+        return probs
+
+    def _model_probabilities(
+        self, features: np.ndarray | None, maps: np.ndarray | None, cell_features: np.ndarray | None
+    ) -> np.ndarray:
         import torch
 
         if self.feature_source not in MODEL_SOURCES:
@@ -351,6 +370,8 @@ def _malformed(manifest: dict[str, Any]) -> str:
         and 0.0 <= threshold["value"] <= 1.0
     ):
         return "`decision_threshold` must be an object whose `value` is a number in [0, 1]"
+    if "calibration" in manifest and calibration_malformed(manifest["calibration"]):
+        return calibration_malformed(manifest["calibration"])
     if manifest["weights"].get("kind") not in ("imagenet", "file", "random", "none"):
         return "`weights.kind` must be imagenet, file, random or none (cell features only)"
     needs = {CLASSIFIER_FILE} if manifest["feature_source"] != "head" else set()

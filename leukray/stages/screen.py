@@ -164,6 +164,13 @@ def part_identity(settings: dict[str, Any]) -> str:
     return journal.identity_of("screen-part", kept)
 
 
+def read_failure(rows: pd.DataFrame) -> str:
+    """Why a slide (its rows) could not be read, "" when it was: the reasons of its rows
+    that stand for the slide or a tile (cell_index < 0), but for an empty tile or field."""
+    own = rows.loc[rows["cell_index"] < 0, "error"].astype(str)
+    return "; ".join(sorted(set(own) - {"", NO_CELLS}))
+
+
 class SlideParts:
     """Gathers the streamed rows into finished slides and writes them out as parts.
 
@@ -181,6 +188,7 @@ class SlideParts:
         self.seen: dict[str, dict[int, set[int]]] = {}  # slide -> unit -> cell indices arrived
         self.need: dict[str, dict[int, int]] = {}  # slide -> unit -> rows it gave
         self.finished: list[pd.DataFrame] = []
+        self.failed: dict[str, str] = {}  # finished slides not yet written that could not be read
         self.parts: list[screenparts.Part] = []
         self.done: set[str] = set()
         self.last_write = time.monotonic()
@@ -214,14 +222,18 @@ class SlideParts:
         rows = rows.sort_values("cell_index", kind="stable").reset_index(drop=True)
         top = rows["prob_all"].fillna(-1.0).nlargest(self.cfg.report_cells).index
         rows.loc[~rows.index.isin(top), "crop_jpeg"] = b""
+        reason = read_failure(rows)
+        if reason:
+            self.failed[slide] = reason
         return rows[PART_COLUMNS]
 
     def write(self) -> None:
         if self.finished:
             name = screenparts.part_name(self.attempt, len(self.parts))
             rows = pd.concat(self.finished, ignore_index=True)
-            self.parts.append(screenparts.write_part(self.out, name, rows, self.identity, self.provenance))
-            self.finished = []
+            part = screenparts.write_part(self.out, name, rows, self.identity, self.provenance, failed=self.failed)
+            self.parts.append(part)
+            self.finished, self.failed = [], {}
         self.last_write = time.monotonic()
 
     def close(self) -> None:
@@ -246,7 +258,7 @@ def screen(
     assembles out/cells.parquet (one row per classified cell), out/slides.csv (one row per
     slide, none dropped), out/screen.json (provenance, resolved config, counts, caveat) and
     out/report.html (the visual review). Rerun into the same `out` it screens only the
-    slides no finished part holds.
+    slides no finished part holds, and those no earlier attempt could read.
 
     Args:
         model_dir: a model bundle folder written by `leukray run` (RUN/model).
@@ -278,22 +290,30 @@ def screen(
     slides = list_slides(data)
     settings = screen_settings(bundle_sha256, data, cfg)
     identity = part_identity(settings)
-    done = _open_screen_folder(out, settings, identity, existing)
+    done, unreadable = _open_screen_folder(out, settings, identity, existing)
     todo = [s for s in slides if s not in done]
     provenance = _provenance(model_dir, bundle, bundle_sha256, data)
     use_gpu = None
     if todo:
-        if start_ray is not None:
-            start_ray()
-        use_gpu = _screen_slides(todo, len(slides), cfg, bundle, model_dir, out, identity, provenance)
+        use_gpu = _screen_slides(todo, len(slides), cfg, bundle, model_dir, out, identity, provenance, start_ray)
     else:
         log(f"all {len(slides)} smear fields were screened by an earlier attempt into {out}")
     summary = _assemble(out, slides, identity, cfg, provenance, bundle, bundle_sha256, use_gpu)
-    summary["resumed"] = {"slides_from_earlier_attempts": len(slides) - len(todo), "slides_screened_now": len(todo)}
+    summary["resumed"] = _resumed(len(slides), todo, unreadable)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(storage.join(out, "screen.json"), summary)
     log(f"wrote {out}: {summary['counts']}")
     return summary
+
+
+def _resumed(total: int, todo: list[str], unreadable: set[str]) -> dict[str, int]:
+    """screen.json's `resumed`: how many slides earlier attempts screened, how many this one
+    did, and how many of those it read again because no earlier attempt could."""
+    return {
+        "slides_from_earlier_attempts": total - len(todo),
+        "slides_screened_now": len(todo),
+        "unreadable_slides_read_again": len(unreadable & set(todo)),
+    }
 
 
 def _provenance(model_dir: str, bundle: Bundle, bundle_sha256: str, data: str) -> dict[str, str]:
@@ -308,10 +328,11 @@ def _provenance(model_dir: str, bundle: Bundle, bundle_sha256: str, data: str) -
     }
 
 
-def _open_screen_folder(out: str, settings: dict[str, Any], identity: str, existing: str) -> set[str]:
+def _open_screen_folder(out: str, settings: dict[str, Any], identity: str, existing: str) -> tuple[set[str], set[str]]:
     """Claim `out` through the run journal (`leukray.io.journal.open_run`: refused when it
     holds other results, unless overwrite/resume), drop what a killed attempt left and the
-    parts of another identity; returns the slides finished parts already hold."""
+    parts of another identity. Returns the slides finished parts already hold, less those no
+    attempt could read (every rerun reads them again), and those."""
     try:
         earlier = journal.read_journal(out)
     except DataError:
@@ -328,10 +349,13 @@ def _open_screen_folder(out: str, settings: dict[str, Any], identity: str, exist
     for path in stray + [p.path for p in other]:
         storage.delete(path)
     screenparts.forget_media()
-    done = {slide for p in parts if p.identity == identity for slide in p.slides}
+    owners, _ = screenparts.slide_owners(parts, identity)
     if stray or other:
         log(f"removed {len(stray) + len(other)} files of earlier attempts in {out}")
-    return done
+    unreadable = {slide for slide, part in owners.items() if slide in part.failed}
+    if unreadable:
+        log(f"reading again {len(unreadable)} slides that an earlier attempt could not read")
+    return set(owners) - unreadable, unreadable
 
 
 def _screen_slides(
@@ -343,8 +367,12 @@ def _screen_slides(
     out: str,
     identity: str,
     provenance: dict[str, str],
+    start_ray: Callable[[], None] | None,
 ) -> bool:
-    """Stream `todo` through detection and the classifier into parts; whether on GPUs."""
+    """Stream `todo` through detection and the classifier into parts (Ray started first by
+    `start_ray`, when given); whether on GPUs."""
+    if start_ray is not None:
+        start_ray()
     weights = bundle.manifest["weights"]
     resumed = f" ({total - len(todo)} done by an earlier attempt)" if total > len(todo) else ""
     log(
@@ -374,27 +402,37 @@ def _assemble(
     use_gpu: bool | None,
 ) -> dict[str, Any]:
     """cells.parquet, slides.csv and report.html from the parts (each slide once, from the
-    first part that holds it); returns screen.json's content (without timing)."""
-    wanted, owner = set(slides), {}
-    frames = []
-    for part in screenparts.list_parts(out)[0]:
-        fresh = [s for s in part.slides if s in wanted and s not in owner]
-        if part.identity != identity or not fresh:
-            continue
-        owner.update(dict.fromkeys(fresh, part.path))
-        rows = screenparts.read_rows(part, STREAM_COLUMNS)
-        frames.append(rows[rows["slide"].isin(fresh)])
+    first part that read it, else the first that holds it: `screenparts.slide_owners`);
+    returns screen.json's content (without timing)."""
+    owners, failures = screenparts.slide_owners(screenparts.list_parts(out)[0], identity)
+    wanted = set(slides)
+    owner = {slide: part.path for slide, part in owners.items() if slide in wanted}
     missing = wanted - set(owner)
     if missing:
         raise DataError(f"{len(missing)} slides have no results in {out}/parts (e.g. {sorted(missing)[0]}); rerun")
+    frames = []
+    for path, part in sorted({p.path: p for p in owners.values()}.items()):
+        rows = screenparts.read_rows(part, STREAM_COLUMNS)
+        frames.append(rows[rows["slide"].map(owner.get) == path])
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STREAM_COLUMNS)
     cells, slide_table = summarise_slides(rows, cfg)
     write_parquet(storage.join(out, "cells.parquet"), cells, provenance)
     write_csv(storage.join(out, "slides.csv"), slide_table)
     write_review(out, slide_table, cells, owner, cfg.report_cells, CAVEAT)
-    return _screen_summary(
+    summary = _screen_summary(
         bundle, bundle_sha256, provenance["data"], cfg, len(slides), rows, cells, slide_table, use_gpu
     )
+    summary["read_failures"] = [
+        {
+            "slide": slide,
+            "error": reason,
+            "part": part.path.rsplit("/", 1)[-1],
+            "read_later": slide not in owners[slide].failed,
+        }
+        for slide, reason, part in failures
+        if slide in wanted
+    ]
+    return summary
 
 
 def _screen_summary(
@@ -421,6 +459,7 @@ def _screen_summary(
             "feature_source": bundle.feature_source,
             "training_data_fingerprint": bundle.manifest.get("data_fingerprint", ""),
             "preprocess": dataclasses.asdict(bundle.preprocess),
+            "calibration": bundle.calibration,
         },
         "data": data,
         "config": dataclasses.asdict(cfg),

@@ -7,11 +7,14 @@ own batch function), the cells are labelled from annotations (`leukray.data.anno
 ALL-IDB blast centres, Pascal-VOC WBC boxes, or a slide,x,y,label CSV), and a classifier on
 the hand-crafted cell features (`leukray.ops.cellfeatures`) is evaluated by leave-slides-out
 cross-validation (groups = slides: no slide's cells on both sides) before the final model,
-fitted on every labelled cell, is written as a bundle `leukray screen --model` accepts.
+fitted on every labelled cell, is written as a bundle `leukray screen --model` accepts, with
+the Platt calibration of its probabilities fitted on the out-of-fold predictions
+(`leukray.models.calibration`; the reported metrics use nested calibration).
 
-Outputs (OUT/): model/ (the bundle, its preprocessing with the stain target), cells.parquet
-(every cut cell: box, label, out-of-fold prob_all), slides.csv (per field: truth, cells,
-out-of-fold blast fraction and mean probability), smear_train.json (config, counts, metrics).
+Outputs (OUT/): model/ (the bundle, its preprocessing with the stain target and its
+calibration), cells.parquet (every cut cell: box, label, out-of-fold prob_all, calibrated and
+not), slides.csv (per field: truth, cells, out-of-fold blast fraction and mean probability),
+smear_train.json (config, counts, metrics, calibration).
 
 May import: `leukray.config`, `leukray.errors`, `leukray.io`, `leukray.data`, `leukray.ops`,
 `leukray.models`, `leukray.distributed`, `leukray.stages.screen`.
@@ -43,11 +46,13 @@ from leukray.errors import ConfigError, DataError
 from leukray.io import storage
 from leukray.io.tables import log, write_csv, write_json, write_parquet
 from leukray.models.bundle import save_bundle
+from leukray.models.calibration import apply_calibration, fit_platt
 from leukray.ops import stain
 from leukray.stages.screen import list_slides
 
 CLASSES = ["hem", "all"]  # C-NMC's names, so screen's outputs read the same for every bundle
 NO_TRUNK = {"kind": "none", "name": "none (cell features only)", "source": "", "sha256": "", "is_pretrained": False}
+CALIBRATION_FOLDS = 5  # inner folds of whole slides an outer fold's calibration is fitted on
 CAVEAT = (
     "Leave-slides-out estimates on few annotated fields: the slide AUROC over a dozen slides is weak evidence "
     "(one misranked slide moves it by several points); the cell-level figures rest on more cells but still "
@@ -102,6 +107,44 @@ def out_of_fold(
         model = build_classifier(cfg).fit(features[train], labels[train])
         prob[test] = model.predict_proba(features[test])[:, 1]
     return prob
+
+
+def calibrated_out_of_fold(
+    features: np.ndarray, labels: np.ndarray, slides: np.ndarray, positive: dict[str, bool], cfg: SmearTrainConfig
+) -> np.ndarray:
+    """Calibrated prob_all of every cell from a model and a calibration that never saw its
+    slide (nested cross-validation): in each fold, the model is fitted on the other slides'
+    labelled cells and its Platt calibration on their own out-of-fold predictions
+    (CALIBRATION_FOLDS folds of whole slides within the training slides). NaN where the
+    training slides lacked a class."""
+    prob = np.full(len(labels), np.nan)
+    inner_cfg = dataclasses.replace(cfg, cv_folds=CALIBRATION_FOLDS)
+    for held_out in slide_folds(slides, positive, cfg.cv_folds, cfg.seed):
+        test = np.isin(slides, held_out)
+        train = ~test & (labels != UNLABELLED)
+        inner = out_of_fold(features[train], labels[train], slides[train], positive, inner_cfg)
+        known = np.isfinite(inner)
+        if len(np.unique(labels[train][known])) < 2:
+            continue
+        calibration = fit_platt(inner[known], labels[train][known] == BLAST)
+        model = build_classifier(cfg).fit(features[train], labels[train])
+        prob[test] = apply_calibration(model.predict_proba(features[test])[:, 1], calibration)
+    return prob
+
+
+def calibration_scores(truth: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, float]:
+    """Brier score and log loss of the labelled cells' out-of-fold probabilities, before and
+    after calibration (lower is better)."""
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    keep = np.isfinite(raw) & np.isfinite(calibrated)
+    if len(np.unique(truth[keep])) < 2:
+        return {}
+    out = {}
+    for name, prob in (("uncalibrated", raw[keep]), ("calibrated", calibrated[keep])):
+        out[f"brier_{name}"] = float(brier_score_loss(truth[keep], prob))
+        out[f"log_loss_{name}"] = float(log_loss(truth[keep], np.clip(prob, 1e-6, 1 - 1e-6)))
+    return out
 
 
 def _auroc(truth: np.ndarray, score: np.ndarray) -> float:
@@ -218,8 +261,10 @@ def label_rows(rows: pd.DataFrame, annotations: dict[str, SlideAnnotation]) -> p
 
 def _cross_validate(
     rows: pd.DataFrame, features: np.ndarray, ok: np.ndarray, positive: dict[str, bool], cfg: SmearTrainConfig
-) -> np.ndarray:
-    """Out-of-fold prob_all of every row (NaN on failed rows).
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Out-of-fold prob_all of every row (NaN on failed rows), uncalibrated and calibrated
+    (`calibrated_out_of_fold`), and the final model's calibration: Platt's, fitted on every
+    labelled cell's uncalibrated out-of-fold prob_all.
 
     Raises:
         DataError: the labelled cells hold a single class.
@@ -227,9 +272,18 @@ def _cross_validate(
     labels = rows["label"].to_numpy()
     if len(np.unique(labels[ok & (labels != UNLABELLED)])) < 2:
         raise DataError(f"the annotated fields' detected cells hold one class only ({np.unique(labels).tolist()})")
-    prob = np.full(len(rows), np.nan)
-    prob[ok] = out_of_fold(features[ok], labels[ok], rows["key"].to_numpy()[ok], positive, cfg)
-    return prob
+    raw, calibrated = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+    slides = rows["key"].to_numpy()[ok]
+    raw[ok] = out_of_fold(features[ok], labels[ok], slides, positive, cfg)
+    calibrated[ok] = calibrated_out_of_fold(features[ok], labels[ok], slides, positive, cfg)
+    fitted = ok & (labels != UNLABELLED) & np.isfinite(raw)
+    calibration = fit_platt(raw[fitted], labels[fitted] == BLAST)
+    truth = labels[fitted] == BLAST
+    log(
+        f"calibration (Platt, on {int(fitted.sum())} out-of-fold cells): slope {calibration['slope']:.3f}, "
+        f"intercept {calibration['intercept']:.3f}"
+    )
+    return raw, calibrated, {**calibration, **calibration_scores(truth, raw[fitted], calibrated[fitted])}
 
 
 def smear_train(
@@ -265,12 +319,12 @@ def smear_train(
     labels = rows["label"].to_numpy()
     ok = ((rows["cell_index"] >= 0) & (rows["error"] == "")).to_numpy()
     positive = {k: a.positive for k, a in annotations.items()}
-    rows["prob_all"] = _cross_validate(rows, features, ok, positive, cfg)
+    rows["prob_all_uncalibrated"], rows["prob_all"], calibration = _cross_validate(rows, features, ok, positive, cfg)
     slides = slide_table(rows[ok], annotations, screen_cfg.cell_threshold())
     scores = metrics(rows[ok], slides, screen_cfg.cell_threshold())
     trained = ok & (labels != UNLABELLED)
     model = build_classifier(cfg).fit(features[trained], labels[trained])
-    model_dir = _write_bundle(out, model, cfg, preprocess_cfg)
+    model_dir = _write_bundle(out, model, cfg, preprocess_cfg, calibration)
     summary = {
         "leukray_version": __version__,
         "caveat": CAVEAT,
@@ -287,6 +341,7 @@ def smear_train(
             "groups": "slide",
         },
         "metrics": scores,
+        "calibration": calibration,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     _write_outputs(out, rows, slides, summary)
@@ -306,7 +361,9 @@ def _counts(rows, ok, labels, fields, unannotated, orphans) -> dict[str, Any]:
     }
 
 
-def _write_bundle(out: str, model: Any, cfg: SmearTrainConfig, preprocess_cfg: PreprocessConfig) -> str:
+def _write_bundle(
+    out: str, model: Any, cfg: SmearTrainConfig, preprocess_cfg: PreprocessConfig, calibration: dict[str, Any]
+) -> str:
     model_dir = storage.join(out, "model")
     storage.makedirs(model_dir)
     save_bundle(
@@ -319,13 +376,18 @@ def _write_bundle(out: str, model: Any, cfg: SmearTrainConfig, preprocess_cfg: P
         feature_source="+".join(cfg.cell_families),
         classifier_name=type(model).__name__ if cfg.classifier == "random_forest" else "LogisticRegression",
         classifier=model,
-        extra={"trained_on": "smear fields (leukray smear-train)", "smear": dataclasses.asdict(cfg)},
+        extra={
+            "trained_on": "smear fields (leukray smear-train)",
+            "smear": dataclasses.asdict(cfg),
+            "calibration": {k: calibration[k] for k in ("method", "slope", "intercept", "cells")},
+        },
     )
     return model_dir
 
 
 def _write_outputs(out: str, rows: pd.DataFrame, slides: pd.DataFrame, summary: dict[str, Any]) -> None:
-    columns = ["slide", "cell_index", "x0", "y0", "x1", "y1", "cx", "cy", "area", "label", "prob_all", "error"]
+    columns = ["slide", "cell_index", "x0", "y0", "x1", "y1", "cx", "cy", "area", "label", "prob_all"]
+    columns += ["prob_all_uncalibrated", "error"]
     write_parquet(storage.join(out, "cells.parquet"), rows[columns], {"model": summary["model"]})
     write_csv(storage.join(out, "slides.csv"), slides)
     write_json(storage.join(out, "smear_train.json"), summary)
