@@ -6,6 +6,11 @@ features (morphology + colour + texture, 175-d) that tests/measure_cellfeatures.
 
     PYTHONPATH=. .venv/bin/python tests/measure_tuning.py [--trials 24] [--top 5] [--cpus 2]
 
+or, with `--run RUN`, on the ResNet50 trunk features of a `leukray extract` run folder (its
+original images, `aug_index` 0; e.g. `leukray extract --data ../shared/data/cnmc-dev --out RUN
+--weights random --features resnet50 --augment.oversample 0`), the 2,048-d block reducible
+by the search as in a run.
+
 It uses leukray's own code paths: `run_cv_tune` (the choice's CV, one Ray Tune trial per
 candidate), `run_search_tune` (Optuna TPE through Ray Tune, each trial a grouped CV on folds
 shuffled with seed + 1), `soft_voting_row` (the ensemble from out-of-fold predictions),
@@ -53,6 +58,16 @@ def load_checked(sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z["X"], z["y"], z["groups"]
 
 
+def load_run(run: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The trunk features of a run folder's original images: X, y (1 = ALL), subjects."""
+    from leukray.io.features import load_features
+
+    meta, matrix = load_features(str(Path(run) / "features.parquet"))
+    keep = (meta["aug_index"] == 0).to_numpy()
+    meta = meta[keep]
+    return matrix[keep], (meta["label"] == "all").to_numpy().astype(np.int64), meta["subject"].to_numpy()
+
+
 def show(title: str, table) -> None:
     print(f"\n{title}")
     for _, r in table.iterrows():
@@ -66,6 +81,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="CPU seconds per fit")
+    parser.add_argument("--run", help="a run folder whose trunk features to use instead of the cell features")
     args = parser.parse_args()
 
     import ray
@@ -75,7 +91,8 @@ def main() -> None:
     from leukray.models.classifiers import GroupedData, threshold_record
     from leukray.stages.tune import _oof_by_candidate, _ranked, soft_voting_row, stacking_row
 
-    X, y, groups = load_checked(16)
+    X, y, groups = load_run(args.run) if args.run else load_checked(16)
+    block = X.shape[1] if args.run else 0  # the trunk block the search may reduce
     data = {"cells": GroupedData(X.astype(np.float32), y, groups, np.ones(len(y), bool))}
     print(
         f"{len(y)} cells ({y.sum()} ALL / {(1 - y).sum()} normal), {len(set(groups))} subjects, {X.shape[1]} features"
@@ -95,7 +112,7 @@ def main() -> None:
     top = [m for m in untuned[untuned["status"] == "ok"]["Model"] if tunable(m)][: args.top]
     tick = time.perf_counter()
     trials = run_search_tune(
-        [{"source": "cells", "Model": m, "block": 0} for m in top], data, args.trials, seed=SEED, folds=FOLDS,
+        [{"source": "cells", "Model": m, "block": block} for m in top], data, args.trials, seed=SEED, folds=FOLDS,
         timeout_s=args.timeout, cpus_per_trial=1, storage_path=store,
     )  # fmt: skip
     seconds["search"] = time.perf_counter() - tick
