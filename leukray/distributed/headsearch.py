@@ -8,7 +8,9 @@ group is left to a watchdog actor (measured: it kept the CPU, and the next trial
 never started). So a trial here is a Tune class trainable (no CPU of its own): `setup`
 starts the trainer in a thread, a Ray Train callback hands each epoch's report to a queue,
 `step` returns it to Tune, and `cleanup` (a stopped trial) aborts the Train run, which
-releases its workers and placement group. Optuna's TPE (seeded by
+releases its workers and placement group. The worker does not wait for Tune's verdict on an
+epoch, so a stopped trial may train part of an epoch or one more (not reported) before the
+abort reaches it. Optuna's TPE (seeded by
 `train.seed`, through `OptunaSearch`) draws the learning rate (log), dropout and weight decay
 (log); ASHA (`AsyncHyperBandScheduler`, time in epochs, `max_t` = `train.epochs`, first rung
 at `train.search_grace_epochs`) stops the weaker trials at each rung on the validation loss (a
@@ -34,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -163,11 +166,6 @@ def _head_trial_class():
     return HeadTrial
 
 
-def _trial_dirname(trial: Any) -> str:
-    """A trial's folder is its id (head_search.csv's `trial_id`)."""
-    return trial.trial_id
-
-
 def _tuner(trainable, cfg: TrainConfig, storage_path: str, name: str, parallel: int, on_trial: Callable | None):
     """A new Tuner, or the experiment of this name restored (`Tuner.restore`)."""
     import optuna
@@ -221,6 +219,13 @@ def _print_callback(max_t: int, on_trial: Callable[[dict[str, Any]], None]):
             on_trial(_trial_row(trial.trial_id, trial.config, frame, None, max_t))
 
     return PrintTrial()
+
+
+def _trial_number(path: str, trial_id: str) -> float:
+    """The trial's place in the search: Tune names a trial's folder
+    `<trainable>_<trial id>_<n>_<settings>` (its results come back in no fixed order)."""
+    found = re.search(rf"_{re.escape(trial_id)}_(\d+)", os.path.basename(path.rstrip("/")))
+    return float(found.group(1)) if found else float("inf")
 
 
 def _epochs(frame: pd.DataFrame) -> pd.DataFrame:
@@ -285,6 +290,7 @@ def run_head_search(
         on_epoch_end: as `training.train_head`'s, on every worker of every trial.
     """
     import ray
+    import ray.data
     from ray import tune
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console would interleave with ours
@@ -301,12 +307,19 @@ def run_head_search(
         tune.with_resources(trial, {"cpu": 0, "memory": DRIVER_MEMORY}), cfg, storage_path, name, parallel, on_trial
     )
     rows, frames = [], {}
-    for result in tuner.fit():
-        trial_id = os.path.basename(str(result.path).rstrip("/"))  # named by `_trial_dirname`
+    context = ray.data.DataContext.get_current()
+    saved, context.enable_progress_bars = context.enable_progress_bars, False  # as in `train_head`
+    try:
+        results = tuner.fit()
+    finally:
+        context.enable_progress_bars = saved
+    for result in results:
+        trial_id = str((result.metrics or {}).get("trial_id") or os.path.basename(str(result.path).rstrip("/")))
         frames[trial_id] = result.metrics_dataframe
-        rows.append(_trial_row(trial_id, result.config or {}, result.metrics_dataframe, result.error, cfg.epochs))
-    trials = pd.DataFrame(rows)  # Tune's results come in the trials' order
-    trials.insert(0, "trial", np.arange(1, len(trials) + 1))
+        row = _trial_row(trial_id, result.config or {}, result.metrics_dataframe, result.error, cfg.epochs)
+        rows.append({**row, "trial": _trial_number(str(result.path), trial_id)})
+    trials = pd.DataFrame(rows).sort_values(["trial", "trial_id"]).reset_index(drop=True)
+    trials["trial"] = np.arange(1, len(trials) + 1)
     trials = trials.reindex(columns=SEARCH_COLUMNS)
     best = best_trial(trials)
     return HeadSearch(trials, best, _best_head(frames[best["trial_id"]], best, loop_config))
