@@ -88,7 +88,9 @@ class TestHeadSearch:
             assert trials[key].between(low, high).all() and trials[key].nunique() == CFG.search_trials
 
     def test_chosen_head_is_the_best_trials_best_epoch(self, searched):
-        result, *_ = searched
+        result, storage, *_ = searched
+        # only the chosen trial's Ray Train run (its checkpoints) is kept
+        assert [p.name for p in storage.glob("head_search-test-*")] == [f"head_search-test-{result.best['trial_id']}"]
         trials = result.trials
         top = trials["best_val_balanced_accuracy"].max()
         tied = trials[trials["best_val_balanced_accuracy"] == top]

@@ -126,6 +126,9 @@ def _head_trial_class():
                 {**loop_config, **drawn, "print_epochs": False}, cfg, train_ds, val_ds, storage_path=storage_path,
                 # named by the trial: a restored experiment resumes it from its checkpoint
                 name=f"{name}-{self.trial_id}", use_gpu=use_gpu, callbacks=[_epoch_forwarder(self.epochs)],
+                # two: an epoch a stopped trial trains past its last report cannot push out
+                # the best reported epoch's checkpoint
+                keep_checkpoints=2,
             )  # fmt: skip
             ray.data.DataContext.get_current().enable_progress_bars = False
             self.fit = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
@@ -322,7 +325,22 @@ def run_head_search(
     trials["trial"] = np.arange(1, len(trials) + 1)
     trials = trials.reindex(columns=SEARCH_COLUMNS)
     best = best_trial(trials)
+    _drop_checkpoints(storage_path, [f"{name}-{t}" for t in trials["trial_id"] if t != best["trial_id"]])
     return HeadSearch(trials, best, _best_head(frames[best["trial_id"]], best, loop_config))
+
+
+def _drop_checkpoints(storage_path: str, run_names: list[str]) -> None:
+    """Delete the Ray Train runs of the trials that were not chosen: a head checkpoint is
+    ~600 MB at 224 px, and a finished trial is not run again (the Tune experiment keeps its
+    record)."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path) if "://" in storage_path else (
+        pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path))  # fmt: skip
+    for run in run_names:
+        path = root.rstrip("/") + "/" + run
+        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            filesystem.delete_dir(path)
 
 
 def _best_head(frame: pd.DataFrame, best: dict[str, Any], loop_config: dict[str, Any]) -> TrainResult:

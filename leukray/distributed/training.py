@@ -409,12 +409,13 @@ def _trainer(
     use_gpu: bool,
     loop: Callable[[dict[str, Any]], None] | None = None,
     callbacks: list[Any] | None = None,
+    keep_checkpoints: int = 1,
 ):
     """A TorchTrainer running `loop` (default `train_loop_per_worker`; the trunk's is
     `trunktraining.trunk_loop_per_worker`) that keeps the best epoch's checkpoint (by
     validation balanced accuracy) under storage_path/name, and restarts dead workers up to
-    train.max_failures. `callbacks`: Ray Train callbacks (a head search's
-    `TuneReportCallback`)."""
+    train.max_failures. `callbacks`: Ray Train callbacks (a head search's epoch
+    forwarder); `keep_checkpoints`: how many of the best epochs' checkpoints are kept."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -433,7 +434,7 @@ def _trainer(
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1,
+                num_to_keep=keep_checkpoints,
                 checkpoint_score_attribute="val_balanced_accuracy",
                 checkpoint_score_order="max",
             ),
