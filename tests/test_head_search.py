@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from leukray.config import TrainConfig
-from leukray.distributed.headsearch import HEAD_SPACE, SEARCH_COLUMNS, run_head_search
+from leukray.distributed.headsearch import HEAD_SPACE, SEARCH_COLUMNS, run_head_search, search_record
 from leukray.errors import ConfigError
 from leukray.models.custom import build_custom_model, head_config_of
 from leukray.testing import KillWorkerOnce
@@ -106,6 +106,22 @@ class TestHeadSearch:
             predicted = model.head.probabilities(model(torch.from_numpy(maps.astype(np.float32)))).argmax(1).numpy()
         recalls = [(predicted[labels == c] == c).mean() for c in (0, 1)]
         assert np.mean(recalls) == pytest.approx(top, abs=1e-9)
+
+    def test_record_and_report_show_the_search(self, searched, tmp_path):
+        from leukray.report.document import _head_search_section, _RunFolder, _to_markdown
+
+        result, *_ = searched
+        record = search_record(result, CFG)
+        trials = result.trials
+        assert record["trials"] == len(trials) and record["best"]["trial_id"] == result.best["trial_id"]
+        assert record["stopped_by_asha"] == (trials["stop_reason"] == "stopped by ASHA").sum() >= 1
+        assert record["completed"] + record["stopped_by_asha"] + record["failed"] == len(trials)
+        trials.to_csv(tmp_path / "head_search.csv", index=False)
+        section = _head_search_section({"custom_model": {"search": record}}, _RunFolder(str(tmp_path)))
+        markdown = _to_markdown([section])
+        assert f"The head is trial {record['best']['trial']}'s epoch {record['best']['best_epoch']}" in markdown
+        assert markdown.count("stopped by ASHA") == record["stopped_by_asha"]
+        assert markdown.count("| completed |") == record["completed"]
 
     def test_rerun_resumes_without_running_finished_trials(self, ray_local, searched):
         first, storage, log, _ = searched

@@ -34,7 +34,6 @@ May import: Ray, Optuna, numpy, pandas, `leukray.config`, `leukray.distributed.t
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -383,6 +382,6 @@ def search_record(search: HeadSearch, cfg: TrainConfig) -> dict[str, Any]:
             "reduction_factor": cfg.search_reduction_factor,
         },  # fmt: skip
         "chosen_by": "best epoch's validation balanced accuracy",
-        "best": json.loads(json.dumps(best, default=float)),
+        "best": {key: value.item() if hasattr(value, "item") else value for key, value in best.items()},
         "best_val_balanced_accuracy": float(search.best["best_val_balanced_accuracy"]),
     }
