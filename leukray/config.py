@@ -364,6 +364,17 @@ class TrainConfig:
     """Where checkpoints go (a shared path or URI on a cluster); default RUN/train."""
     seed: int = 0
     """Seeds the head's initialisation and the batch order."""
+    weight_decay: float = 0.0
+    """Adam's L2 weight decay on the head (the paper: none)."""
+    search_trials: int = 0
+    """Ray Tune trials of a head search (`leukray.distributed.headsearch`): Optuna's TPE
+    (seeded by train.seed) over learning rate, dropout and weight decay, each trial a Ray
+    Train run of up to train.epochs epochs that ASHA stops early on the validation loss; the
+    best trial's best epoch is the head. 0 = no search (train.lr/dropout/weight_decay)."""
+    search_grace_epochs: int = 2
+    """Epochs every search trial runs before ASHA may stop it (its first rung)."""
+    search_reduction_factor: int = 3
+    """ASHA's reduction factor: at each rung only the best 1/N of trials go on."""
 
     def __post_init__(self) -> None:
         check_at_least("train.epochs", self.epochs, 1)
@@ -377,6 +388,22 @@ class TrainConfig:
         if self.embedding not in (256, 512):
             raise ConfigError(f"train.embedding must be 256 or 512, got {self.embedding}")
         check_at_least("train.max_failures", self.max_failures, 0)
+        check_in_range("train.weight_decay", self.weight_decay, 0.0, 1.0)
+        self._check_search()
+
+    def _check_search(self) -> None:
+        check_at_least("train.search_trials", self.search_trials, 0)
+        check_at_least("train.search_reduction_factor", self.search_reduction_factor, 2)
+        if self.search_trials and not 1 <= self.search_grace_epochs < self.epochs:
+            raise ConfigError(
+                f"train.search_grace_epochs must be at least 1 and below train.epochs ({self.epochs}) for ASHA "
+                f"to stop anything, got {self.search_grace_epochs}"
+            )
+        if self.search_trials and self.unfreeze_stages:
+            raise ConfigError(
+                "train.search_trials searches the head on trunk maps computed once; it cannot be combined "
+                "with train.unfreeze_stages (the trunk trained on the cells): set one of them to 0"
+            )
 
     @property
     def trains_trunk(self) -> bool:

@@ -121,7 +121,7 @@ def build_optimizer(model, config: dict[str, Any], device):
     """
     import torch
 
-    groups = [{"params": model.head.parameters(), "lr": config["lr"]}]
+    groups = [{"params": model.head.parameters(), "lr": config["lr"], "weight_decay": config.get("weight_decay", 0.0)}]
     if config["unfreeze_stages"]:
         groups.append({"params": model.suffix.parameters(), "lr": config["finetune_lr"]})
     return torch.optim.Adam(groups, fused=device.type in ("cpu", "cuda"))
@@ -154,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(epoch=epoch + 1, resumed_from=start_epoch)
         history.append(metrics)
         _report(model, optimizer, metrics, history, epoch, rank)
-        if rank == 0:
+        if rank == 0 and config.get("print_epochs", True):  # a head search prints one line per trial
             print(
                 f"[train] epoch {epoch + 1}/{config['epochs']}  "
                 f"loss {metrics['train_loss']:.4f}/{metrics['val_loss']:.4f}  "
@@ -352,23 +352,7 @@ def train_head(
     """
     import ray.data
 
-    from leukray.distributed.resources import cluster_cpus
-
-    loop_config = {
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "finetune_lr": cfg.finetune_lr,
-        "dropout": cfg.dropout,
-        "unfreeze_stages": cfg.unfreeze_stages,
-        "seed": cfg.seed,
-        "in_features": in_features,
-        "num_classes": num_classes,
-        "weights": weights,
-        "weights_seed": weights_seed,
-        "on_epoch_end": on_epoch_end,
-        "cpu_threads": max(1, int(cluster_cpus()) // max(cfg.workers, 1)),
-    }
+    loop_config = head_loop_config(cfg, in_features, num_classes, weights, weights_seed, on_epoch_end)
     trainer = _trainer(loop_config, cfg, train_ds, val_ds, storage_path=storage_path, name=name, use_gpu=use_gpu)
     # Ray Data's per-epoch progress bars inside the trainer would drown the epoch lines.
     context = ray.data.DataContext.get_current()
@@ -383,6 +367,37 @@ def train_head(
     return _best_result(result, loop_config)
 
 
+def head_loop_config(
+    cfg: TrainConfig,
+    in_features: int,
+    num_classes: int,
+    weights: str,
+    weights_seed: int,
+    on_epoch_end: Callable[[int, int], None] | None = None,
+    concurrent_runs: int = 1,
+) -> dict[str, Any]:
+    """`train_loop_per_worker`'s config from the train settings; the node's cores are shared
+    among the workers of `concurrent_runs` trainers (a head search's parallel trials)."""
+    from leukray.distributed.resources import cluster_cpus
+
+    return {
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "finetune_lr": cfg.finetune_lr,
+        "dropout": cfg.dropout,
+        "weight_decay": cfg.weight_decay,
+        "unfreeze_stages": cfg.unfreeze_stages,
+        "seed": cfg.seed,
+        "in_features": in_features,
+        "num_classes": num_classes,
+        "weights": weights,
+        "weights_seed": weights_seed,
+        "on_epoch_end": on_epoch_end,
+        "cpu_threads": max(1, int(cluster_cpus()) // max(cfg.workers * concurrent_runs, 1)),
+    }
+
+
 def _trainer(
     loop_config: dict[str, Any],
     cfg: TrainConfig,
@@ -393,11 +408,14 @@ def _trainer(
     name: str,
     use_gpu: bool,
     loop: Callable[[dict[str, Any]], None] | None = None,
+    callbacks: list[Any] | None = None,
+    keep_checkpoints: int = 1,
 ):
     """A TorchTrainer running `loop` (default `train_loop_per_worker`; the trunk's is
     `trunktraining.trunk_loop_per_worker`) that keeps the best epoch's checkpoint (by
     validation balanced accuracy) under storage_path/name, and restarts dead workers up to
-    train.max_failures."""
+    train.max_failures. `callbacks`: Ray Train callbacks (a head search's epoch
+    forwarder); `keep_checkpoints`: how many of the best epochs' checkpoints are kept."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -413,9 +431,10 @@ def _trainer(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1,
+                num_to_keep=keep_checkpoints,
                 checkpoint_score_attribute="val_balanced_accuracy",
                 checkpoint_score_order="max",
             ),

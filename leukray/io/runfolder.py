@@ -23,6 +23,7 @@ CONFIG_FILE = "config.yaml"
 EXTRACT_RECORD = "extract.json"
 TRAIN_RECORD = "train.json"
 HEAD_PROBS = "head_probs.parquet"
+HEAD_SEARCH = "head_search.csv"  # every trial of the head search (train.search_trials)
 FEATURES_FILE = "features.parquet"
 CUSTOM_FEATURES_FILE = "custom_features.parquet"
 CELL_FEATURES_FILE = "cell_features.parquet"

@@ -100,6 +100,14 @@ def _print_facts(summary: dict[str, Any]) -> None:
             f"Custom ResNet50: {custom['epochs']} epochs, best validation balanced accuracy "
             f"{_fmt(custom['best_val_balanced_accuracy'])} at epoch {custom['best_epoch']} (history.csv)"
         )
+    search = (custom or {}).get("search")
+    if search:
+        best = search["best"]
+        print(
+            f"Head search: {search['trials']} Ray Tune trials ({search['stopped_by_asha']} stopped early by ASHA, "
+            f"head_search.csv); the head is trial {best['trial']}'s: lr {best['lr']:.2e}, dropout "
+            f"{best['dropout']:.2f}, weight decay {best['weight_decay']:.1e}"
+        )
     tuned = summary.get("tuned_model")
     if tuned and tuned.get("params") is not None:
         print(

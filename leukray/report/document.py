@@ -544,6 +544,37 @@ def _feature_sets_section(summary: dict[str, Any], folder: _RunFolder) -> _Secti
     return _Section("Classifier sweeps on other feature sets", blocks)
 
 
+def _head_search_section(summary: dict[str, Any], folder: _RunFolder) -> _Section | None:
+    """The head search (train.search_trials): what it searched and every trial
+    (head_search.csv); None when the run had none."""
+    search = (summary.get("custom_model") or {}).get("search")
+    if not search:
+        return None
+    best, asha = search["best"], search["asha"]
+    text = (
+        f"{search['trials']} Ray Tune trials, each a Ray Train run of the head, Optuna's TPE drawing the learning "
+        f"rate, dropout and weight decay; ASHA stopped {search['stopped_by_asha']} of them early on the validation "
+        f"loss (first rung at epoch {asha['grace_epochs']}, reduction factor {asha['reduction_factor']}, at most "
+        f"{asha['max_t']} epochs); {search['failed']} failed. The head is trial {best['trial']}'s epoch "
+        f"{best['best_epoch']} (the best validation balanced accuracy, {_num(search['best_val_balanced_accuracy'])}): "
+        f"lr {best['lr']:.2e}, dropout {best['dropout']:.2f}, weight decay {best['weight_decay']:.1e}. "
+        "The test split was not seen."
+    )
+    trials = folder.csv("head_search.csv")
+    blocks = [_p(text)]
+    if trials is not None:
+        shown = trials.drop(columns=["trial_id", "detail"], errors="ignore")
+        rows = [[_cell(v) for v in row] for row in shown.itertuples(index=False)]
+        blocks.append(_table(_Table(list(shown.columns), rows, "Every trial of the head search (head_search.csv)")))
+    return _Section("Search over the custom model's training settings", blocks)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if pd.isna(value) else f"{value:.4g}"
+    return str(value)
+
+
 def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: dict[str, bytes]) -> _Section:
     section = _Section("Training of the custom model (the paper's Figures 4 and 5)", [])
     if history is None:
@@ -1199,6 +1230,7 @@ def _report_sections(
         _data_section(summary, folder, manifest),
         _leaderboards_section(trunk, custom, folder, summary),
         *filter(None, [_feature_sets_section(summary, folder)]),
+        *filter(None, [_head_search_section(summary, folder)]),
         _history_section(history, folder, figures),
         _top_section(trunk, custom, top_n, figures),
     ]

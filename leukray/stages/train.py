@@ -22,6 +22,7 @@ import pandas as pd
 
 from leukray.config import RunConfig
 from leukray.data.splits import VAL
+from leukray.distributed.headsearch import run_head_search, search_record
 from leukray.distributed.resources import wants_gpu
 from leukray.distributed.streaming import embed_maps, extract_features
 from leukray.distributed.training import TrainResult, run_name, split_maps, train_head
@@ -75,10 +76,12 @@ def train_stage(
     head_config = head_config_of(
         head_in_features(cfg.preprocess.size),
         len(classes),
-        cfg.train.dropout,
+        result.config["dropout"],  # the search's pick when there was one
         cfg.train.unfreeze_stages,
         cfg.train.embedding,
     )
+    if "search" in result.config:  # what the bundle says of how its head was trained
+        head_config["search"] = result.config["search"]
     state_path = storage.join(cfg.out, runfolder.STATE_FILE)  # not in model/: the bundle there stays whole
     save_model_state(state_path, result.state_dict)
     features_path = storage.join(cfg.out, runfolder.CUSTOM_FEATURES_FILE)
@@ -104,34 +107,80 @@ def _train(cfg: RunConfig, maps_ds: Any, classes: list[str], maps_identity: str)
     name covers `maps_identity` (data, preprocessing, augmentation, split, weights: what
     changes the maps or labels) and every training setting, so a shared storage_path never
     hands one run another's finished checkpoint."""
-    c, h, w = map_shape(cfg.preprocess.size, cfg.train.unfreeze_stages)
     in_features = head_in_features(cfg.preprocess.size)
     train_ds, val_ds = split_maps(maps_ds, classes)
     use_gpu = wants_gpu(cfg.train.use_gpu)
     storage_path = runfolder.local_or_uri(cfg.train.storage_path or storage.join(cfg.out, "train"))
     name = run_name(cfg.train, maps_identity, cfg.extract.weights, in_features, len(classes))
+    if cfg.train.search_trials:
+        result = _search(cfg, train_ds, val_ds, len(classes), storage_path, name, use_gpu)
+    else:
+        result = _train_once(cfg, train_ds, val_ds, len(classes), storage_path, name, use_gpu)
+    history = pd.DataFrame(result.history).reindex(columns=runfolder.HISTORY_COLUMNS)
+    write_csv(storage.join(cfg.out, "history.csv"), history)
+    log(f"best epoch {result.best_epoch}: validation balanced accuracy {result.best_val_balanced_accuracy:.4f}")
+    return result
+
+
+def _train_once(
+    cfg: RunConfig, train_ds: Any, val_ds: Any, num_classes: int, storage_path: str, name: str, use_gpu: bool
+) -> TrainResult:
+    """One Ray Train run of the head with the train.* settings."""
+    c, h, w = map_shape(cfg.preprocess.size, cfg.train.unfreeze_stages)
     log(
         "training the custom ResNet50 head (Table II) with Ray Train: "
         f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, "
         f"{cfg.train.workers} worker(s){' on GPU' if use_gpu else ''}; maps {c}x{h}x{w}; "
         f"checkpoints in {storage_path}/{name}"
     )
-    result = train_head(
+    return train_head(
         train_ds,
         val_ds,
         cfg.train,
-        in_features=in_features,
-        num_classes=len(classes),
+        in_features=head_in_features(cfg.preprocess.size),
+        num_classes=num_classes,
         weights=cfg.extract.weights,
         weights_seed=cfg.extract.seed,
         storage_path=storage_path,
         name=name,
         use_gpu=use_gpu,
     )
-    history = pd.DataFrame(result.history).reindex(columns=runfolder.HISTORY_COLUMNS)
-    write_csv(storage.join(cfg.out, "history.csv"), history)
-    log(f"best epoch {result.best_epoch}: validation balanced accuracy {result.best_val_balanced_accuracy:.4f}")
-    return result
+
+
+def _search(
+    cfg: RunConfig, train_ds: Any, val_ds: Any, num_classes: int, storage_path: str, name: str, use_gpu: bool
+) -> TrainResult:
+    """The head search (`leukray.distributed.headsearch`): head_search.csv, one line per
+    finished trial; the best trial's head, its search record in `result.config["search"]`."""
+    experiment = name.replace("custom_resnet50-", "head_search-", 1)
+    log(
+        f"searching the head's training settings with Ray Tune: {cfg.train.search_trials} trials of Ray Train, "
+        f"up to {cfg.train.epochs} epochs each, ASHA from epoch {cfg.train.search_grace_epochs} "
+        f"(reduction {cfg.train.search_reduction_factor}); experiment in {storage_path}/{experiment}"
+    )
+
+    def on_trial(row: dict[str, Any]) -> None:
+        log(
+            f"  head trial {row['trial_id']}: lr {row['lr']:.2e}, dropout {row['dropout']:.2f}, "
+            f"weight decay {row['weight_decay']:.1e}: {row['epochs_run']} epochs ({row['stop_reason']}), "
+            f"best validation balanced accuracy {row.get('best_val_balanced_accuracy', float('nan')):.4f}"
+        )
+
+    search = run_head_search(
+        train_ds, val_ds, cfg.train, in_features=head_in_features(cfg.preprocess.size), num_classes=num_classes,
+        weights=cfg.extract.weights, weights_seed=cfg.extract.seed, storage_path=storage_path, name=experiment,
+        use_gpu=use_gpu, on_trial=on_trial,
+    )  # fmt: skip
+    write_csv(storage.join(cfg.out, runfolder.HEAD_SEARCH), search.trials)
+    record = search_record(search, cfg.train)
+    best = record["best"]
+    log(
+        f"head search: best of {record['trials']} trials ({record['stopped_by_asha']} stopped early by ASHA) is "
+        f"trial {best['trial']}: lr {best['lr']:.2e}, dropout {best['dropout']:.2f}, weight decay "
+        f"{best['weight_decay']:.1e}; its epoch {best['best_epoch']} is the head ({runfolder.HEAD_SEARCH})"
+    )
+    search.result.config["search"] = record
+    return search.result
 
 
 def _train_record(
@@ -158,10 +207,17 @@ def _train_record(
             "embedding": cfg.train.embedding,
             "unfreeze_stages": cfg.train.unfreeze_stages,
             "head_parameters_keras_count": keras_parameter_count(head),
+            **_settings_record(cfg, result),
         },
         "ray": {"maps_node_ids": node_ids},
         "seconds": {"train": round(seconds, 2)},
     }
+
+
+def _settings_record(cfg: RunConfig, result: TrainResult) -> dict[str, Any]:
+    """The head's training settings (the search's pick when there was one) and the search."""
+    settings = {key: result.config.get(key, getattr(cfg.train, key)) for key in ("lr", "dropout", "weight_decay")}
+    return {"settings": settings, "search": result.config.get("search")}
 
 
 def load_trained(out: str, fingerprint: str, weights_name: str) -> Trained | None:
