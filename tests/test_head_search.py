@@ -17,7 +17,7 @@ from leukray.errors import ConfigError
 from leukray.models.custom import build_custom_model, head_config_of
 from leukray.testing import KillWorkerOnce
 
-CFG = TrainConfig(epochs=4, batch_size=16, seed=3, search_trials=4, search_grace_epochs=1, search_reduction_factor=2)
+CFG = TrainConfig(epochs=3, batch_size=16, seed=3, search_trials=3, search_grace_epochs=1, search_reduction_factor=2)
 
 
 def maps_and_labels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
