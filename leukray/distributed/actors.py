@@ -2,7 +2,8 @@
 `map_batches`. Each wraps a pure function or model from a lower folder and stamps the Ray
 node it ran on, which the stages record in summary.json.
 
-May import: numpy, `leukray.distributed.resources`, `leukray.io.storage`, `leukray.io.mapshards`, `leukray.io.wholeslide`, `leukray.ops`,
+May import: numpy, `leukray.distributed.resources`, `leukray.io.storage`, `leukray.io.mapshards`,
+`leukray.io.wholeslide`, `leukray.ops`,
 `leukray.models`, `leukray.data`.
 """
 
