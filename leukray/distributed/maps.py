@@ -18,7 +18,7 @@ import pandas as pd
 
 from leukray.config import RunConfig
 from leukray.distributed.actors import write_maps_batch
-from leukray.io import journal, mapshards, storage
+from leukray.io import journal, mapshards, runfolder, storage
 from leukray.models.head import map_shape
 
 MAPS_ROW_COLUMNS = ["path", "label", "subject", "split", "aug_index"]
@@ -60,7 +60,20 @@ def plan_maps(rows: pd.DataFrame, cfg: RunConfig, provenance: dict[str, str], ma
     if not cfg.out:
         raise ValueError("the trunk maps are written under the run folder: cfg.out is empty")
     shape = map_shape(cfg.preprocess.size, maps_stage)
-    return MapsPlan(cfg.out, maps_identity(rows, cfg, provenance, maps_stage), shape)
+    # absolute: the writing and reading tasks do not run in the driver's working directory
+    return MapsPlan(runfolder.local_or_uri(cfg.out), maps_identity(rows, cfg, provenance, maps_stage), shape)
+
+
+def _placement(out: str) -> dict[str, Any]:
+    """Where the tasks that write and read the shards run: anywhere for a URI; for a local
+    run folder, the driver's node (the folder is on its disk, not on the other nodes')."""
+    if storage.is_uri(out):
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
 def add_shard_writer(ds: Any, plan: MapsPlan) -> Any:
@@ -69,7 +82,13 @@ def add_shard_writer(ds: Any, plan: MapsPlan) -> Any:
     rerun never mixes shards of another extraction)."""
     mapshards.remove_maps(plan.out)
     storage.makedirs(plan.folder)
-    return ds.map_batches(write_maps_batch, batch_format="numpy", batch_size=None, fn_kwargs={"folder": plan.folder})
+    return ds.map_batches(
+        write_maps_batch,
+        batch_format="numpy",
+        batch_size=None,
+        fn_kwargs={"folder": plan.folder},
+        **_placement(plan.out),
+    )
 
 
 def finish_shards(plan: MapsPlan, shards: list[str], rows: int) -> Any:
@@ -94,6 +113,9 @@ def read_maps(out: str, record: dict[str, Any]) -> Any:
     paths = mapshards.shard_paths(out, record)
     filesystem, _ = storage.resolve(paths[0])
     inner = [storage.resolve(p)[1] for p in paths]
-    ds = ray.data.read_parquet(inner, filesystem=filesystem)
+    placement = _placement(out)
+    ds = ray.data.read_parquet(inner, filesystem=filesystem, ray_remote_args=placement)
     shape = tuple(record["shape"])
-    return ds.map_batches(mapshards.maps_of, batch_format="pyarrow", batch_size=None, fn_kwargs={"shape": shape})
+    return ds.map_batches(
+        mapshards.maps_of, batch_format="pyarrow", batch_size=None, fn_kwargs={"shape": shape}, **placement
+    )
