@@ -69,11 +69,10 @@ def _placement(out: str) -> dict[str, Any]:
     run folder, the driver's node (the folder is on its disk, not on the other nodes')."""
     if storage.is_uri(out):
         return {}
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    import ray.util
 
-    node = ray.get_runtime_context().get_node_id()
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
+    # every Ray node offers one unit of its own `node:<ip>` resource: a sliver pins a task there
+    return {"resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}}
 
 
 def add_shard_writer(ds: Any, plan: MapsPlan) -> Any:
@@ -114,7 +113,7 @@ def read_maps(out: str, record: dict[str, Any]) -> Any:
     filesystem, _ = storage.resolve(paths[0])
     inner = [storage.resolve(p)[1] for p in paths]
     placement = _placement(out)
-    ds = ray.data.read_parquet(inner, filesystem=filesystem, ray_remote_args=placement)
+    ds = ray.data.read_parquet(inner, filesystem=filesystem, **placement)
     shape = tuple(record["shape"])
     return ds.map_batches(
         mapshards.maps_of, batch_format="pyarrow", batch_size=None, fn_kwargs={"shape": shape}, **placement
