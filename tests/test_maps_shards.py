@@ -136,6 +136,8 @@ def test_the_train_job_trains_from_the_shards_and_removes_them(extracted, tmp_pa
     out = tmp_path / "run"
     shutil.copytree(extracted.cfg.out, out)
     assert main(["train", "--out", str(out), "--train.epochs", "1", "--quiet"]) == 0
+    # the extraction's shards were of the same rows and settings: read back, no trunk pass ran
+    assert json.loads((out / "train.json").read_text())["ray"]["maps_node_ids"] == {}
     assert not (out / "maps").exists()  # committed: nothing reads the maps again
     meta, matrix = load_features(str(out / "custom_features.parquet"))
     assert len(meta) == len(extracted.meta) and np.isfinite(matrix).all()
