@@ -1,9 +1,9 @@
 """The `leukray` command: `synth`, `run`, `demo`, `extract`, `train`, `tune`, `predict`,
 `screen`, `smear-train`, `classifiers`, `track`, `config show`, `runs`, `report`.
 
-`run` is `extract` -> `train` -> `tune` in one job (the trunk maps stay in Ray's object store
-between extraction and training); the three can also run as separate jobs on the same run
-folder, e.g. extraction on a GPU pool and the sweep on CPU nodes.
+`run` is `extract` -> `train` -> `tune` in one job (the trunk maps are written as shards under
+RUN/maps between extraction and training, `leukray.io.mapshards`); the three can also run as
+separate jobs on the same run folder, e.g. extraction on a GPU pool and the sweep on CPU nodes.
 
 Every config field is an option (`--sweep.timeout_s 30`), derived from the dataclasses in
 `leukray.config`, with its help taken from the field's docstring; the common ones also have

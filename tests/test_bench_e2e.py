@@ -9,7 +9,7 @@ import pytest
 
 from leukray.distributed.resources import AUTO_BATCH_SIZE, extract_batch_size
 from leukray.tools import bench
-from leukray.tools.bench_e2e import STORE_FLOOR_BYTES, e2e_ratios, extract_argv, measure_e2e
+from leukray.tools.bench_e2e import STORE_FLOOR_BYTES, e2e_ratios, extract_argv, maps_ratios, measure_e2e, train_argv
 
 
 def _run(rss: int, store: int | None, stage: float, command: float) -> dict:
@@ -44,6 +44,15 @@ def test_ratios_divide_by_the_smaller_ceiling_and_floor_the_object_store():
     assert e2e_ratios(cpu, extractor, _run(10, None, 1, 1), _run(20, None, 1, 1))["memory_growth"] == pytest.approx(2)
 
 
+def test_maps_growth_is_the_larger_of_the_train_commands_growths():
+    small, large = _run(1_000, 1_000, 1, 1), _run(1_250, 2 * STORE_FLOOR_BYTES, 1, 1)
+    ratios = maps_ratios(small, large)
+    assert ratios["maps_driver_rss_growth"] == pytest.approx(1.25)
+    assert ratios["maps_object_store_growth"] == pytest.approx(2.0)  # from the 64 MiB floor
+    assert ratios["maps_memory_growth"] == pytest.approx(2.0)
+    assert train_argv("RUN", 1) == ["train", "--out", "RUN", "--train.epochs", "1", "--quiet"]
+
+
 def test_extract_batch_size_is_chosen_by_device_unless_given():
     assert extract_batch_size(0, on_gpu=True) == AUTO_BATCH_SIZE["gpu"] == 256
     assert extract_batch_size(0, on_gpu=False) == AUTO_BATCH_SIZE["cpu"] == 32
@@ -62,6 +71,7 @@ def test_the_command_is_the_stage_without_augmentation_or_cell_features():
 def test_e2e_section_figures_are_consistent(ray_local, tmp_path):
     e2e = measure_e2e(images=12, scale=2, weights="random", batch_size=0, cpus=2, tmp=str(tmp_path))
     assert {"stage_ratio", "command_ratio", "memory_growth", "gpu_busy", "hash_fraction"} <= set(e2e)
+    assert "maps_memory_growth" in e2e
     cpu, extractor = e2e["cpu_ceiling"], e2e["extractor_ceiling"]
     at_n, scaled = e2e["extract_at_n"], e2e["extract_at_scale"]
     assert cpu["images"] == extractor["images"] == 12 and cpu["processes"] == 2
@@ -83,6 +93,15 @@ def test_e2e_section_figures_are_consistent(ray_local, tmp_path):
     assert at_n["peak_object_store_bytes"] is not None
     growths = [e2e["driver_rss_growth"], e2e["object_store_growth"]]
     assert e2e["memory_growth"] == pytest.approx(max(growths), rel=1e-3)
+    # the maps path: a train command on each extract's run folder, every usable row embedded,
+    # the shards removed after; its growth is its peaks' ratio like the extract's
+    maps_n, maps_scaled = e2e["maps_at_n"], e2e["maps_at_scale"]
+    assert maps_n["maps_rows"] == 12 and maps_scaled["maps_rows"] == 24
+    assert not maps_n["maps_left"] and not maps_scaled["maps_left"]
+    assert maps_n["peak_driver_rss_bytes"] > 0 and maps_scaled["peak_object_store_bytes"] is not None
+    maps_growths = [e2e["maps_driver_rss_growth"], e2e["maps_object_store_growth"]]
+    assert e2e["maps_memory_growth"] == pytest.approx(max(maps_growths), rel=1e-3)
+    assert e2e["maps_memory_growth"] > 0
     verdicts = bench.e2e_verdicts(e2e)
-    assert set(verdicts) == {"stage_ratio", "command_ratio", "memory_growth"}
+    assert set(verdicts) == {"stage_ratio", "command_ratio", "memory_growth", "maps_memory_growth"}
     json.dumps(e2e)  # bench.json can hold it

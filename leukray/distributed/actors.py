@@ -2,7 +2,8 @@
 `map_batches`. Each wraps a pure function or model from a lower folder and stamps the Ray
 node it ran on, which the stages record in summary.json.
 
-May import: numpy, `leukray.distributed.resources`, `leukray.io.storage`, `leukray.io.wholeslide`, `leukray.ops`,
+May import: numpy, `leukray.distributed.resources`, `leukray.io.storage`, `leukray.io.mapshards`,
+`leukray.io.wholeslide`, `leukray.ops`,
 `leukray.models`, `leukray.data`.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from leukray.data.discovery import hash_files
 from leukray.distributed.resources import ray_node_id
-from leukray.io import storage, wholeslide
+from leukray.io import mapshards, storage, wholeslide
 from leukray.io.features import error_mask
 from leukray.models.bundle import load_bundle
 from leukray.models.custom import build_custom_model, load_model_state
@@ -39,6 +40,15 @@ def preprocess_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, n
     """`leukray.ops.preprocess.load_and_preprocess` reading through storage + preprocess_node."""
     out = load_and_preprocess(batch, read_bytes=storage.read_bytes, **kwargs)
     return _stamp(out, "preprocess_node", len(out["path"]))
+
+
+def write_maps_batch(batch: dict[str, np.ndarray], folder: str) -> dict[str, np.ndarray]:
+    """The batch's trunk `maps` written as one shard under `folder`
+    (`leukray.io.mapshards`) and dropped; each row says its shard (`maps_shard`)."""
+    out = {key: value for key, value in batch.items() if key != "maps"}
+    name = mapshards.write_shard(folder, batch) if len(batch["path"]) else ""
+    out["maps_shard"] = np.full(len(batch["path"]), name, dtype=object)
+    return out
 
 
 def detect_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:

@@ -4,7 +4,8 @@ embedding pass, and the predict/screen streams through a model bundle. A few hun
 are hashed in the driver instead (`LOCAL_HASH_MAX`).
 
 May import: Ray, numpy, pandas, `leukray.config`, `leukray.io`, `leukray.data.discovery`,
-`leukray.models`, `leukray.distributed.actors`, `leukray.distributed.resources`.
+`leukray.models`, `leukray.distributed.actors`, `leukray.distributed.maps`,
+`leukray.distributed.resources`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from leukray.distributed.actors import (
     preprocess_batch,
     slide_tiles,
 )
+from leukray.distributed.maps import add_shard_writer, existing_maps, finish_shards, plan_maps
 from leukray.distributed.resources import extract_batch_size, plan_actor_pool
 from leukray.io import storage
 from leukray.io.features import FeatureFileWriter, error_mask
-from leukray.io.tables import ERROR_COLUMNS
+from leukray.io.tables import ERROR_COLUMNS, log
 from leukray.models.bundle import Bundle
 from leukray.models.trunk import FEATURE_DIM
 from leukray.ops.cellfeatures import feature_dim
@@ -129,27 +131,28 @@ def extract_features(
     (same rows).
 
     With `keep_maps`, the trunk maps for the custom model are computed in the same pass and
-    the dataset is materialised (in Ray's object store, spilling to disk) so training reads
-    them every epoch without running the trunk again.
+    written as shards under the run folder as they arrive (`leukray.distributed.maps`);
+    `maps_ds` streams them back from there, for training every epoch and for the embedding
+    pass, without running the trunk again or holding them in the object store. When only
+    the maps are wanted and complete shards of the same rows and settings exist (an
+    interrupted run resumed), they are read back instead of being computed.
     """
     # only the run's own features file wants the cell families (a train job's maps pass does not)
     families = cfg.extract.cell_families if features_path and cell_features_path else ()
+    plan = None
     if keep_maps:
-        # Ray Train reads the maps in the materialised order and shuffles them with a seed:
-        # a seeded row order (classes mixed, not path order) kept through the stream makes
+        # Ray Train reads the maps in the shards' order and shuffles them with a seed: a
+        # seeded row order (classes mixed, not path order) kept through the stream makes
         # the training batches, and so the trained head, the same in every run.
         rows = rows.sample(frac=1.0, random_state=cfg.train.seed)
+        plan = plan_maps(rows, cfg, provenance, cfg.train.unfreeze_stages)
+        if features_path is None and (ready := existing_maps(plan)) is not None:
+            log(f"reading back the trunk maps of the same images and settings from {plan.folder}")
+            return _streamed_maps_only(cfg, ready, reused=True)
     ds, use_gpu = _features_dataset(rows, cfg, cfg.train.unfreeze_stages if keep_maps else -1, families)
-    if keep_maps:
+    if plan is not None:
         ds.context.execution_options.preserve_order = True
-        ds = ds.materialize()
-    nodes: dict[str, set[str]] = {"preprocess": set(), "extract": set()}
-    columns = ["path", "label", "subject", "split", "aug_index", "error", "features", "preprocess_node", "node_id"]
-    if features_path is None:
-        columns = ["path", "error", "preprocess_node", "node_id"]
-    elif families:
-        columns.append("cell_features")
-    rows_written = 0
+        ds = add_shard_writer(ds, plan)
     with contextlib.ExitStack() as stack:
         writer = cell_writer = None
         if features_path:
@@ -157,29 +160,62 @@ def extract_features(
             if families:
                 cell_writer = FeatureFileWriter(cell_features_path, feature_dim(families), provenance)
                 stack.enter_context(cell_writer)
-        for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256):
-            nodes["preprocess"].update(map(str, batch["preprocess_node"]))
-            nodes["extract"].update(map(str, batch["node_id"]))
-            if writer is not None:
-                writer.write(batch)
-            if cell_writer is not None:
-                cell_writer.write({**batch, "features": batch["cell_features"]})
-            rows_written += int((~error_mask(batch)).sum())
+        drained = _drain(ds, writer, cell_writer, maps=plan is not None)
     facts = {
         "device": "gpu" if use_gpu else "cpu",
         "batch_size": extract_batch_size(cfg.extract.batch_size, use_gpu),
-        "node_ids": {k: sorted(v) for k, v in nodes.items()},
-        "feature_rows": rows_written,
+        "node_ids": drained["node_ids"],
+        "feature_rows": drained["rows"],
     }
-    maps_ds = (
-        ds.select_columns(["path", "label", "subject", "split", "aug_index", "error", "maps"]) if keep_maps else None
-    )
+    maps_ds = finish_shards(plan, drained["shards"], drained["all_rows"]) if plan is not None else None
     if writer is None:
-        empty = np.zeros((0, FEATURE_DIM), np.float32)
-        return Streamed(pd.DataFrame(), empty, pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds)
+        return _streamed_maps_only(cfg, maps_ds, facts=facts)
     meta, matrix = writer.sorted_rows()
     cell_matrix = cell_writer.sorted_rows()[1] if cell_writer is not None else None
     return Streamed(meta, matrix, writer.errors, facts, maps_ds, cell_matrix)
+
+
+def _drain(ds: Any, writer: Any, cell_writer: Any, maps: bool) -> dict[str, Any]:
+    """Pull the stream through the driver: the feature rows to their writers; the nodes the
+    work ran on, the usable rows, and (with maps) the shards in stream order."""
+    columns = ["path", "label", "subject", "split", "aug_index", "error", "features", "preprocess_node", "node_id"]
+    if writer is None:
+        columns = ["path", "error", "preprocess_node", "node_id"]
+    elif cell_writer is not None:
+        columns.append("cell_features")
+    if maps:
+        columns.append("maps_shard")
+    nodes: dict[str, set[str]] = {"preprocess": set(), "extract": set()}
+    shards: dict[str, None] = {}  # insertion-ordered: stream order
+    rows = all_rows = 0
+    for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=256):
+        nodes["preprocess"].update(map(str, batch["preprocess_node"]))
+        nodes["extract"].update(map(str, batch["node_id"]))
+        if writer is not None:
+            writer.write(batch)
+        if cell_writer is not None:
+            cell_writer.write({**batch, "features": batch["cell_features"]})
+        if maps:
+            shards.update(dict.fromkeys(str(s) for s in batch["maps_shard"]))
+        rows += int((~error_mask(batch)).sum())
+        all_rows += len(batch["path"])
+    return {
+        "node_ids": {k: sorted(v) for k, v in nodes.items()},
+        "rows": rows,
+        "all_rows": all_rows,
+        "shards": list(shards),
+    }
+
+
+def _streamed_maps_only(
+    cfg: RunConfig, maps_ds: Any, facts: dict[str, Any] | None = None, reused: bool = False
+) -> Streamed:
+    """A `Streamed` without features (a train job's maps pass, or its shards read back)."""
+    if facts is None:
+        facts = {"device": "", "batch_size": 0, "node_ids": {}, "feature_rows": 0}
+    facts = {**facts, "maps_reused": reused}
+    empty = np.zeros((0, FEATURE_DIM), np.float32)
+    return Streamed(pd.DataFrame(), empty, pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds)
 
 
 def embed_maps(

@@ -11,7 +11,8 @@ of run.json.
 
 Kept out of any stage's files: config.yaml and run.json (every stage rewrites them),
 `model/` (the bundle, replaced whole by its own writer only once the new one is complete),
-and Ray Train/Tune's storage (`train/`, `tune/`, named by identity). Files that were in the
+Ray Train/Tune's storage (`train/`, `tune/`, named by identity) and the trunk maps' shards
+(`maps/<identity>/`, `leukray.io.mapshards`: their own manifest, removed after training). Files that were in the
 folder before a stage began (e.g. `RUN/data` of `leukray demo`) are never touched.
 
 May import: `leukray.errors`, `leukray.io.storage`.
@@ -30,7 +31,7 @@ from leukray.io import storage
 JOURNAL_FILE = "run.json"
 STAGES = ("extract", "train", "tune")
 UNTRACKED_FILES = ("config.yaml", JOURNAL_FILE)
-UNTRACKED_DIRS = ("model/", "train/", "tune/")
+UNTRACKED_DIRS = ("model/", "train/", "tune/", "maps/")
 EXISTING_MODES = ("refuse", "overwrite", "resume")
 
 

@@ -26,7 +26,7 @@ from leukray.config import RunConfig
 from leukray.data.manifest import build_manifest, discover_all
 from leukray.distributed.streaming import extract_features, hash_paths
 from leukray.errors import ConfigError, DataError
-from leukray.io import journal, runfolder, storage
+from leukray.io import journal, mapshards, runfolder, storage
 from leukray.io.features import META_COLUMNS, load_features
 from leukray.io.tables import log, read_csv, read_parquet, write_errors, write_json, write_parquet
 from leukray.models.classifiers import select_classifiers
@@ -121,6 +121,8 @@ def _extract_into(cfg, weights, provenance, manifest, errors, facts, seconds, ke
     tick = time.perf_counter()
     log(f"preprocessing and extracting features with {weights.describe()}")
     features_path = storage.join(cfg.out, runfolder.FEATURES_FILE)
+    if not keep_maps:
+        mapshards.remove_maps(cfg.out)  # an earlier extraction's maps are not this one's
     cell_path = storage.join(cfg.out, runfolder.CELL_FEATURES_FILE)
     streamed = extract_features(
         usable, cfg, features_path, provenance, keep_maps=keep_maps, cell_features_path=cell_path

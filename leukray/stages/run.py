@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from leukray.config import RunConfig
-from leukray.io import journal, runfolder, storage, tracking
+from leukray.io import journal, mapshards, runfolder, storage, tracking
 from leukray.io.tables import log, read_json
 from leukray.stages.extract import Extracted, extract_stage, load_extracted
 from leukray.stages.train import Trained, extract_id, load_trained, train_stage
@@ -60,6 +60,7 @@ def run_pipeline(
             trained = _train(extracted, existing)
     else:
         journal.discard(out, "train")  # an earlier run's custom model and tables are not this run's
+    mapshards.remove_maps(out)  # the custom features are written: nothing reads the maps again
     identity = runfolder.tune_identity(cfg, _upstream(extracted, trained))
     if existing == "resume" and journal.committed(out, "tune", identity):
         log(f"resuming: the sweeps, model choice and bundle in {out} are already this run's")
@@ -124,7 +125,9 @@ def run_train_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -
     if cfg.train.trains_trunk:  # its features must be of features.parquet's rows: read them
         return train_trunk_stage(load_extracted(cfg, "train"), start_ray).trunk_record
     extracted = load_extracted(cfg, "train", with_features=False)
-    return train_stage(extracted, start_ray).record
+    record = train_stage(extracted, start_ray).record
+    mapshards.remove_maps(cfg.out)  # kept until now so that a failed train job resumes from them
+    return record
 
 
 def run_tune_job(cfg: RunConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:

@@ -11,12 +11,16 @@ Measured in one run, on the same synthetic 450x450 BMP cells (`leukray.tools.syn
   on the Ray that the benchmark started) at N and at scale x N images: the stage's images/s
   (extract.json's ``preprocess_augment_extract`` seconds) and the whole command's
   (discovery, hashing, split, stream, files written; interpreter and Ray start-up left out);
+- the custom head's maps path: `leukray train --train.epochs 1` on each of those run folders
+  (the trunk maps computed and written as shards under RUN/maps, one epoch of Ray Train
+  streaming them, the embedding pass over them; `leukray.io.mapshards`), sampled the same way;
 - while each command runs, a sampler records this process's RSS, Ray's object-store bytes
   in use and, with a GPU, its utilisation (``nvidia-smi``, else ``torch.cuda.utilization``).
 
 Ratios: ``stage_ratio`` and ``command_ratio`` divide the images/s at scale x N by the smaller
 ceiling; ``memory_growth`` is the larger of (peak driver RSS at scale x N / at N) and (peak
 object store at scale x N / at N, each peak at least `STORE_FLOOR_BYTES`);
+``maps_memory_growth`` is the same for the maps path's two train commands;
 ``hash_fraction`` is the discovery + hashing + split seconds over the stage's, and
 ``hash_cpu_share`` the CPU time of hashing an image (read + sha256) over that of
 preprocessing it (what hashing costs where the stage is CPU-bound). The
@@ -45,7 +49,7 @@ from leukray.distributed.resources import extract_batch_size
 from leukray.io import storage
 from leukray.ops.preprocess import decode_image, preprocess_image
 
-E2E_KEYS = ("stage_ratio", "command_ratio", "memory_growth", "gpu_busy", "hash_fraction")
+E2E_KEYS = ("stage_ratio", "command_ratio", "memory_growth", "gpu_busy", "hash_fraction", "maps_memory_growth")
 
 
 def log(message: str) -> None:
@@ -266,6 +270,39 @@ def run_extract(data: str, out: str, weights: str, batch_size: int, gpu: bool) -
     }
 
 
+def train_argv(out: str, epochs: int) -> list[str]:
+    """`leukray train`'s arguments for the maps path (on a folder `leukray extract` wrote)."""
+    return ["train", "--out", out, "--train.epochs", str(epochs), "--quiet"]
+
+
+def run_train(out: str, epochs: int, gpu: bool) -> dict[str, Any]:
+    """`leukray train` through `leukray.cli.main` in this process, sampled (`Sampler`): the
+    maps pass, `epochs` epochs of Ray Train over the shards, the embedding pass.
+
+    Raises:
+        SystemExit: the command failed (its own message is on stderr).
+    """
+    from leukray.cli import main as cli_main
+
+    argv = train_argv(out, epochs)
+    with Sampler(gpu=gpu) as sampler:
+        start = time.perf_counter()
+        code = cli_main(argv)
+        seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"bench: `leukray {' '.join(argv)}` exited with {code}")
+    from leukray.io.features import load_features
+
+    rows = len(load_features(os.path.join(out, "custom_features.parquet"))[0])
+    return {
+        "command": "leukray " + " ".join(argv),
+        "maps_rows": rows,
+        "command_seconds": round(seconds, 3),
+        "maps_left": os.path.exists(os.path.join(out, "maps")),
+        **sampler.summary(),
+    }
+
+
 STORE_FLOOR_BYTES = 64 << 20
 """Object-store peaks below this count as this much in `memory_growth`: a few blocks in
 flight (kilobytes to megabytes, sampled every half second) say nothing about growth, while
@@ -279,21 +316,29 @@ def _growth(small: float | None, large: float | None, floor: float = 0.0) -> flo
     return max(large, floor) / max(small, floor, 1.0)
 
 
-def e2e_ratios(cpu: dict[str, Any], extractor: dict[str, Any], at_n: dict[str, Any], at_scale: dict[str, Any]):
-    """The section's ratios from its raw figures (see the module docstring)."""
-    ceiling = min(cpu["images_per_s"], extractor["images_per_s"])
+def memory_growths(at_n: dict[str, Any], at_scale: dict[str, Any]) -> dict[str, float | None]:
+    """Peak at scale x N / peak at N: driver RSS, object store (floored), and the larger."""
     rss = _growth(at_n["peak_driver_rss_bytes"], at_scale["peak_driver_rss_bytes"])
     store = _growth(at_n["peak_object_store_bytes"], at_scale["peak_object_store_bytes"], STORE_FLOOR_BYTES)
     growths = [g for g in (rss, store) if g is not None]
+    return {"memory_growth": max(growths) if growths else None, "driver_rss_growth": rss, "object_store_growth": store}
+
+
+def maps_ratios(at_n: dict[str, Any], at_scale: dict[str, Any]) -> dict[str, float | None]:
+    """The maps path's memory growth (`memory_growths` of its two train commands)."""
+    return {f"maps_{k}": v for k, v in memory_growths(at_n, at_scale).items()}
+
+
+def e2e_ratios(cpu: dict[str, Any], extractor: dict[str, Any], at_n: dict[str, Any], at_scale: dict[str, Any]):
+    """The section's ratios from its raw figures (see the module docstring)."""
+    ceiling = min(cpu["images_per_s"], extractor["images_per_s"])
     return {
         "ceiling_images_per_s": ceiling,
         "bottleneck": "cpu" if cpu["images_per_s"] <= extractor["images_per_s"] else "extractor",
         "stage_ratio": at_scale["stage_images_per_s"] / ceiling,
         "command_ratio": at_scale["command_images_per_s"] / ceiling,
         "stage_ratio_at_n": at_n["stage_images_per_s"] / ceiling,
-        "memory_growth": max(growths) if growths else None,
-        "driver_rss_growth": rss,
-        "object_store_growth": store,
+        **memory_growths(at_n, at_scale),
         "gpu_busy": at_scale["gpu_busy"],
         "hash_fraction": at_scale["discover_hash_split_seconds"] / at_scale["stage_seconds"],
     }
@@ -305,13 +350,16 @@ def _synth(root: str, cells: int) -> list[str]:
     return generate_dataset(root, cells=cells, subjects=min(12, cells), seed=0)["path"].tolist()
 
 
-def measure_e2e(images: int, scale: int, weights: str, batch_size: int, cpus: int, tmp: str) -> dict[str, Any]:
+def measure_e2e(
+    images: int, scale: int, weights: str, batch_size: int, cpus: int, tmp: str, maps: bool = True
+) -> dict[str, Any]:
     """The whole section on the running Ray (see the module docstring): `bench.json`'s `e2e`.
 
     Args:
         images: N, the images of the first command and of both ceilings.
         scale: the second command runs on scale x N images.
         batch_size: the trunk's batch (0: the stage's auto choice for this device).
+        maps: also measure the custom head's maps path (`measure_maps`).
     """
     import torch
 
@@ -350,8 +398,23 @@ def measure_e2e(images: int, scale: int, weights: str, batch_size: int, cpus: in
             "extractor_ceiling": extractor,
             "extract_at_n": runs["n"],
             "extract_at_scale": runs["scaled"],
+            **(measure_maps(tmp, gpu) if maps else {}),
         }
     )
+
+
+def measure_maps(tmp: str, gpu: bool, epochs: int = 1) -> dict[str, Any]:
+    """The maps path (`run_train`) on the run folders that `measure_e2e`'s commands wrote, at
+    N and scale x N images, after an untimed one on the warm-up folder."""
+    run_train(os.path.join(tmp, "run-warm"), epochs, gpu)  # Ray Train's imports and workers
+    runs = {name: run_train(os.path.join(tmp, f"run-{name}"), epochs, gpu) for name in ("n", "scaled")}
+    for run in runs.values():
+        log(
+            f"leukray train on {run['maps_rows']} maps: {run['command_seconds']:.1f}s, peak driver RSS "
+            f"{run['peak_driver_rss_bytes'] / 2**20:.0f} MiB, "
+            f"object store {(run['peak_object_store_bytes'] or 0) / 2**20:.0f} MiB"
+        )
+    return {**maps_ratios(runs["n"], runs["scaled"]), "maps_at_n": runs["n"], "maps_at_scale": runs["scaled"]}
 
 
 def _rounded(value: Any) -> Any:
