@@ -51,6 +51,13 @@ def write_maps_batch(batch: dict[str, np.ndarray], folder: str) -> dict[str, np.
     return out
 
 
+def read_maps_batch(batch: dict[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The shards named in `shard` (paths or URIs) read back (`leukray.io.mapshards.read_shard`)
+    as one batch: ROW_COLUMNS + `maps`, in the order given."""
+    parts = [mapshards.read_shard(str(path), shape) for path in batch["shard"]]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
 def detect_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
     """`leukray.ops.smear.detect_and_crop` reading through storage (whole-slide tiles through
     `leukray.io.wholeslide`) + detect_node."""

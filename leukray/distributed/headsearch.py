@@ -5,23 +5,23 @@ Each trial is a real Ray Train run of the head (`training.train_loop_per_worker`
 Tune function that calls `trainer.fit()` with `TuneReportCallback`, but when ASHA stops such
 a trial Tune drops its actor while the Train run is still going, and the run's placement
 group is left to a watchdog actor (measured here: the watchdog failed, the placement group
-kept its CPU, and the next trial's workers never started). So a trial here is a Tune class trainable (no CPU of its own): `setup`
-starts the trainer in a thread, a Ray Train callback hands each epoch's report to a queue,
-`step` returns it to Tune, and `cleanup` (a stopped trial) aborts the Train run, which
-releases its workers and placement group. The worker does not wait for Tune's verdict on an
-epoch, so a stopped trial may train part of an epoch or one more (not reported) before the
-abort reaches it.
+kept its CPU, and the next trial's workers never started). So a trial here is a Tune class
+trainable (no CPU of its own): `setup` starts the trainer in a thread, a Ray Train callback
+hands each epoch's report to a queue, `step` returns it to Tune, and `cleanup` (a stopped
+trial) aborts the Train run, which releases its workers and placement group. The worker does
+not wait for Tune's verdict on an epoch, so a stopped trial may train part of an epoch or
+one more (not reported) before the abort reaches it.
 
-Optuna's TPE (seeded by `train.seed`, through `OptunaSearch`) draws the learning rate (log), dropout and weight decay
-(log); ASHA (`AsyncHyperBandScheduler`, time in epochs, `max_t` = `train.epochs`, first rung
-at `train.search_grace_epochs`) stops the weaker trials at each rung on the validation loss (a
-continuous signal: balanced accuracy on a few validation subjects ties often, and a tie never
-stops anything). The number of epochs is ASHA's and the checkpoints': a trial runs until ASHA
-stops it or `max_t`, and its best epoch by validation balanced accuracy (the head's own rule)
-is its model. The best trial is the one whose best epoch scored highest (ties: the lower
-validation loss there, then the earlier trial), and its best checkpoint is the head: no
-retraining. The test split never reaches the search: the trials see the train and
-validation datasets only.
+Optuna's TPE (seeded by `train.seed`, through `OptunaSearch`) draws the learning rate (log),
+dropout and weight decay (log); ASHA (`AsyncHyperBandScheduler`, time in epochs, `max_t` =
+`train.epochs`, first rung at `train.search_grace_epochs`) stops the weaker trials at each
+rung on the validation loss (a continuous signal: balanced accuracy on a few validation
+subjects ties often, and a tie never stops anything). The number of epochs is ASHA's and the
+checkpoints': a trial runs until ASHA stops it or `max_t`, and its best epoch by validation
+balanced accuracy (the head's own rule) is its model. The best trial is the one whose best
+epoch scored highest (ties: the lower validation loss there, then the earlier trial), and
+its best checkpoint is the head: no retraining. The test split never reaches the search: the
+trials see the train and validation datasets only.
 
 The experiment (storage_path/<name>) is named by what it depends on (the caller's run name:
 maps, weights and every train setting) and resumes with `Tuner.restore`: finished trials are

@@ -17,11 +17,14 @@ from typing import Any
 import pandas as pd
 
 from leukray.config import RunConfig
-from leukray.distributed.actors import write_maps_batch
+from leukray.distributed.actors import read_maps_batch, write_maps_batch
 from leukray.io import journal, mapshards, runfolder, storage
 from leukray.models.head import map_shape
 
 MAPS_ROW_COLUMNS = ["path", "label", "subject", "split", "aug_index"]
+# Shards read by one task: Ray's per-task cost amortised over ~25 MB (four 32-row shards of
+# 7 x 7 x 2,048 maps), blocks still small beside the object store.
+SHARDS_PER_TASK = 4
 
 
 @dataclass(frozen=True)
@@ -104,17 +107,17 @@ def existing_maps(plan: MapsPlan) -> Any:
 
 def read_maps(out: str, record: dict[str, Any]) -> Any:
     """The shards of `record` as a lazy Ray dataset (read again by every consumer and every
-    epoch): ROW_COLUMNS + `maps` (N x C x H x W float16), in stream order."""
+    epoch): ROW_COLUMNS + `maps` (N x C x H x W float16), in stream order. The shards are
+    read `SHARDS_PER_TASK` to a task (`actors.read_maps_batch`), not by
+    `read_parquet`, whose per-file planning cost ~0.2 s a shard (measured: 48 shards of 32
+    maps iterated in 9 s that way, 2.4 s this way, 0.3 s read in a plain loop)."""
     import ray
 
-    if not record["shards"]:
+    paths = mapshards.shard_paths(out, record) if record["shards"] else []
+    if not paths:
         return ray.data.from_items([])
-    paths = mapshards.shard_paths(out, record)
-    filesystem, _ = storage.resolve(paths[0])
-    inner = [storage.resolve(p)[1] for p in paths]
-    placement = _placement(out)
-    ds = ray.data.read_parquet(inner, filesystem=filesystem, **placement)
-    shape = tuple(record["shape"])
-    return ds.map_batches(
-        mapshards.maps_of, batch_format="pyarrow", batch_size=None, fn_kwargs={"shape": shape}, **placement
-    )
+    blocks = max(1, -(-len(paths) // SHARDS_PER_TASK))
+    return ray.data.from_items([{"shard": p} for p in paths], override_num_blocks=blocks).map_batches(
+        read_maps_batch, batch_format="numpy", batch_size=None, fn_kwargs={"shape": tuple(record["shape"])},
+        **_placement(out),
+    )  # fmt: skip

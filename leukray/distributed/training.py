@@ -18,10 +18,11 @@ Adam is the fused implementation. `python -m leukray.bench` measures an epoch ag
 plain torch loop over the same maps in memory (`train_ratio`).
 
 Reproducibility: rows reach the worker in the dataset's order (`preserve_order`; the
-extractor materialises the maps in a seeded row order) and the worker shuffles them with
-a seed of (train.seed, epoch, rank) (`epoch_seed`); the checkpoint holds the weights, the
-optimizer, the epoch and every rank's torch/CUDA/numpy/python RNG states, so a resumed run
-ends with the weights and history of an uninterrupted one (tests/test_training.py).
+extractor writes the maps' shards in a seeded row order and they are read back in it) and
+the worker shuffles them with a seed of (train.seed, epoch, rank) (`epoch_seed`); the
+checkpoint holds the weights, the optimizer, the epoch and every rank's
+torch/CUDA/numpy/python RNG states, so a resumed run ends with the weights and history of an
+uninterrupted one (tests/test_training.py).
 
 May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`.
 """

@@ -6,7 +6,7 @@ shard, to `RUN/maps/<identity>/` as they are computed, and Ray Train and the emb
 stream them back from there. The layout:
 
     RUN/maps/<identity>/<shard>.parquet   path, label, subject, split, aug_index, error and
-                                          `maps` (a fixed-size list of C*H*W float16)
+                                          `maps` (each row's C*H*W float16 as raw bytes)
     RUN/maps/<identity>/shards.json       written last, once every shard is: the identity,
                                           the map shape, the rows and the shards in stream order
 
@@ -58,12 +58,19 @@ def shard_name(batch: dict[str, np.ndarray]) -> str:
 
 
 def shard_table(batch: dict[str, np.ndarray]) -> pa.Table:
-    """A batch (ROW_COLUMNS + `maps`, N x C x H x W float16) as one Arrow table; the maps
-    as a fixed-size list column (shape in `shards.json`), zero-copy from the array."""
+    """A batch (ROW_COLUMNS + `maps`, N x C x H x W float16) as one Arrow table; each row's
+    maps as one binary value (C-order bytes; the shape is in `shards.json`), zero-copy from
+    the array. Parquet writes and reads a binary column ~30x faster than a list of float16
+    (measured: 32 maps of 2,048 x 7 x 7 in 5 ms against 140-330 ms), which would otherwise
+    hold back the trunk and every training epoch."""
     maps = np.ascontiguousarray(batch["maps"], dtype=np.float16)
-    flat = pa.array(maps.reshape(-1), type=pa.float16())
+    row_bytes = int(np.prod(maps.shape[1:])) * maps.itemsize
+    offsets = np.arange(len(maps) + 1, dtype=np.int64) * row_bytes
+    values = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(maps), [None, pa.py_buffer(offsets), pa.py_buffer(maps)]
+    )
     columns = {name: pa.array(np.asarray(batch[name])) for name in ROW_COLUMNS}
-    columns["maps"] = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(maps.shape[1:])))
+    columns["maps"] = values
     return pa.table(columns)
 
 
@@ -73,19 +80,36 @@ def write_shard(folder: str, batch: dict[str, np.ndarray]) -> str:
     buffer = io.BytesIO()
     # no compression: post-ReLU float16 maps shrink little, and the writer must keep up with
     # the trunk (thousands of maps a second on a GPU)
-    pq.write_table(shard_table(batch), buffer, compression="none")
+    # (nor dictionaries or statistics for the maps: 200 KB values that never repeat)
+    pq.write_table(
+        shard_table(batch), buffer, compression="none", use_dictionary=list(ROW_COLUMNS),
+        write_statistics=list(ROW_COLUMNS),
+    )  # fmt: skip
     storage.write_bytes(storage.join(folder, name), buffer.getvalue())
     return name
 
 
 def maps_of(table: pa.Table, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """A shard's table (or a block of it) -> the batch it was written from: ROW_COLUMNS as
-    numpy and `maps` as N x C x H x W float16 (one copy out of Arrow's buffers)."""
+    numpy and `maps` as N x C x H x W float16 (a view of Arrow's buffer).
+
+    Raises:
+        ValueError: a row whose bytes are not one map of `shape` (a damaged shard).
+    """
     out = {name: table.column(name).to_numpy() for name in ROW_COLUMNS}
-    maps = table.column("maps").combine_chunks()
-    flat = maps.flatten().to_numpy(zero_copy_only=False)
-    out["maps"] = flat.reshape(len(table), *shape)
+    column = table.column("maps").combine_chunks()
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64)[column.offset : column.offset + len(column) + 1]
+    row_bytes = int(np.prod(shape)) * 2
+    if len(offsets) > 1 and not np.all(np.diff(offsets) == row_bytes):
+        raise ValueError(f"a maps shard holds rows that are not {'x'.join(map(str, shape))} float16 maps")
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    out["maps"] = data.view(np.float16).reshape(len(table), *shape)
     return out
+
+
+def read_shard(path: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """One shard (a path or URI) -> its batch (`maps_of`)."""
+    return maps_of(pq.read_table(io.BytesIO(storage.read_bytes(path))), shape)
 
 
 def write_manifest(folder: str, identity: str, shape: tuple[int, ...], shards: list[str], rows: int) -> None:

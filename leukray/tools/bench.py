@@ -16,8 +16,8 @@ move; ratios measured side by side move much less):
    divided by Lazy Predict's own sequential ``LazyClassifier.fit`` on the same features
    and the same integer labels. Target <= 0.65 on 2 cores.
 4. ``train_ratio``: an epoch of the Table II head (100,352 inputs, batch 32) through
-   `leukray`'s Ray Train path (`training.split_maps` + `training.train_head` over a
-   materialised dataset of float16 maps, the epoch timed inside the worker) over a plain
+   `leukray`'s Ray Train path (`training.split_maps` + `training.train_head` over float16
+   maps written as shards and read back, as `leukray run` does; the epoch timed inside the worker) over a plain
    torch loop with the same model, optimizer and batch size over the same maps held in
    memory (run as one Ray task holding every CPU, so both sides are worker processes with
    the same niceness and torch threads). maps/s ratio; target >= 0.7. Each run trains a
@@ -621,21 +621,29 @@ def synthetic_maps(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return maps, labels
 
 
-def maps_dataset(maps: np.ndarray, labels: np.ndarray, val_every: int = 8):
-    """The maps as `leukray run` holds them after extraction: a materialised dataset of
-    32-row blocks with path, label, split (every `val_every`-th row "val"), aug_index,
-    error and maps."""
-    import ray
-
+def maps_dataset(maps: np.ndarray, labels: np.ndarray, tmp: str, val_every: int = 8):
+    """The maps as `leukray run` hands them to Ray Train: written as 32-row shards under
+    `tmp` (`leukray.io.mapshards`) and read back lazily (`leukray.distributed.maps.read_maps`),
+    with path, label, split (every `val_every`-th row "val"), aug_index and error."""
+    from leukray.distributed.maps import read_maps
     from leukray.distributed.streaming import ROWS_PER_BLOCK
+    from leukray.io import mapshards
 
     split = np.where(np.arange(len(maps)) % val_every == 0, "val", "train")
-    items = [
-        {"path": f"m{i}", "label": str(labels[i]), "split": str(split[i]), "aug_index": 0, "error": "", "maps": maps[i]}
-        for i in range(len(maps))
-    ]
-    blocks = max(1, math.ceil(len(items) / ROWS_PER_BLOCK))
-    return ray.data.from_items(items, override_num_blocks=blocks).materialize(), int((split == "train").sum())
+    folder, shards = mapshards.maps_folder(tmp, "bench"), []
+    os.makedirs(folder, exist_ok=True)
+    for start in range(0, len(maps), ROWS_PER_BLOCK):
+        rows = slice(start, start + ROWS_PER_BLOCK)
+        n = len(maps[rows])
+        batch = {
+            "path": np.asarray([f"m{i}" for i in range(start, start + n)], dtype=object),
+            "label": np.asarray(labels[rows], dtype=object), "subject": np.asarray(["s"] * n, dtype=object),
+            "split": np.asarray(split[rows], dtype=object), "aug_index": np.zeros(n, np.int64),
+            "error": np.asarray([""] * n, dtype=object), "maps": maps[rows],
+        }  # fmt: skip
+        shards.append(mapshards.write_shard(folder, batch))
+    mapshards.write_manifest(folder, "bench", maps.shape[1:], shards, len(maps))
+    return read_maps(tmp, mapshards.complete_manifest(tmp, "bench")), int((split == "train").sum())
 
 
 def _train_config(epochs: int, batch_size: int, on_gpu: bool):
@@ -728,7 +736,7 @@ def measure_train(n: int, epochs: int, batch_size: int, repeats: int, cpus: int,
     import ray
 
     maps, labels = synthetic_maps(n)
-    maps_ds, train_rows = maps_dataset(maps, labels)
+    maps_ds, train_rows = maps_dataset(maps, labels, tmp)
     # The loop runs in a Ray worker process too (all CPUs, the same niceness and torch
     # threads as the Ray Train worker), so the two sides differ only in the input path.
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0
