@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from leukray.config import TrainConfig
-from leukray.distributed.training import STATE_FILE, TrainResult, _trainer, head_loop_config
+from leukray.distributed.training import STATE_FILE, TrainResult, _trainer, fit_quietly, head_loop_config
 
 # What the search draws (plain data: the docs and the record show it). Ranges bracket the
 # paper's setting (Adam 1e-3, dropout 0.5, no weight decay) by two decades either way.
@@ -310,12 +310,7 @@ def run_head_search(
         tune.with_resources(trial, {"cpu": 0, "memory": DRIVER_MEMORY}), cfg, storage_path, name, parallel, on_trial
     )
     rows, frames = [], {}
-    context = ray.data.DataContext.get_current()
-    saved, context.enable_progress_bars = context.enable_progress_bars, False  # as in `train_head`
-    try:
-        results = tuner.fit()
-    finally:
-        context.enable_progress_bars = saved
+    results = fit_quietly(tuner)
     for result in results:
         trial_id = str((result.metrics or {}).get("trial_id") or os.path.basename(str(result.path).rstrip("/")))
         frames[trial_id] = result.metrics_dataframe

@@ -330,6 +330,19 @@ def run_name(cfg: TrainConfig, fingerprint: str, weights: str, in_features: int,
     return "custom_resnet50-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
+def fit_quietly(fittable: Any) -> Any:
+    """`fittable.fit()` (a Ray trainer or tuner) with Ray Data's progress bars off: its
+    per-epoch bars inside the workers would drown the epoch lines."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        return fittable.fit()
+    finally:
+        context.enable_progress_bars = saved
+
+
 def train_head(
     train_ds,
     val_ds,
@@ -351,18 +364,10 @@ def train_head(
         on_epoch_end: called on every worker as (epoch, rank) once the epoch's checkpoint is
             reported (picklable; e.g. `leukray.testing.KillWorkerOnce`).
     """
-    import ray.data
 
     loop_config = head_loop_config(cfg, in_features, num_classes, weights, weights_seed, on_epoch_end)
     trainer = _trainer(loop_config, cfg, train_ds, val_ds, storage_path=storage_path, name=name, use_gpu=use_gpu)
-    # Ray Data's per-epoch progress bars inside the trainer would drown the epoch lines.
-    context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars
-    context.enable_progress_bars = False
-    try:
-        result = trainer.fit()
-    finally:
-        context.enable_progress_bars = saved
+    result = fit_quietly(trainer)
     if result.error is not None:
         raise result.error
     return _best_result(result, loop_config)

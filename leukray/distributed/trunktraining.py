@@ -42,6 +42,7 @@ from leukray.distributed.training import (
     _seed_everything,
     _trainer,
     epoch_seed,
+    fit_quietly,
 )
 from leukray.models.trained import build_trunk_classifier, normalised_images
 from leukray.models.trunk import resolve_weights
@@ -251,7 +252,6 @@ def train_trunk(
     Returns:
         The history and the best epoch's `TrunkClassifier` state (`trunk_state` gives its trunk).
     """
-    import ray.data
 
     from leukray.distributed.resources import cluster_cpus
 
@@ -273,13 +273,7 @@ def train_trunk(
         loop_config, cfg, train_ds, val_ds, storage_path=storage_path, name=name, use_gpu=use_gpu,
         loop=trunk_loop_per_worker,
     )  # fmt: skip
-    context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars
-    context.enable_progress_bars = False
-    try:
-        result = trainer.fit()
-    finally:
-        context.enable_progress_bars = saved
+    result = fit_quietly(trainer)
     if result.error is not None:
         raise result.error
     return _best_result(result, loop_config)
