@@ -105,3 +105,21 @@ def test_e2e_section_figures_are_consistent(ray_local, tmp_path):
     verdicts = bench.e2e_verdicts(e2e)
     assert set(verdicts) == {"stage_ratio", "command_ratio", "memory_growth", "maps_memory_growth"}
     json.dumps(e2e)  # bench.json can hold it
+
+
+def test_preprocess_section_measures_the_machines_ceiling_beside_ray(ray_local, tmp_path):
+    frame = bench.synthetic_images(str(tmp_path / "cells"), 16)
+    results, crops, labels = bench.measure_preprocess(
+        frame, bench.PreprocessConfig(), repeats=1, rows_per_block=4, batch_size=4
+    )
+    assert crops.shape == (16, 224, 224, 3) and len(labels) == 16
+    assert {len(v) for v in results["preprocess_runs_s"].values()} == {1}
+    # seconds are rounded to the millisecond in bench.json; the ratios were taken before
+    loop_s, ray_s, pool_s = (results[f"preprocess_{side}_s"] for side in ("loop", "ray", "pool"))
+    assert results["preprocess_pool_images_per_s"] == pytest.approx(16 / pool_s, rel=0.05)
+    assert results["preprocess_speedup"] == pytest.approx(loop_s / ray_s, rel=0.05)
+    assert results["preprocess_pool_speedup"] == pytest.approx(loop_s / pool_s, rel=0.05)
+    assert results["preprocess_ray_vs_pool"] == pytest.approx(pool_s / ray_s, rel=0.05)
+    table = bench.format_table(results)
+    assert "ceiling: Pool(all CPUs) / loop" in table
+    assert f"{results['preprocess_ray_vs_pool']:.2f}x of it" in table

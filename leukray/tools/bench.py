@@ -194,7 +194,9 @@ def preprocess_ray_seconds(
 def measure_preprocess(
     frame: pd.DataFrame, cfg: PreprocessConfig, repeats: int, rows_per_block: int, batch_size: int
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Ray Data preprocessing vs the plain loop, best of `repeats` interleaved runs each.
+    """Ray Data preprocessing vs the plain loop, and the machine's own ceiling for the same
+    work (`bench_e2e.cpu_ceiling`: a ``multiprocessing.Pool`` over every CPU), best of
+    `repeats` interleaved runs each.
 
     Untimed first: every file is read once (both sides then find it in the page cache), a
     small Ray Data run starts the workers and imports leukray in them, and the loop
@@ -203,39 +205,49 @@ def measure_preprocess(
     Returns:
         (results, crops, labels).
     """
+    from leukray.tools.bench_e2e import cpu_ceiling
+
     paths = frame["path"].tolist()
     for p in paths:
         storage.read_bytes(p)
     preprocess_ray_seconds(frame.iloc[: 2 * rows_per_block], cfg, rows_per_block, batch_size)
     preprocess_loop_seconds(paths[:8], cfg)
-    loop_runs, ray_runs, busy = [], [], []
+    runs: dict[str, list[float]] = {"loop": [], "ray": [], "pool": []}
+    busy: list[float] = []
     loop_crops = crops = labels = None
     for i in range(repeats):
-        for side in ("loop", "ray") if i % 2 == 0 else ("ray", "loop"):  # alternate who goes first
+        for side in ("loop", "ray", "pool") if i % 2 == 0 else ("pool", "ray", "loop"):  # alternate the order
             if side == "loop":
                 seconds, loop_crops = preprocess_loop_seconds(paths, cfg)
-                loop_runs.append(seconds)
-            else:
+            elif side == "ray":
                 seconds, at_once, crops, labels = preprocess_ray_seconds(frame, cfg, rows_per_block, batch_size)
-                ray_runs.append(seconds)
                 busy.append(at_once)
+            else:
+                seconds = cpu_ceiling(paths, machine_cpus())["seconds"]
+            runs[side].append(seconds)
         log(
-            f"preprocess run {i + 1}/{repeats}: loop {loop_runs[-1]:.2f}s, ray {ray_runs[-1]:.2f}s "
-            f"({len(paths)} images; Ray tasks busy at once: {at_once:.2f} on average)"
+            f"preprocess run {i + 1}/{repeats}: loop {runs['loop'][-1]:.2f}s, ray {runs['ray'][-1]:.2f}s, "
+            f"pool {runs['pool'][-1]:.2f}s ({len(paths)} images; Ray tasks busy at once: {at_once:.2f} on average)"
         )
     if not np.array_equal(loop_crops, crops):
         raise SystemExit("bench: the Ray Data crops differ from the loop's crops")
     n = len(paths)
-    loop_s, ray_s = min(loop_runs), min(ray_runs)
+    loop_s, ray_s, pool_s = min(runs["loop"]), min(runs["ray"]), min(runs["pool"])
     results = {
         "preprocess_images": n,
         "preprocess_loop_s": round(loop_s, 3),
         "preprocess_ray_s": round(ray_s, 3),
+        "preprocess_pool_s": round(pool_s, 3),
         "preprocess_loop_images_per_s": round(n / loop_s, 1),
         "preprocess_ray_images_per_s": round(n / ray_s, 1),
+        "preprocess_pool_images_per_s": round(n / pool_s, 1),
         "preprocess_speedup": round(loop_s / ray_s, 3),
-        "preprocess_runs_s": {"loop": [round(s, 3) for s in loop_runs], "ray": [round(s, 3) for s in ray_runs]},
-        "preprocess_ray_tasks_busy_at_once": round(busy[int(np.argmin(ray_runs))], 2),
+        # What this machine's CPUs allow at all: a plain multiprocessing.Pool over every CPU
+        # (no crops shipped back) against the loop; and Ray Data against that ceiling.
+        "preprocess_pool_speedup": round(loop_s / pool_s, 3),
+        "preprocess_ray_vs_pool": round(pool_s / ray_s, 3),
+        "preprocess_runs_s": {side: [round(s, 3) for s in values] for side, values in runs.items()},
+        "preprocess_ray_tasks_busy_at_once": round(busy[int(np.argmin(runs["ray"]))], 2),
         "preprocess_ray_setup": {
             "rows_per_block": rows_per_block,
             "batch_size": batch_size,
@@ -859,6 +871,12 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{verdict(key, results[key]):<4}  "
                 f"{results[ray_key]:g} vs {results[base_key]:g} {unit}"
             )
+        if key == "preprocess_speedup" and "preprocess_pool_speedup" in results:
+            lines.append(
+                f"{'':<20} {'ceiling: Pool(all CPUs) / loop':<30} {results['preprocess_pool_speedup']:>7.3f}"
+                f"{'':<15}Ray Data at {results['preprocess_ray_vs_pool']:.2f}x of it "
+                f"({results['preprocess_pool_images_per_s']:g} img/s)"
+            )
     if "e2e" in results:
         lines += _e2e_lines(results["e2e"])
     return "\n".join(lines)
@@ -866,7 +884,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m leukray.bench", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--cells", type=int, default=400, help="synthetic images for preprocessing (default 400)")
+    parser.add_argument("--cells", type=int, default=1600, help="synthetic images for preprocessing (default 1600)")
     parser.add_argument(
         "--data",
         default="",
