@@ -29,8 +29,17 @@ class TestPoolPlans:
         assert plan_pool("auto", 0, "", {"CPU": 16.0, "GPU": 4.0}).max_size == 4
 
     def test_cpu_pools_and_explicit_choices(self):
+        # one actor per CPU node, a torch thread per core, one CPU slot left free on its node
         cpu = plan_pool("auto", 0, "", {"CPU": 2.0})
-        assert not cpu.on_gpu and (cpu.min_size, cpu.max_size) == (1, 2) and cpu.resources == {"num_cpus": 1}
+        assert not cpu.on_gpu and (cpu.min_size, cpu.max_size) == (1, 1)
+        assert cpu.resources == {"num_cpus": 1} and cpu.threads == 2
+        nodes = plan_pool("auto", 0, "", {"CPU": 48.0}, node_cpus=(16.0, 16.0, 16.0))
+        assert (nodes.min_size, nodes.max_size) == (3, 3) and nodes.resources == {"num_cpus": 15}
+        assert nodes.threads == 16  # a second actor would not fit a node: one each
+        mixed = plan_pool("auto", 0, "", {"CPU": 10.0}, node_cpus=(8.0, 2.0))
+        assert mixed.threads == 2 and mixed.resources == {"num_cpus": 1} and mixed.max_size == 2  # fits the small one
+        assert plan_pool("auto", 0, "", {"CPU": 1.0}).resources == {"num_cpus": 1}
+        assert plan_pool("auto", 3, "", {"CPU": 8.0}).threads == 0  # explicit actors: 1 CPU, 1 thread each
         assert plan_pool("false", 0, "", {"CPU": 8.0, "GPU": 1.0}).on_gpu is False
         assert plan_pool("auto", 3, "", {"CPU": 8.0}).max_size == 3
         acc = plan_pool("auto", 0, "neuron", {"CPU": 8.0, "neuron": 2.0})

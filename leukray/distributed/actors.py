@@ -19,7 +19,7 @@ from leukray.io import mapshards, storage, wholeslide
 from leukray.io.features import error_mask
 from leukray.models.bundle import load_bundle
 from leukray.models.custom import build_custom_model, load_model_state
-from leukray.models.trunk import TrunkExtractor
+from leukray.models.trunk import TrunkExtractor, set_cpu_threads
 from leukray.ops.preprocess import READ_ERRORS, load_and_preprocess, read_error_reason, to_rgb_uint8
 from leukray.ops.review import add_review_media, field_thumbnail, thumbnailing_reader
 from leukray.ops.smear import detect_and_crop, field_row, slide_tile_rows
@@ -148,10 +148,11 @@ class CustomEmbedder:
     """Ray Data actor: trunk maps -> the custom model's penultimate activations (`features`)
     and its own class probabilities (`head_prob`)."""
 
-    def __init__(self, state_path: str, head_config: dict[str, Any], embedding: int):
+    def __init__(self, state_path: str, head_config: dict[str, Any], embedding: int, threads: int = 0):
         import torch
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        set_cpu_threads(self.device, threads)
         self.model = build_custom_model(head_config, state=load_model_state(state_path)).to(self.device)
         self.embedding = embedding
 
@@ -170,12 +171,14 @@ class BundlePredictor:
     """Ray Data actor: loads (and verifies) the bundle once; crops -> class probabilities
     (`prob_all`, `predicted_label`)."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, threads: int = 0):
         self.bundle = load_bundle(model_dir)
         seed = int(self.bundle.manifest.get("weights_seed", 0))
         self.extractor = None
         if self.bundle.needs_trunk:  # a model on cell features alone needs no ResNet50
-            self.extractor = FeatureExtractor(self.bundle.trunk_weights, seed=seed, maps_stage=self.bundle.maps_stage)
+            self.extractor = FeatureExtractor(
+                self.bundle.trunk_weights, seed=seed, maps_stage=self.bundle.maps_stage, threads=threads
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.extractor is not None:

@@ -86,7 +86,7 @@ def _features_dataset(
 ) -> tuple[Any, bool]:
     import ray
 
-    use_gpu, pool, actor_resources = plan_actor_pool(
+    use_gpu, pool, actor_resources, threads = plan_actor_pool(
         cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource
     )
     ds = ray.data.from_pandas(row_blocks(rows[STREAM_COLUMNS], ROWS_PER_BLOCK))
@@ -110,6 +110,7 @@ def _features_dataset(
             "seed": cfg.extract.seed,
             "maps_stage": maps_stage,
             "deterministic": cfg.extract.deterministic,
+            "threads": threads,
         },
         compute=pool,
         **actor_resources,
@@ -233,12 +234,19 @@ def embed_maps(
         (feature rows, their N x embedding matrix, head probabilities: path, split, label,
         subject, head_prob (C floats)).
     """
-    on_gpu, pool, resources = plan_actor_pool(cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource)
+    on_gpu, pool, resources, threads = plan_actor_pool(
+        cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource
+    )
     embedded = maps_ds.map_batches(
         CustomEmbedder,
         batch_format="numpy",
         batch_size=max(extract_batch_size(cfg.extract.batch_size, on_gpu), 64),
-        fn_constructor_kwargs={"state_path": state_path, "head_config": head_config, "embedding": cfg.train.embedding},
+        fn_constructor_kwargs={
+            "state_path": state_path,
+            "head_config": head_config,
+            "embedding": cfg.train.embedding,
+            "threads": threads,
+        },
         compute=pool,
         **resources,
     )
@@ -255,13 +263,13 @@ def embed_maps(
 
 
 def _bundle_stream(ds: Any, bundle: Bundle, model_dir: str) -> tuple[Any, bool]:
-    use_gpu, pool, resources = plan_actor_pool("auto", 0)
+    use_gpu, pool, resources, threads = plan_actor_pool("auto", 0)
     ds = ds.map_batches(
         BundlePredictor,
         batch_format="numpy",
         # 0 (auto) in a bundle: the batch for this device, as extraction chose it
         batch_size=extract_batch_size(int(bundle.manifest.get("extract_batch_size", 32)), use_gpu),
-        fn_constructor_kwargs={"model_dir": model_dir},
+        fn_constructor_kwargs={"model_dir": model_dir, "threads": threads},
         compute=pool,
         **resources,
     )

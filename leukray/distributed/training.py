@@ -24,7 +24,7 @@ checkpoint holds the weights, the optimizer, the epoch and every rank's
 torch/CUDA/numpy/python RNG states, so a resumed run ends with the weights and history of an
 uninterrupted one (tests/test_training.py).
 
-May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`.
+May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`, `leukray.distributed.maps`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from leukray.config import TrainConfig
+from leukray.distributed.maps import capped_store
 from leukray.models.custom import build_custom_model
 from leukray.models.trunk import resolve_weights
 
@@ -429,7 +430,9 @@ def _trainer(
     # Rows reach the worker in the dataset's own (deterministic) order: the shuffle is the
     # worker's seeded one (`epoch_seed`), so that two runs, or a run and its resumption, see
     # the same batches.
-    ingest = ray.data.ExecutionOptions(preserve_order=True)
+    # The maps are read ahead of the worker no further than the object-store cap of a maps
+    # stream (`maps.capped_store`): memory stays flat however many maps there are.
+    ingest = capped_store(ray.data.ExecutionOptions(preserve_order=True))
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config=loop_config,

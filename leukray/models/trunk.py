@@ -208,11 +208,21 @@ def use_deterministic_algorithms() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def set_cpu_threads(device: Any, threads: int = 0) -> None:
+    """On a CPU, torch's thread count: `threads`, or for 0 as many as the actor was given
+    (Ray sets OMP_NUM_THREADS from an actor's num_cpus)."""
+    import torch
+
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if device.type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
+
+
 class TrunkExtractor:
     """Loads the trunk once, then maps batches of crops to 2,048 features.
 
-    On a GPU it runs channels_last with bf16 autocast; on a CPU in float32 with as many
-    threads as the actor was given (Ray sets OMP_NUM_THREADS from the actor's num_cpus).
+    On a GPU it runs channels_last with bf16 autocast; on a CPU in float32 with `threads`
+    torch threads (`set_cpu_threads`).
     Rows whose `error` is set are passed through with NaN features.
 
     With `maps_stage` >= 0 it also emits `maps` (float16): the output of the trunk's frozen
@@ -221,7 +231,13 @@ class TrunkExtractor:
     """
 
     def __init__(
-        self, weights: str, seed: int = 0, device: str = "auto", maps_stage: int = -1, deterministic: bool = False
+        self,
+        weights: str,
+        seed: int = 0,
+        device: str = "auto",
+        maps_stage: int = -1,
+        deterministic: bool = False,
+        threads: int = 0,
     ):
         import torch
 
@@ -231,9 +247,7 @@ class TrunkExtractor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if self.device.type == "cpu" and threads > 0:
-            torch.set_num_threads(threads)
+        set_cpu_threads(self.device, threads)
         self.on_gpu = self.device.type == "cuda"
         trunk = build_trunk(state, seed)
         self.maps_stage = maps_stage
