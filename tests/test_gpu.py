@@ -29,12 +29,12 @@ class TestPoolPlans:
         assert plan_pool("auto", 0, "", {"CPU": 16.0, "GPU": 4.0}).max_size == 4
 
     def test_cpu_pools_and_explicit_choices(self):
-        # one actor per CPU node, a torch thread per core, one CPU slot left free on its node
+        # up to one actor per CPU node, a torch thread per core, one CPU slot left free on its node
         cpu = plan_pool("auto", 0, "", {"CPU": 2.0})
         assert not cpu.on_gpu and (cpu.min_size, cpu.max_size) == (1, 1)
         assert cpu.resources == {"num_cpus": 1} and cpu.threads == 2
         nodes = plan_pool("auto", 0, "", {"CPU": 48.0}, node_cpus=(16.0, 16.0, 16.0))
-        assert (nodes.min_size, nodes.max_size) == (3, 3) and nodes.resources == {"num_cpus": 15}
+        assert (nodes.min_size, nodes.max_size) == (1, 3) and nodes.resources == {"num_cpus": 15}
         assert nodes.threads == 16  # a second actor would not fit a node: one each
         mixed = plan_pool("auto", 0, "", {"CPU": 10.0}, node_cpus=(8.0, 2.0))
         assert mixed.threads == 2 and mixed.resources == {"num_cpus": 1} and mixed.max_size == 2  # fits the small one

@@ -102,7 +102,7 @@ def plan_pool(
 
 
 def cpu_pool(node_cpus: tuple[float, ...]) -> PoolPlan:
-    """CPU-only: one actor per node, running a torch thread per core of the smallest node and
+    """CPU-only: up to one actor per node, running a torch thread per core of the smallest node and
     holding one CPU slot fewer than that, so one actor fits a node and a slot stays free there
     for the stream's other tasks. A pool of 1-CPU, 1-thread actors that Ray Data was to scale
     up to one per CPU stayed at one actor (its resource budget keeps slots for the tasks after
@@ -110,7 +110,9 @@ def cpu_pool(node_cpus: tuple[float, ...]) -> PoolPlan:
     trunk's speed (issue 9). Preprocessing is fused into the actor, and on a CPU it is ~1 % of
     the trunk's time per image."""
     threads = max(1, int(min(node_cpus)))
-    return PoolPlan(False, len(node_cpus), len(node_cpus), {"num_cpus": max(1, threads - 1)}, threads)
+    # from one actor up: a pool that had to start on every node would wait forever for a node
+    # whose CPUs something else holds, or that died
+    return PoolPlan(False, 1, len(node_cpus), {"num_cpus": max(1, threads - 1)}, threads)
 
 
 def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -> tuple[bool, Any, dict[str, Any], int]:

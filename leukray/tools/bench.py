@@ -336,9 +336,10 @@ def extract_ray_seconds(crops_ds, weights: str, seed: int, batch_size: int, setu
 
     Args:
         setup: ``one-actor-all-cpus``: one actor holding every CPU, torch using as many
-            threads (the loop's shape); ``fixed-pool-1cpu``: one 1-CPU, 1-thread actor per
-            CPU, all started up front; ``autoscaling-pool-1cpu``: what `leukray run` does
-            on CPUs (1 to `cpus` such actors).
+            threads (the loop's shape, and `leukray run`'s on a one-node CPU machine, which
+            holds one slot fewer: `resources.cpu_pool`); ``fixed-pool-1cpu``: one 1-CPU,
+            1-thread actor per CPU, all started up front; ``autoscaling-pool-1cpu``: 1 to
+            `cpus` such actors (what `leukray run` did before, and stayed at one).
 
     Returns:
         seconds (from the first batch an actor starts to the last row reaching the driver:
