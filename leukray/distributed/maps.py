@@ -1,7 +1,8 @@
 """The custom head's trunk maps on the cluster: written as shards by the extraction pass and
 streamed back as a Ray dataset for Ray Train and the embedding pass (the files and their
-lifetime: `leukray.io.mapshards`). No step materialises the maps: the object store holds
-only the blocks in flight, however many images there are.
+lifetime: `leukray.io.mapshards`). No step materialises the maps; how far Ray Data reads
+ahead of a reader is capped (`MAPS_STORE_BYTES`), though Ray Train's ingest still reads
+further ahead (docs/measurements.md).
 
 May import: Ray, numpy, pandas, `leukray.config`, `leukray.io`, `leukray.models`,
 `leukray.distributed.actors`.
