@@ -114,12 +114,12 @@ def test_preprocess_section_measures_the_machines_ceiling_beside_ray(ray_local, 
     )
     assert crops.shape == (16, 224, 224, 3) and len(labels) == 16
     assert {len(v) for v in results["preprocess_runs_s"].values()} == {1}
-    # seconds are rounded to the millisecond in bench.json; the ratios were taken before
+    # seconds are rounded to 10 us in bench.json, the ratios to 3 digits; both taken before
     loop_s, ray_s, pool_s = (results[f"preprocess_{side}_s"] for side in ("loop", "ray", "pool"))
-    assert results["preprocess_pool_images_per_s"] == pytest.approx(16 / pool_s, rel=0.05)
-    assert results["preprocess_speedup"] == pytest.approx(loop_s / ray_s, rel=0.05)
-    assert results["preprocess_pool_speedup"] == pytest.approx(loop_s / pool_s, rel=0.05)
-    assert results["preprocess_ray_vs_pool"] == pytest.approx(pool_s / ray_s, rel=0.05)
+    assert results["preprocess_pool_images_per_s"] == pytest.approx(16 / pool_s, rel=0.05, abs=1e-3)
+    assert results["preprocess_speedup"] == pytest.approx(loop_s / ray_s, rel=0.05, abs=1e-3)
+    assert results["preprocess_pool_speedup"] == pytest.approx(loop_s / pool_s, rel=0.05, abs=1e-3)
+    assert results["preprocess_ray_vs_pool"] == pytest.approx(pool_s / ray_s, rel=0.05, abs=1e-3)
     table = bench.format_table(results)
     assert "ceiling: Pool(all CPUs) / loop" in table
     assert f"{results['preprocess_ray_vs_pool']:.2f}x of it" in table
