@@ -182,6 +182,18 @@ class TestWeights:
         with pytest.raises(WeightsError, match="no such file"):
             resolve_weights(str(tmp_path / "nope.pth"))
 
+    def test_extractor_runs_the_torch_threads_its_pool_plan_gives(self):
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            FeatureExtractor("random", seed=0, device="cpu", threads=1)
+            assert torch.get_num_threads() == 1
+            FeatureExtractor("random", seed=0, device="cpu", threads=2)
+            assert torch.get_num_threads() == 2
+        finally:
+            torch.set_num_threads(before)
+
     def test_extractor_passes_errors_through_as_nan(self):
         extractor = FeatureExtractor("random", seed=0, device="cpu")
         rng = np.random.default_rng(0)

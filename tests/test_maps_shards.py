@@ -16,7 +16,7 @@ import pytest
 from leukray.cli import main
 from leukray.config import build_config
 from leukray.data.splits import TRAIN, VAL
-from leukray.distributed.maps import plan_maps
+from leukray.distributed.maps import MAPS_STORE_BYTES, plan_maps
 from leukray.distributed.streaming import extract_features
 from leukray.distributed.training import split_maps
 from leukray.io import mapshards
@@ -98,6 +98,12 @@ def test_the_trainer_sees_each_usable_row_once_with_its_label_and_split(extracte
         assert distances.min(axis=1).max() < 2e-2
         labels = want["label"].to_numpy()[nearest]
         np.testing.assert_array_equal(seen["label_code"], [classes.index(label) for label in labels])
+
+
+def test_a_maps_stream_reads_at_most_its_cap_ahead(extracted):
+    # Ray Data's read-ahead for the maps is capped (it filled ~0.5 x the object store before)
+    for ds in (extracted.maps_ds, *split_maps(extracted.maps_ds, ["hem", "all"])):
+        assert ds.context.execution_options.resource_limits.object_store_memory == MAPS_STORE_BYTES
 
 
 def test_a_maps_pass_of_the_same_extraction_reads_the_shards_back(extracted):
