@@ -102,13 +102,14 @@ def plan_pool(
 
 
 def cpu_pool(node_cpus: tuple[float, ...]) -> PoolPlan:
-    """CPU-only: up to one actor per node, running a torch thread per core of the smallest node and
-    holding one CPU slot fewer than that, so one actor fits a node and a slot stays free there
-    for the stream's other tasks. A pool of 1-CPU, 1-thread actors that Ray Data was to scale
-    up to one per CPU stayed at one actor (its resource budget keeps slots for the tasks after
-    it), which left all but one core idle: on 2 cores `leukray extract` ran at 0.69 of the
-    trunk's speed (issue 9). Preprocessing is fused into the actor, and on a CPU it is ~1 % of
-    the trunk's time per image."""
+    """CPU-only: up to one actor per node, running a torch thread per core of the smallest
+    node and holding one CPU slot fewer than that, so on nodes of equal size one actor fits
+    each and a slot stays free there for the stream's other tasks (a larger node may take
+    two). A pool of 1-CPU, 1-thread actors that Ray Data was to scale up to one per CPU
+    stayed at one actor (its resource budget keeps slots for the tasks after it), which left
+    all but one core idle: on 2 cores `leukray extract` ran at 0.69 of the trunk's speed
+    (issue 9). Preprocessing is fused into the actor, and on a CPU it is ~1 % of the trunk's
+    time per image."""
     threads = max(1, int(min(node_cpus)))
     # from one actor up: a pool that had to start on every node would wait forever for a node
     # whose CPUs something else holds, or that died
