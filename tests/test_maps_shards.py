@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,8 @@ import pytest
 from leukray.cli import main
 from leukray.config import build_config
 from leukray.data.splits import TRAIN, VAL
-from leukray.distributed.maps import MAPS_STORE_BYTES, plan_maps
+from leukray.distributed import maps as maps_module
+from leukray.distributed.maps import MAPS_STORE_BYTES, PREFETCH_SHARDS, plan_maps
 from leukray.distributed.streaming import extract_features
 from leukray.distributed.training import split_maps
 from leukray.io import mapshards
@@ -51,6 +53,11 @@ def _rows(ds, columns) -> dict[str, np.ndarray]:
     return {c: np.concatenate([b[c] for b in batches]) for c in columns}
 
 
+def _source_rows(source, rank=0, world=1, order_seed=None) -> dict[str, np.ndarray]:
+    parts = list(source.stream(rank, world, order_seed))
+    return {c: np.concatenate([p[c] for p in parts]) for c in ("maps", "label_code")}
+
+
 def _usable(extracted) -> pd.DataFrame:
     return extracted.meta.assign(row=np.arange(len(extracted.meta)))
 
@@ -62,7 +69,7 @@ def test_maps_are_shards_with_every_row_once_and_the_rows_own_maps(extracted):
     assert folder.endswith(record["identity"]) and record["shape"] == [2048, 2, 2]
     files = sorted(n for n in mapshards.storage.file_signatures(folder) if n.endswith(".parquet"))
     assert files == sorted(record["shards"]) and len(files) > 1
-    rows = _rows(extracted.maps_ds, ["path", "aug_index", "error", "maps", "split"])
+    rows = _rows(extracted.maps.dataset(), ["path", "aug_index", "error", "maps", "split"])
     meta = extracted.meta
     assert record["rows"] == len(rows["path"]) == len(meta)  # the synthetic cells all decode
     keys = list(zip(rows["path"].astype(str), rows["aug_index"].astype(int)))
@@ -78,14 +85,14 @@ def test_maps_are_shards_with_every_row_once_and_the_rows_own_maps(extracted):
 
 def test_the_trainer_sees_each_usable_row_once_with_its_label_and_split(extracted):
     classes = ["hem", "all"]
-    train_ds, val_ds = split_maps(extracted.maps_ds, classes)
+    train, val = split_maps(extracted.maps, classes)
     meta = extracted.meta
     expected = {
         "train": meta[meta["split"] == TRAIN],
         "val": meta[(meta["split"] == VAL) & (meta["aug_index"] == 0)],
     }
-    for name, ds in (("train", train_ds), ("val", val_ds)):
-        seen = _rows(ds, ["maps", "label_code"])
+    for name, source in (("train", train), ("val", val)):
+        seen = _source_rows(source)
         want = expected[name]
         assert len(seen["label_code"]) == len(want) > 0
         # match every row the trainer sees to the feature row with the same pooled maps:
@@ -100,10 +107,46 @@ def test_the_trainer_sees_each_usable_row_once_with_its_label_and_split(extracte
         np.testing.assert_array_equal(seen["label_code"], [classes.index(label) for label in labels])
 
 
-def test_a_maps_stream_reads_at_most_its_cap_ahead(extracted):
+def test_workers_split_the_shards_between_them_in_a_seeded_order(extracted):
+    train, _ = split_maps(extracted.maps, ["hem", "all"])
+    whole = _source_rows(train)["maps"]
+    for seed in (1, 2):
+        halves = [train.shards_of(rank, 2, seed) for rank in (0, 1)]
+        assert sorted(halves[0] + halves[1]) == sorted(train.paths) and not set(halves[0]) & set(halves[1])
+        assert halves == [train.shards_of(rank, 2, seed) for rank in (0, 1)]  # the same on every call
+        read = np.concatenate([_source_rows(train, rank, 2, seed)["maps"] for rank in (0, 1)])
+        assert sorted(map(bytes, read)) == sorted(map(bytes, whole))  # every row once between the two
+    assert train.shards_of(0, 1, 1) != train.shards_of(0, 1, 2)  # another epoch, another order
+
+
+def test_a_worker_reads_at_most_its_prefetch_ahead(extracted, monkeypatch):
+    # the training worker's memory stays flat: it reads a few shards ahead, not the folder
+    train, _ = split_maps(extracted.maps, ["hem", "all"])
+    ahead = 1  # the fixture's run has 3 shards: one ahead leaves the bound something to hold
+    assert PREFETCH_SHARDS > ahead and len(train.paths) > ahead + 1
+    monkeypatch.setattr(maps_module, "PREFETCH_SHARDS", ahead)
+    started, real = [], maps_module.read_source_shard
+    monkeypatch.setattr(maps_module, "read_source_shard", lambda path, *a: (started.append(path), real(path, *a))[1])
+    stream = train.stream()
+    for taken, _ in enumerate(stream, start=1):
+        time.sleep(0.05)  # a slow consumer: the readers could run ahead if nothing held them
+        assert len(started) <= taken + ahead
+    assert sorted(started) == sorted(train.paths)
+
+
+def test_a_worker_on_another_node_reads_through_a_task_there(extracted, monkeypatch):
+    # a local run folder is on the driver's disk: a worker elsewhere asks a task on that node
+    train, _ = split_maps(extracted.maps, ["hem", "all"])
+    local = _source_rows(train)
+    monkeypatch.setattr(maps_module, "_driver_ip", lambda: "10.255.255.1")  # "this worker is elsewhere"
+    remote = _source_rows(train)
+    np.testing.assert_array_equal(remote["maps"], local["maps"])
+    np.testing.assert_array_equal(remote["label_code"], local["label_code"])
+
+
+def test_the_embedding_stream_reads_at_most_its_cap_ahead(extracted):
     # Ray Data's read-ahead for the maps is capped (it filled ~0.5 x the object store before)
-    for ds in (extracted.maps_ds, *split_maps(extracted.maps_ds, ["hem", "all"])):
-        assert ds.context.execution_options.resource_limits.object_store_memory == MAPS_STORE_BYTES
+    assert extracted.maps.dataset().context.execution_options.resource_limits.object_store_memory == MAPS_STORE_BYTES
 
 
 def test_a_maps_pass_of_the_same_extraction_reads_the_shards_back(extracted):
@@ -114,7 +157,7 @@ def test_a_maps_pass_of_the_same_extraction_reads_the_shards_back(extracted):
     streamed = extract_features(usable, cfg, None, provenance, keep_maps=True)
     assert streamed.facts["maps_reused"] is True
     assert mapshards.storage.file_signatures(mapshards.maps_root(cfg.out)) == before  # nothing rewritten
-    assert streamed.maps_ds.count() == len(extracted.meta)
+    assert streamed.maps.rows == streamed.maps.dataset().count() == len(extracted.meta)
 
 
 def test_other_settings_or_an_unfinished_folder_never_reuse_the_shards(extracted, tmp_path):
@@ -131,7 +174,7 @@ def test_other_settings_or_an_unfinished_folder_never_reuse_the_shards(extracted
     assert streamed.facts["maps_reused"] is False
     (folder,) = mapshards.storage.list_dirs(mapshards.maps_root(str(out)))
     assert not folder.endswith(old.identity)  # the other extraction's shards are gone, not mixed
-    assert streamed.maps_ds.count() == int((1 + some["n_aug"]).sum())
+    assert streamed.maps.dataset().count() == int((1 + some["n_aug"]).sum())
     # a folder whose shards.json is missing (a pass that died) is unfinished: never read
     new_identity = folder.rsplit("/", 1)[1]
     (out / "maps" / new_identity / "shards.json").unlink()

@@ -4,32 +4,60 @@ same weights and history as an uninterrupted one."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from leukray.config import TrainConfig
-from leukray.distributed.training import _with_codes, epoch_seed, train_head
+from leukray.distributed.maps import MapsShards, with_codes
+from leukray.distributed.training import epoch_seed, split_maps, train_head
+from leukray.io import mapshards
 from leukray.models.head import CustomResNet50, PaperHead
 from leukray.testing import KillWorkerOnce
 
 CFG = TrainConfig(epochs=5, batch_size=16, lr=1e-3, dropout=0.2, max_failures=2, seed=3)
 
 
-def maps_dataset(ray, n=96, seed=0):
-    """Separable fake trunk maps (float16, as the extractor emits them): class 1 has a
-    brighter first channel; 6 blocks."""
+def separable_maps(n, seed):
+    """Separable fake trunk maps (float16, as the extractor emits them): class "all" has a
+    brighter first channel; one "all" for two "hem"."""
     rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 3 == 0).astype(np.int64)  # 1 : 2, like ALL : normal reversed
+    labels = np.where(np.arange(n) % 3 == 0, "all", "hem")
     maps = rng.normal(size=(n, 8, 2, 2)).astype(np.float16)
-    maps[:, 0] += (labels * 2.0).astype(np.float16)[:, None, None]
-    items = [{"maps": m, "label_code": int(y)} for m, y in zip(maps, labels)]
-    return ray.data.from_items(items, override_num_blocks=6)
+    maps[:, 0] += ((labels == "all") * 2.0).astype(np.float16)[:, None, None]
+    return maps, labels
+
+
+def maps_shards(folder, n_train=96, n_val=48, rows_per_shard=16) -> MapsShards:
+    """`n_train` training and `n_val` validation maps written as the extractor writes them
+    (`leukray.io.mapshards`, 16-row shards, the two splits interleaved) under `folder`."""
+    train_maps, train_labels = separable_maps(n_train, 0)
+    val_maps, val_labels = separable_maps(n_val, 1)
+    maps = np.concatenate([train_maps, val_maps])
+    labels = np.concatenate([train_labels, val_labels])
+    split = np.array(["train"] * n_train + ["val"] * n_val, dtype=object)
+    order = np.random.default_rng(7).permutation(len(maps))
+    shard_folder, shards = mapshards.maps_folder(str(folder), "test"), []
+    for start in range(0, len(order), rows_per_shard):
+        rows = order[start : start + rows_per_shard]
+        batch = {
+            "path": np.asarray([f"cell{i}.bmp" for i in rows], dtype=object),
+            "label": labels[rows].astype(object), "subject": np.asarray(["s1"] * len(rows), dtype=object),
+            "split": split[rows], "aug_index": np.zeros(len(rows), np.int64),
+            "error": np.asarray([""] * len(rows), dtype=object), "maps": maps[rows],
+        }  # fmt: skip
+        mapshards.storage.makedirs(shard_folder)
+        shards.append(mapshards.write_shard(shard_folder, batch))
+    mapshards.write_manifest(shard_folder, "test", maps.shape[1:], shards, len(maps))
+    return MapsShards(str(folder), mapshards.complete_manifest(str(folder), "test"))
 
 
 def train(ray, tmp_path, name, cfg=CFG, on_epoch_end=None):
+    train_rows, val_rows = split_maps(maps_shards(tmp_path / f"maps-{name}"), ["hem", "all"])
     return train_head(
-        maps_dataset(ray), maps_dataset(ray, n=48, seed=1), cfg,
+        train_rows, val_rows, cfg,
         in_features=32, num_classes=2, weights="random", weights_seed=0,
         storage_path=str(tmp_path), name=name, use_gpu=False, on_epoch_end=on_epoch_end,
     )  # fmt: skip
@@ -69,11 +97,11 @@ def test_label_codes_are_vectorised_and_unknown_labels_refused():
         "error": np.array(["", "", "", "bad", ""], dtype=object),
         "aug_index": np.array([0, 1, 0, 0, 0]),
     }
-    out = _with_codes(batch, ["hem", "all"], "train", originals_only=False)
+    out = with_codes(batch, ["hem", "all"], "train", originals_only=False)
     assert out["label_code"].tolist() == [0, 1, 1] and out["maps"][:, 0].tolist() == [0, 1, 4]
-    assert _with_codes(batch, ["hem", "all"], "train", originals_only=True)["label_code"].tolist() == [0, 1]
+    assert with_codes(batch, ["hem", "all"], "train", originals_only=True)["label_code"].tolist() == [0, 1]
     with pytest.raises(ValueError, match="outside"):
-        _with_codes(batch, ["hem", "other"], "train", originals_only=False)
+        with_codes(batch, ["hem", "other"], "train", originals_only=False)
 
 
 @pytest.mark.slow
@@ -105,3 +133,18 @@ class TestTraining:
         again = train(ray_local, tmp_path, "resume", on_epoch_end=kill)
         assert len(log.read_text().splitlines()) == 5  # no epoch ran again
         assert again.history == result.history
+
+    def test_two_workers_train_in_step_on_their_own_shards(self, ray_local, uninterrupted, tmp_path):
+        # DistributedDataParallel over 2 CPU workers, each reading half of the shards: the
+        # ranks take the same number of steps (a rank with steps the other lacks would hang
+        # the gradient all-reduce), and the head learns as the one-worker run does
+        cfg = dataclasses.replace(CFG, epochs=3, workers=2)
+        result = train(ray_local, tmp_path, "two", cfg=cfg)
+        assert [h["epoch"] for h in result.history] == [1, 2, 3]
+        assert result.best_val_balanced_accuracy > 0.8
+        # validation counts both ranks' rows, each once; training drops only the rows that
+        # would put the ranks out of step (under a batch each, plus one rank's surplus)
+        assert [h["val_rows"] for h in result.history] == [48] * 3
+        assert all(64 <= h["train_rows"] <= 96 and h["train_rows"] % 32 == 0 for h in result.history)
+        assert [h["val_rows"] for h in uninterrupted.history] == [48] * 5
+        assert [h["train_rows"] for h in uninterrupted.history] == [96] * 5

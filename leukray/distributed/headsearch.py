@@ -29,7 +29,7 @@ kept, an unfinished one reruns and its Ray Train run (named by the trial) resume
 last checkpoint.
 
 May import: Ray, Optuna, numpy, pandas, `leukray.config`, `leukray.distributed.training`,
-`leukray.distributed.resources`.
+`leukray.distributed.maps`, `leukray.distributed.resources`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from leukray.config import TrainConfig
+from leukray.distributed.maps import ShardSource
 from leukray.distributed.training import STATE_FILE, TrainResult, _trainer, fit_quietly, head_loop_config
 
 # What the search draws (plain data: the docs and the record show it). Ranges bracket the
@@ -118,12 +119,12 @@ def _head_trial_class():
     from ray.util.queue import Queue
 
     class HeadTrial(tune.Trainable):
-        def setup(self, config, *, train_ds, val_ds, loop_config, cfg, storage_path, name, use_gpu):
+        def setup(self, config, *, loop_config, cfg, storage_path, name, use_gpu):
             self.max_t, self.controller, self.error = cfg.epochs, None, None
             self.epochs = Queue(actor_options={"num_cpus": 0})
             drawn = {key: float(config[key]) for key in HEAD_SPACE}
             trainer = _trainer(
-                {**loop_config, **drawn, "print_epochs": False}, cfg, train_ds, val_ds, storage_path=storage_path,
+                {**loop_config, **drawn, "print_epochs": False}, cfg, storage_path=storage_path,
                 # named by the trial: a restored experiment resumes it from its checkpoint
                 name=f"{name}-{self.trial_id}", use_gpu=use_gpu, callbacks=[_epoch_forwarder(self.epochs)],
                 # two: an epoch a stopped trial trains past its last report cannot push out
@@ -269,8 +270,8 @@ def best_trial(trials: pd.DataFrame) -> dict[str, Any]:
 
 
 def run_head_search(
-    train_ds,
-    val_ds,
+    train: ShardSource,
+    val: ShardSource,
     cfg: TrainConfig,
     *,
     in_features: int,
@@ -288,7 +289,7 @@ def run_head_search(
     trial's head. Needs a running Ray.
 
     Args:
-        train_ds, val_ds: Ray datasets with columns `maps` (C x H x W float16) and `label_code`.
+        train, val: the maps' rows of each split (`training.split_maps`).
         on_trial: called in the driver with each finished trial's row (`SEARCH_COLUMNS`).
         on_epoch_end: as `training.train_head`'s, on every worker of every trial.
     """
@@ -299,13 +300,14 @@ def run_head_search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console would interleave with ours
     parallel = min(parallel_trials(cfg, use_gpu, ray.cluster_resources()), cfg.search_trials)
     loop_config = head_loop_config(cfg, in_features, num_classes, weights, weights_seed, on_epoch_end, parallel)
+    loop_config["maps"] = {"train": train, "val": val}
     trial = tune.with_parameters(
-        _head_trial_class(), train_ds=train_ds, val_ds=val_ds, loop_config=loop_config, cfg=cfg,
+        _head_trial_class(), loop_config=loop_config, cfg=cfg,
         storage_path=storage_path, name=name, use_gpu=use_gpu,
     )  # fmt: skip
     # A trial's actor only waits on its trainer, whose workers ask for their own CPUs/GPUs; a
-    # CPU (even a fraction) held by it would starve Ray Data's ingest tasks, which take a
-    # whole one. Tune wants some resource per trial: a token of memory.
+    # CPU (even a fraction) held by it would starve the workers' and other trials' tasks.
+    # Tune wants some resource per trial: a token of memory.
     tuner = _tuner(
         tune.with_resources(trial, {"cpu": 0, "memory": DRIVER_MEMORY}), cfg, storage_path, name, parallel, on_trial
     )

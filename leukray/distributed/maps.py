@@ -1,8 +1,14 @@
-"""The custom head's trunk maps on the cluster: written as shards by the extraction pass and
-streamed back as a Ray dataset for Ray Train and the embedding pass (the files and their
-lifetime: `leukray.io.mapshards`). No step materialises the maps; how far Ray Data reads
-ahead of a reader is capped (`MAPS_STORE_BYTES`), though Ray Train's ingest still reads
-further ahead (docs/measurements.md).
+"""The custom head's trunk maps on the cluster: written as shards by the extraction pass
+(`MapsShards`; the files and their lifetime: `leukray.io.mapshards`), streamed back as a
+Ray dataset for the embedding pass and read by the Ray Train workers themselves for the
+head's training (`ShardSource`). No step materialises the maps:
+
+- the embedding pass's Ray Data stream may read at most `MAPS_STORE_BYTES` ahead;
+- a training worker reads its own shards, at most `PREFETCH_SHARDS` ahead, straight from
+  the run folder when it can see it (a URI, or a local folder on its own node), else
+  through a task on the folder's node. Ray Train's ingest is not used for the maps: its
+  split coordinator read ahead as far as the object store allowed (620 MiB at 2,000 maps,
+  growing with the data; docs/measurements.md).
 
 May import: Ray, numpy, pandas, `leukray.config`, `leukray.io`, `leukray.models`,
 `leukray.distributed.actors`.
@@ -10,11 +16,14 @@ May import: Ray, numpy, pandas, `leukray.config`, `leukray.io`, `leukray.models`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import pandas as pd
 
 from leukray.config import RunConfig
@@ -32,6 +41,9 @@ SHARDS_PER_TASK = 4
 # 620 MiB at its peak and a slow reader 334 MiB, growing with the data. Two or three 25 MB
 # blocks ahead of a consumer that spends seconds on each are enough to keep it fed.
 MAPS_STORE_BYTES = 64 * 2**20
+# Shards a training worker reads ahead of the one it trains on (threads of its own): one
+# shard is a batch of the extraction (32 rows, ~6 MB, on a CPU; 256, ~50 MB, on a GPU).
+PREFETCH_SHARDS = 4
 
 
 def capped_store(options: Any) -> Any:
@@ -106,16 +118,133 @@ def add_shard_writer(ds: Any, plan: MapsPlan) -> Any:
     )
 
 
-def finish_shards(plan: MapsPlan, shards: list[str], rows: int) -> Any:
-    """Mark the shards complete (`shards.json`, in stream order) and return them as a dataset."""
+@dataclass(frozen=True)
+class MapsShards:
+    """One extraction's complete maps: run folder `out` and its `shards.json` record."""
+
+    out: str
+    record: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return int(self.record["rows"])
+
+    def dataset(self) -> Any:
+        """Every row as a lazy Ray dataset (`read_maps`): the embedding pass's input."""
+        return read_maps(self.out, self.record)
+
+    def source(self, classes: list[str], split: str, originals_only: bool) -> "ShardSource":
+        """The rows of `split` (originals only if asked) for a training worker to read."""
+        paths = tuple(mapshards.shard_paths(self.out, self.record)) if self.record["shards"] else ()
+        node_ip = None if storage.is_uri(self.out) else _driver_ip()
+        return ShardSource(paths, tuple(self.record["shape"]), tuple(classes), split, originals_only, node_ip)
+
+
+def _driver_ip() -> str:
+    import ray.util
+
+    return ray.util.get_node_ip_address()
+
+
+def finish_shards(plan: MapsPlan, shards: list[str], rows: int) -> MapsShards:
+    """Mark the shards complete (`shards.json`, in stream order) and return them."""
     mapshards.write_manifest(plan.folder, plan.identity, plan.shape, shards, rows)
-    return read_maps(plan.out, mapshards.complete_manifest(plan.out, plan.identity))
+    return MapsShards(plan.out, mapshards.complete_manifest(plan.out, plan.identity))
 
 
-def existing_maps(plan: MapsPlan) -> Any:
-    """The dataset of the complete shards of this identity, or None when there are none."""
+def existing_maps(plan: MapsPlan) -> MapsShards | None:
+    """The complete shards of this identity, or None when there are none."""
     record = mapshards.complete_manifest(plan.out, plan.identity)
-    return read_maps(plan.out, record) if record is not None else None
+    return MapsShards(plan.out, record) if record is not None else None
+
+
+def with_codes(
+    batch: dict[str, np.ndarray], classes: list[str], split: str, originals_only: bool
+) -> dict[str, np.ndarray]:
+    """The rows of `split` without errors (originals only if asked): maps + label codes
+    (index in `classes`), vectorised.
+
+    Raises:
+        ValueError: a label outside `classes`.
+    """
+    keep = (batch["split"].astype(str) == split) & np.asarray([not e for e in batch["error"]], dtype=bool)
+    if originals_only:
+        keep &= batch["aug_index"] == 0
+    labels = batch["label"][keep].astype(str)
+    codes = np.full(len(labels), -1, dtype=np.int64)
+    for code, name in enumerate(classes):
+        codes[labels == name] = code
+    if (codes < 0).any():
+        raise ValueError(f"labels outside {classes}: {sorted(set(labels[codes < 0]))}")
+    maps = batch["maps"] if keep.all() else batch["maps"][keep]
+    return {"maps": maps, "label_code": codes}
+
+
+def read_source_shard(
+    path: str, shape: tuple[int, ...], classes: tuple[str, ...], split: str, originals_only: bool
+) -> dict[str, np.ndarray]:
+    """One shard's rows of a `ShardSource`: `maps` (N x C x H x W float16) + `label_code`."""
+    return with_codes(mapshards.read_shard(path, shape), list(classes), split, originals_only)
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """The rows of one split of the maps, as a training worker reads them (picklable: it
+    travels in Ray Train's loop config).
+
+    `node_ip`: the node whose disk holds a local run folder (None: a URI, readable
+    anywhere). A worker on another node reads through a task placed there; only the shards
+    in flight (`PREFETCH_SHARDS`) are ever in the object store.
+    """
+
+    paths: tuple[str, ...]
+    shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    split: str
+    originals_only: bool
+    node_ip: str | None
+
+    def shards_of(self, rank: int, world: int, order_seed: int | None) -> list[str]:
+        """The shards worker `rank` of `world` reads: every `world`-th of the shards in
+        stream order, or of a permutation seeded by `order_seed` (the same on every rank,
+        so the ranks split the shards between them)."""
+        paths = list(self.paths)
+        if order_seed is not None:
+            paths = [paths[i] for i in np.random.default_rng(order_seed).permutation(len(paths))]
+        return paths[rank::world]
+
+    def reader(self) -> Callable[[str], dict[str, np.ndarray]]:
+        """A function reading one shard's rows from where this process runs."""
+        args = (self.shape, self.classes, self.split, self.originals_only)
+        if self.node_ip is None or self.node_ip == _driver_ip():
+            return lambda path: read_source_shard(path, *args)
+        import ray
+
+        task = ray.remote(num_cpus=0)(read_source_shard).options(resources={f"node:{self.node_ip}": 0.001})
+        return lambda path: ray.get(task.remote(path, *args))
+
+    def stream(self, rank: int = 0, world: int = 1, order_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's shards' rows, shard by shard (`shards_of`), read up to
+        `PREFETCH_SHARDS` ahead in threads; empty shards are skipped."""
+        read = self.reader()
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="maps-read") as pool:
+            pending: collections.deque = collections.deque()
+            paths = iter(self.shards_of(rank, world, order_seed))
+            try:
+                for path in paths:
+                    pending.append(pool.submit(read, path))
+                    if len(pending) >= PREFETCH_SHARDS:
+                        break
+                while pending:
+                    part = pending.popleft().result()
+                    for path in paths:
+                        pending.append(pool.submit(read, path))
+                        break
+                    if len(part["label_code"]):
+                        yield part
+            finally:
+                for future in pending:
+                    future.cancel()
 
 
 def read_maps(out: str, record: dict[str, Any]) -> Any:

@@ -28,7 +28,7 @@ from leukray.distributed.actors import (
     preprocess_batch,
     slide_tiles,
 )
-from leukray.distributed.maps import add_shard_writer, existing_maps, finish_shards, plan_maps
+from leukray.distributed.maps import MapsShards, add_shard_writer, existing_maps, finish_shards, plan_maps
 from leukray.distributed.resources import extract_batch_size, plan_actor_pool
 from leukray.io import storage
 from leukray.io.features import FeatureFileWriter, error_mask
@@ -77,7 +77,7 @@ class Streamed:
     matrix: np.ndarray  # N x 2048 float32
     errors: pd.DataFrame
     facts: dict[str, Any]
-    maps_ds: Any = None
+    maps: MapsShards | None = None  # the trunk maps' shards (`leukray.distributed.maps`)
     cell_matrix: np.ndarray | None = None  # N x D float32, rows as `meta`; None without cell families
 
 
@@ -133,8 +133,8 @@ def extract_features(
 
     With `keep_maps`, the trunk maps for the custom model are computed in the same pass and
     written as shards under the run folder as they arrive (`leukray.distributed.maps`);
-    `maps_ds` streams them back from there, for training every epoch and for the embedding
-    pass, without running the trunk again or holding them in the object store. When only
+    `maps` names them, for the training workers to read every epoch and the embedding
+    pass to stream, without running the trunk again or holding them in the object store. When only
     the maps are wanted and complete shards of the same rows and settings exist (an
     interrupted run resumed), they are read back instead of being computed.
     """
@@ -168,12 +168,12 @@ def extract_features(
         "node_ids": drained["node_ids"],
         "feature_rows": drained["rows"],
     }
-    maps_ds = finish_shards(plan, drained["shards"], drained["all_rows"]) if plan is not None else None
+    maps = finish_shards(plan, drained["shards"], drained["all_rows"]) if plan is not None else None
     if writer is None:
-        return _streamed_maps_only(cfg, maps_ds, facts=facts)
+        return _streamed_maps_only(cfg, maps, facts=facts)
     meta, matrix = writer.sorted_rows()
     cell_matrix = cell_writer.sorted_rows()[1] if cell_writer is not None else None
-    return Streamed(meta, matrix, writer.errors, facts, maps_ds, cell_matrix)
+    return Streamed(meta, matrix, writer.errors, facts, maps, cell_matrix)
 
 
 def _drain(ds: Any, writer: Any, cell_writer: Any, maps: bool) -> dict[str, Any]:
@@ -209,18 +209,18 @@ def _drain(ds: Any, writer: Any, cell_writer: Any, maps: bool) -> dict[str, Any]
 
 
 def _streamed_maps_only(
-    cfg: RunConfig, maps_ds: Any, facts: dict[str, Any] | None = None, reused: bool = False
+    cfg: RunConfig, maps: MapsShards | None, facts: dict[str, Any] | None = None, reused: bool = False
 ) -> Streamed:
     """A `Streamed` without features (a train job's maps pass, or its shards read back)."""
     if facts is None:
         facts = {"device": "", "batch_size": 0, "node_ids": {}, "feature_rows": 0}
     facts = {**facts, "maps_reused": reused}
     empty = np.zeros((0, FEATURE_DIM), np.float32)
-    return Streamed(pd.DataFrame(), empty, pd.DataFrame(columns=ERROR_COLUMNS), facts, maps_ds)
+    return Streamed(pd.DataFrame(), empty, pd.DataFrame(columns=ERROR_COLUMNS), facts, maps)
 
 
 def embed_maps(
-    maps_ds: Any,
+    maps: MapsShards,
     cfg: RunConfig,
     state_path: str,
     head_config: dict[str, Any],
@@ -237,7 +237,7 @@ def embed_maps(
     on_gpu, pool, resources, threads = plan_actor_pool(
         cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource
     )
-    embedded = maps_ds.map_batches(
+    embedded = maps.dataset().map_batches(
         CustomEmbedder,
         batch_format="numpy",
         batch_size=max(extract_batch_size(cfg.extract.batch_size, on_gpu), 64),

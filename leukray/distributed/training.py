@@ -8,18 +8,21 @@ worker dies (FailureConfig) or that is rerun with the same `--out` resumes from 
 checkpoint. The checkpoint with the best validation balanced accuracy is kept as the model;
 the test split is never looked at here.
 
-Input pipeline: the maps stay float16 in Ray's object store and on the wire; the worker
-takes them in chunks of `TRANSFER_ROWS` rows (pinned and prefetched on a GPU), converts them
-to float32 on its device and cuts each chunk into the optimizer's batches there. The
-optimizer steps on batches of `train.batch_size` (32) exactly as the paper's schedule says:
-no gradient accumulation and no larger physical batch, only fewer, larger hand-overs from
-Ray Data. Epoch metrics are summed on the device (one host sync per epoch, not per step) and
+Input pipeline: each worker reads its own share of the maps' shards (`maps.ShardSource`:
+a seeded per-epoch permutation of the shards, split between the ranks), a few shards ahead
+in threads, so memory stays flat however many maps there are; it shuffles the rows in
+windows of `SHUFFLE_BUFFER_ROWS`, hands them to its device in float16 chunks of
+`TRANSFER_ROWS` rows (pinned on a GPU), converts them to float32 there and cuts each chunk
+into the optimizer's batches. The optimizer steps on batches of `train.batch_size` (32)
+exactly as the paper's schedule says: no gradient accumulation and no larger physical
+batch, only fewer, larger hand-overs. With several workers every rank trains on the same
+number of full chunks (the ranks agree, chunk by chunk, to stop when one runs out), as
+DistributedDataParallel needs. Epoch metrics are summed on the device (one host sync per epoch, not per step) and
 Adam is the fused implementation. `python -m leukray.bench` measures an epoch against a
 plain torch loop over the same maps in memory (`train_ratio`).
 
-Reproducibility: rows reach the worker in the dataset's order (`preserve_order`; the
-extractor writes the maps' shards in a seeded row order and they are read back in it) and
-the worker shuffles them with a seed of (train.seed, epoch, rank) (`epoch_seed`); the
+Reproducibility: the shards' order in an epoch is seeded by (train.seed, epoch) and the
+rows' shuffle by (train.seed, epoch, rank) (`epoch_seed`); the
 checkpoint holds the weights, the optimizer, the epoch and every rank's
 torch/CUDA/numpy/python RNG states, so a resumed run ends with the weights and history of an
 uninterrupted one (tests/test_training.py).
@@ -41,17 +44,17 @@ from typing import Any, Callable
 import numpy as np
 
 from leukray.config import TrainConfig
-from leukray.distributed.maps import capped_store
+from leukray.distributed.maps import MapsShards, ShardSource
 from leukray.models.custom import build_custom_model
 from leukray.models.trunk import resolve_weights
 
 STATE_FILE = "state.pt"
 
 
-# Ray Data hands the worker chunks of this many rows (float16, pinned and prefetched on a
-# GPU); each chunk is cut on the device into the optimizer's batches of `train.batch_size`.
-# The optimizer therefore steps on batches of 32 exactly as the paper does (no gradient
-# accumulation, no larger physical batch), while Ray Data's per-batch cost is paid once per
+# The worker hands its device chunks of this many rows (float16, pinned on a GPU); each
+# chunk is cut on the device into the optimizer's batches of `train.batch_size`. The
+# optimizer therefore steps on batches of 32 exactly as the paper does (no gradient
+# accumulation, no larger physical batch), while the per-transfer cost is paid once per
 # chunk instead of once per step (at batch 32 it made an epoch launch-bound on a GPU).
 TRANSFER_ROWS = 256
 SHUFFLE_BUFFER_ROWS = 1024
@@ -61,6 +64,11 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of one worker's shuffle in one epoch: a function of (seed, epoch, rank) only,
     so that a resumed run shuffles its remaining epochs as the uninterrupted run did."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def shard_order_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's shard order: the same on every rank (they split the shards)."""
+    return int(np.random.SeedSequence([seed, epoch, 2**31]).generate_state(1)[0])
 
 
 class EpochCounts:
@@ -96,6 +104,7 @@ class EpochCounts:
             f"{prefix}_loss": float(flat[0]) / max(n, 1),
             f"{prefix}_accuracy": float(np.trace(confusion)) / max(n, 1),
             f"{prefix}_balanced_accuracy": float(recalls.mean()) if len(recalls) else float("nan"),
+            f"{prefix}_rows": n,
         }
 
 
@@ -147,12 +156,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, config, device)
     start_epoch, history = _restore(model, optimizer, rank)
     model = ray.train.torch.prepare_model(model)
-    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
+    world = ray.train.get_context().get_world_size()
+    sources = config["maps"]
     for epoch in range(start_epoch, config["epochs"]):
         tick = time.perf_counter()
-        metrics = _train_epoch(model, optimizer, shards["train"], config, epoch, rank, device)
+        metrics = _train_epoch(model, optimizer, sources["train"], config, epoch, (rank, world), device)
         metrics["train_s"] = time.perf_counter() - tick
-        metrics.update(_validate(model, shards["val"], config, device))
+        metrics.update(_validate(model, sources["val"], config, (rank, world), device))
         metrics.update(epoch=epoch + 1, resumed_from=start_epoch)
         history.append(metrics)
         _report(model, optimizer, metrics, history, epoch, rank)
@@ -237,30 +247,84 @@ def _restore(model, optimizer, rank: int) -> tuple[int, list[dict[str, float]]]:
     return state["epoch"] + 1, state["history"]
 
 
-def _chunks(shard, config: dict[str, Any], device, shuffle_seed: int | None):
-    """The shard as (maps float32, label_code int64) chunks on `device`: float16 over the
-    wire, pinned and prefetched on a GPU, converted to float32 where the model runs."""
+def _chunks(source: ShardSource, config: dict[str, Any], device, ranks: tuple[int, int], epoch: int | None):
+    """This rank's rows of `source` as (maps float32, label_code int64) chunks of
+    `TRANSFER_ROWS` (a multiple of the batch size) on `device`: float16 until the device,
+    pinned on a GPU. With `epoch` (training) the shard order and the rows are shuffled
+    (seeded, in windows of `SHUFFLE_BUFFER_ROWS`) and, with several ranks, the ranks' chunks
+    are cut to take the same steps (`_in_step`); without (validation) the rows come in
+    stream order. The last chunk may be short."""
+    import torch
 
+    rank, world = ranks
     rows = max(TRANSFER_ROWS // config["batch_size"], 1) * config["batch_size"]
-    shuffle = {}
-    if shuffle_seed is not None:
-        shuffle = {"local_shuffle_buffer_size": max(SHUFFLE_BUFFER_ROWS, rows), "local_shuffle_seed": shuffle_seed}
-    for batch in shard.iter_torch_batches(
-        batch_size=rows,
-        prefetch_batches=2,
-        device=device,
-        pin_memory=device.type == "cuda",
-        dtypes=None,  # as stored (float16 maps): converted on the device below
-        **shuffle,
-    ):
-        yield batch["maps"].float(), batch["label_code"].long()
+    shuffle = epoch is not None
+    order = shard_order_seed(config["seed"], epoch) if shuffle else None
+    rng = np.random.default_rng(epoch_seed(config["seed"], epoch, rank)) if shuffle else None
+    window = max(SHUFFLE_BUFFER_ROWS, rows) if shuffle else rows
+    equal = shuffle and world > 1
+
+    def windows():
+        parts, held = [], 0
+        for part in source.stream(rank, world, order):
+            parts.append(part)
+            held += len(part["label_code"])
+            if held >= window:
+                yield parts
+                parts, held = [], 0
+        if parts:
+            yield parts
+
+    def host_chunks():
+        carry: list[dict[str, np.ndarray]] = []
+        for parts in windows():
+            maps = np.concatenate([p["maps"] for p in carry + parts])
+            codes = np.concatenate([p["label_code"] for p in carry + parts])
+            if rng is not None:
+                permutation = rng.permutation(len(codes))
+                maps, codes = maps[permutation], codes[permutation]
+            full = len(codes) - len(codes) % rows
+            for start in range(0, full, rows):
+                yield maps[start : start + rows], codes[start : start + rows]
+            carry = [{"maps": maps[full:], "label_code": codes[full:]}] if full < len(codes) else []
+        if carry:
+            yield carry[0]["maps"], carry[0]["label_code"]
+
+    for maps, codes in _in_step(host_chunks(), device, config["batch_size"]) if equal else host_chunks():
+        x = torch.from_numpy(np.ascontiguousarray(maps))
+        if device.type == "cuda":
+            x = x.pin_memory()
+        yield x.to(device, non_blocking=True).float(), torch.from_numpy(codes).to(device, non_blocking=True)
 
 
-def _train_epoch(model, optimizer, shard, config: dict[str, Any], epoch: int, rank: int, device) -> dict[str, float]:
+def _in_step(chunks, device, batch_size: int):
+    """`chunks` cut so that every rank takes the same steps: each chunk is cut to the
+    smallest of the ranks' chunks (in whole batches; one all-reduce per chunk), and the
+    epoch ends when any rank has run out. DistributedDataParallel's ranks must take the same
+    number of steps; this drops less than a batch per rank, plus what one rank holds more
+    than the others."""
+    for maps, codes in chunks:
+        n = _smallest_over_ranks(len(codes) - len(codes) % batch_size, device)
+        if n == 0:
+            return
+        yield maps[:n], codes[:n]
+    _smallest_over_ranks(0, device)
+
+
+def _smallest_over_ranks(mine: int, device) -> int:
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([mine], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
+
+
+def _train_epoch(model, optimizer, source, config: dict[str, Any], epoch: int, ranks, device) -> dict[str, float]:
     head, batch_size = _core(model).head, config["batch_size"]
     model.train()
     counts = EpochCounts(config["num_classes"], device)
-    for maps, labels in _chunks(shard, config, device, epoch_seed(config["seed"], epoch, rank)):
+    for maps, labels in _chunks(source, config, device, ranks, epoch):
         for start in range(0, len(labels), batch_size):
             x, target = maps[start : start + batch_size], labels[start : start + batch_size]
             if len(target) < 2:
@@ -274,16 +338,18 @@ def _train_epoch(model, optimizer, shard, config: dict[str, Any], epoch: int, ra
     return counts.metrics("train")
 
 
-def _validate(model, shard, config: dict[str, Any], device) -> dict[str, float]:
+def _validate(model, source, config: dict[str, Any], ranks, device) -> dict[str, float]:
+    """Validation metrics; every rank runs the unwrapped model on its own shards (no
+    collective per batch, so the ranks need not hold the same number of rows)."""
     import torch
 
-    head = _core(model).head
-    model.eval()
+    core = _core(model)
+    core.eval()
     counts = EpochCounts(config["num_classes"], device)
     with torch.no_grad():
-        for maps, target in _chunks(shard, config, device, None):
-            logits = model(maps)
-            counts.add(head.loss(logits, target), target, head.probabilities(logits).argmax(dim=1))
+        for maps, target in _chunks(source, config, device, ranks, None):
+            logits = core(maps)
+            counts.add(core.head.loss(logits, target), target, core.head.probabilities(logits).argmax(dim=1))
     return counts.metrics("val")
 
 
@@ -345,8 +411,8 @@ def fit_quietly(fittable: Any) -> Any:
 
 
 def train_head(
-    train_ds,
-    val_ds,
+    train: ShardSource,
+    val: ShardSource,
     cfg: TrainConfig,
     *,
     in_features: int,
@@ -361,13 +427,14 @@ def train_head(
     """Run the TorchTrainer and load the best checkpoint.
 
     Args:
-        train_ds, val_ds: Ray datasets with columns `maps` (C x H x W float16) and `label_code`.
+        train, val: the maps' rows of each split (`split_maps`).
         on_epoch_end: called on every worker as (epoch, rank) once the epoch's checkpoint is
             reported (picklable; e.g. `leukray.testing.KillWorkerOnce`).
     """
 
     loop_config = head_loop_config(cfg, in_features, num_classes, weights, weights_seed, on_epoch_end)
-    trainer = _trainer(loop_config, cfg, train_ds, val_ds, storage_path=storage_path, name=name, use_gpu=use_gpu)
+    loop_config["maps"] = {"train": train, "val": val}
+    trainer = _trainer(loop_config, cfg, storage_path=storage_path, name=name, use_gpu=use_gpu)
     result = fit_quietly(trainer)
     if result.error is not None:
         raise result.error
@@ -408,31 +475,29 @@ def head_loop_config(
 def _trainer(
     loop_config: dict[str, Any],
     cfg: TrainConfig,
-    train_ds,
-    val_ds,
     *,
     storage_path: str,
     name: str,
     use_gpu: bool,
+    datasets: dict[str, Any] | None = None,
     loop: Callable[[dict[str, Any]], None] | None = None,
     callbacks: list[Any] | None = None,
     keep_checkpoints: int = 1,
 ):
-    """A TorchTrainer running `loop` (default `train_loop_per_worker`; the trunk's is
-    `trunktraining.trunk_loop_per_worker`) that keeps the best epoch's checkpoint (by
-    validation balanced accuracy) under storage_path/name, and restarts dead workers up to
-    train.max_failures. `callbacks`: Ray Train callbacks (a head search's epoch
-    forwarder); `keep_checkpoints`: how many of the best epochs' checkpoints are kept."""
+    """A TorchTrainer running `loop` (default `train_loop_per_worker`, which reads the maps
+    named in `loop_config["maps"]`; the trunk's is `trunktraining.trunk_loop_per_worker`
+    over Ray `datasets`) that keeps the best epoch's checkpoint (by validation balanced
+    accuracy) under storage_path/name, and restarts dead workers up to train.max_failures.
+    `callbacks`: Ray Train callbacks (a head search's epoch forwarder); `keep_checkpoints`:
+    how many of the best epochs' checkpoints are kept."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # Rows reach the worker in the dataset's own (deterministic) order: the shuffle is the
-    # worker's seeded one (`epoch_seed`), so that two runs, or a run and its resumption, see
+    # Rows of `datasets` reach the worker in the dataset's own (deterministic) order: the
+    # shuffle is the worker's seeded one, so that two runs, or a run and its resumption, see
     # the same batches.
-    # The maps are read ahead of the worker no further than the object-store cap of a maps
-    # stream (`maps.capped_store`): memory stays flat however many maps there are.
-    ingest = capped_store(ray.data.ExecutionOptions(preserve_order=True))
+    ingest = ray.data.ExecutionOptions(preserve_order=True)
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config=loop_config,
@@ -448,7 +513,7 @@ def _trainer(
                 checkpoint_score_order="max",
             ),
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
 
@@ -473,34 +538,11 @@ def _best_result(result, loop_config: dict[str, Any]) -> TrainResult:
     )
 
 
-def _with_codes(
-    batch: dict[str, np.ndarray], classes: list[str], split: str, originals_only: bool
-) -> dict[str, np.ndarray]:
-    """The rows of `split` without errors (originals only if asked): maps + label codes
-    (index in `classes`), vectorised."""
-    keep = (batch["split"].astype(str) == split) & np.asarray([not e for e in batch["error"]], dtype=bool)
-    if originals_only:
-        keep &= batch["aug_index"] == 0
-    labels = batch["label"][keep].astype(str)
-    codes = np.full(len(labels), -1, dtype=np.int64)
-    for code, name in enumerate(classes):
-        codes[labels == name] = code
-    if (codes < 0).any():
-        raise ValueError(f"labels outside {classes}: {sorted(set(labels[codes < 0]))}")
-    maps = batch["maps"] if keep.all() else batch["maps"][keep]
-    return {"maps": maps, "label_code": codes}
-
-
-def split_maps(maps_ds: Any, classes: list[str]) -> tuple[Any, Any]:
-    """(train, val) datasets of `maps` + `label_code` from the extractor's maps: the training
-    split with its augmented copies, validation originals only. The training rows are
-    shuffled by the worker (seeded per epoch, see `train_loop_per_worker`); the extractor
-    emits them in a seeded random order (`streaming.extract_features`), so neighbouring
-    rows are not all of one class."""
+def split_maps(maps: MapsShards, classes: list[str]) -> tuple[ShardSource, ShardSource]:
+    """(train, val) rows of the extractor's maps for the workers to read: the training split
+    with its augmented copies, validation originals only, labels coded by their index in
+    `classes`. The extractor writes the shards in a seeded random row order
+    (`streaming.extract_features`), so neighbouring rows are not all of one class."""
     from leukray.data.splits import TRAIN, VAL
 
-    train_kwargs = {"classes": list(classes), "split": TRAIN, "originals_only": False}
-    train_ds = maps_ds.map_batches(_with_codes, batch_format="numpy", fn_kwargs=train_kwargs)
-    val_kwargs = {"classes": list(classes), "split": VAL, "originals_only": True}
-    val_ds = maps_ds.map_batches(_with_codes, batch_format="numpy", fn_kwargs=val_kwargs)
-    return train_ds, val_ds
+    return maps.source(classes, TRAIN, originals_only=False), maps.source(classes, VAL, originals_only=True)

@@ -270,8 +270,8 @@ def train_trunk(
         "cpu_threads": max(1, int(cluster_cpus()) // max(cfg.workers, 1)),
     }
     trainer = _trainer(
-        loop_config, cfg, train_ds, val_ds, storage_path=storage_path, name=name, use_gpu=use_gpu,
-        loop=trunk_loop_per_worker,
+        loop_config, cfg, storage_path=storage_path, name=name, use_gpu=use_gpu,
+        datasets={"train": train_ds, "val": val_ds}, loop=trunk_loop_per_worker,
     )  # fmt: skip
     result = fit_quietly(trainer)
     if result.error is not None:

@@ -44,7 +44,7 @@ class Extracted:
     meta: pd.DataFrame  # feature rows (path, label, subject, split, aug_index), (path, aug_index) order
     matrix: np.ndarray  # N x 2048 float32, rows as `meta`
     errors: pd.DataFrame  # errors.csv
-    maps_ds: Any = None  # the trunk maps for training, within one job
+    maps: Any = None  # the trunk maps' shards for training (`MapsShards`), within one job
     cell_matrix: np.ndarray | None = None  # N x D hand-crafted cell features, rows as `meta`
     # the trunk trained on the cells (train.unfreeze_stages >= 1; `leukray.stages.trunktrain`):
     trained_matrix: np.ndarray | None = None  # N x 2048 float32, its features, rows as `meta`
@@ -135,9 +135,7 @@ def _extract_into(cfg, weights, provenance, manifest, errors, facts, seconds, ke
     write_json(storage.join(cfg.out, runfolder.EXTRACT_RECORD), record)
     journal.commit(cfg.out, "extract")
     log(f"wrote {features_path}: {streamed.facts['feature_rows']} rows ({len(errors)} errors in errors.csv)")
-    return Extracted(
-        cfg, record, manifest, streamed.meta, streamed.matrix, errors, streamed.maps_ds, streamed.cell_matrix
-    )
+    return Extracted(cfg, record, manifest, streamed.meta, streamed.matrix, errors, streamed.maps, streamed.cell_matrix)
 
 
 def _provenance(cfg: RunConfig, weights: WeightsInfo, fingerprint: str) -> dict[str, str]:

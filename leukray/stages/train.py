@@ -23,6 +23,7 @@ import pandas as pd
 from leukray.config import RunConfig
 from leukray.data.splits import VAL
 from leukray.distributed.headsearch import run_head_search, search_record
+from leukray.distributed.maps import MapsShards, ShardSource
 from leukray.distributed.resources import wants_gpu
 from leukray.distributed.streaming import embed_maps, extract_features
 from leukray.distributed.training import TrainResult, run_name, split_maps, train_head
@@ -65,14 +66,14 @@ def train_stage(
     journal.begin(cfg.out, "train", identity)
     if start_ray is not None:
         start_ray()
-    maps_ds, node_ids = extracted.maps_ds, {}
-    if maps_ds is None:
+    maps, node_ids = extracted.maps, {}
+    if maps is None:
         usable = extracted.manifest[extracted.manifest["split"] != ""]
         log(f"computing trunk maps of {len(usable)} images for training ({record['weights']['name']} trunk)")
         streamed = extract_features(usable, cfg, None, record["provenance"], keep_maps=True)
-        maps_ds, node_ids = streamed.maps_ds, streamed.facts["node_ids"]
+        maps, node_ids = streamed.maps, streamed.facts["node_ids"]
     tick = time.perf_counter()
-    result = _train(cfg, maps_ds, classes, journal.identity_of(extract_id(record), classes))
+    result = _train(cfg, maps, classes, journal.identity_of(extract_id(record), classes))
     head_config = head_config_of(
         head_in_features(cfg.preprocess.size),
         len(classes),
@@ -85,7 +86,7 @@ def train_stage(
     state_path = storage.join(cfg.out, runfolder.STATE_FILE)  # not in model/: the bundle there stays whole
     save_model_state(state_path, result.state_dict)
     features_path = storage.join(cfg.out, runfolder.CUSTOM_FEATURES_FILE)
-    meta, matrix, head_probs = embed_maps(maps_ds, cfg, state_path, head_config, features_path, record["provenance"])
+    meta, matrix, head_probs = embed_maps(maps, cfg, state_path, head_config, features_path, record["provenance"])
     head_probs_table = head_probs.assign(head_prob=head_probs["head_prob"].map(list))
     write_parquet(storage.join(cfg.out, runfolder.HEAD_PROBS), head_probs_table, record["provenance"])
     train_record = _train_record(
@@ -102,20 +103,20 @@ def extract_id(record: dict[str, Any]) -> str:
     return record.get("identity", record["fingerprint"])
 
 
-def _train(cfg: RunConfig, maps_ds: Any, classes: list[str], maps_identity: str) -> TrainResult:
+def _train(cfg: RunConfig, maps: MapsShards, classes: list[str], maps_identity: str) -> TrainResult:
     """Ray Train over the maps; history.csv; the best epoch's result. The checkpoints'
     name covers `maps_identity` (data, preprocessing, augmentation, split, weights: what
     changes the maps or labels) and every training setting, so a shared storage_path never
     hands one run another's finished checkpoint."""
     in_features = head_in_features(cfg.preprocess.size)
-    train_ds, val_ds = split_maps(maps_ds, classes)
+    train, val = split_maps(maps, classes)
     use_gpu = wants_gpu(cfg.train.use_gpu)
     storage_path = runfolder.local_or_uri(cfg.train.storage_path or storage.join(cfg.out, "train"))
     name = run_name(cfg.train, maps_identity, cfg.extract.weights, in_features, len(classes))
     if cfg.train.search_trials:
-        result = _search(cfg, train_ds, val_ds, len(classes), storage_path, name, use_gpu)
+        result = _search(cfg, train, val, len(classes), storage_path, name, use_gpu)
     else:
-        result = _train_once(cfg, train_ds, val_ds, len(classes), storage_path, name, use_gpu)
+        result = _train_once(cfg, train, val, len(classes), storage_path, name, use_gpu)
     history = pd.DataFrame(result.history).reindex(columns=runfolder.HISTORY_COLUMNS)
     write_csv(storage.join(cfg.out, "history.csv"), history)
     log(f"best epoch {result.best_epoch}: validation balanced accuracy {result.best_val_balanced_accuracy:.4f}")
@@ -123,7 +124,7 @@ def _train(cfg: RunConfig, maps_ds: Any, classes: list[str], maps_identity: str)
 
 
 def _train_once(
-    cfg: RunConfig, train_ds: Any, val_ds: Any, num_classes: int, storage_path: str, name: str, use_gpu: bool
+    cfg: RunConfig, train: ShardSource, val: ShardSource, num_classes: int, storage_path: str, name: str, use_gpu: bool
 ) -> TrainResult:
     """One Ray Train run of the head with the train.* settings."""
     c, h, w = map_shape(cfg.preprocess.size, cfg.train.unfreeze_stages)
@@ -134,8 +135,8 @@ def _train_once(
         f"checkpoints in {storage_path}/{name}"
     )
     return train_head(
-        train_ds,
-        val_ds,
+        train,
+        val,
         cfg.train,
         in_features=head_in_features(cfg.preprocess.size),
         num_classes=num_classes,
@@ -148,7 +149,7 @@ def _train_once(
 
 
 def _search(
-    cfg: RunConfig, train_ds: Any, val_ds: Any, num_classes: int, storage_path: str, name: str, use_gpu: bool
+    cfg: RunConfig, train: ShardSource, val: ShardSource, num_classes: int, storage_path: str, name: str, use_gpu: bool
 ) -> TrainResult:
     """The head search (`leukray.distributed.headsearch`): head_search.csv, one line per
     finished trial; the best trial's head, its search record in `result.config["search"]`."""
@@ -167,7 +168,7 @@ def _search(
         )
 
     search = run_head_search(
-        train_ds, val_ds, cfg.train, in_features=head_in_features(cfg.preprocess.size), num_classes=num_classes,
+        train, val, cfg.train, in_features=head_in_features(cfg.preprocess.size), num_classes=num_classes,
         weights=cfg.extract.weights, weights_seed=cfg.extract.seed, storage_path=storage_path, name=experiment,
         use_gpu=use_gpu, on_trial=on_trial,
     )  # fmt: skip

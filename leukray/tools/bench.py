@@ -634,11 +634,11 @@ def synthetic_maps(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return maps, labels
 
 
-def maps_dataset(maps: np.ndarray, labels: np.ndarray, tmp: str, val_every: int = 8):
+def maps_shards(maps: np.ndarray, labels: np.ndarray, tmp: str, val_every: int = 8):
     """The maps as `leukray run` hands them to Ray Train: written as 32-row shards under
-    `tmp` (`leukray.io.mapshards`) and read back lazily (`leukray.distributed.maps.read_maps`),
+    `tmp` (`leukray.io.mapshards`) for the workers to read (`leukray.distributed.maps.MapsShards`),
     with path, label, split (every `val_every`-th row "val"), aug_index and error."""
-    from leukray.distributed.maps import read_maps
+    from leukray.distributed.maps import MapsShards
     from leukray.distributed.streaming import ROWS_PER_BLOCK
     from leukray.io import mapshards
 
@@ -656,7 +656,7 @@ def maps_dataset(maps: np.ndarray, labels: np.ndarray, tmp: str, val_every: int 
         }  # fmt: skip
         shards.append(mapshards.write_shard(folder, batch))
     mapshards.write_manifest(folder, "bench", maps.shape[1:], shards, len(maps))
-    return read_maps(tmp, mapshards.complete_manifest(tmp, "bench")), int((split == "train").sum())
+    return MapsShards(tmp, mapshards.complete_manifest(tmp, "bench")), int((split == "train").sum())
 
 
 def _train_config(epochs: int, batch_size: int, on_gpu: bool):
@@ -683,7 +683,7 @@ def train_loop_epochs(
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if on_gpu else "cpu")
-    keep = np.arange(len(maps)) % 8 != 0  # the rows `maps_dataset` puts in "train"
+    keep = np.arange(len(maps)) % 8 != 0  # the rows `maps_shards` puts in "train"
     x_all = torch.from_numpy(maps[keep]).to(device)
     y_all = torch.from_numpy((labels[keep] == "all").astype(np.int64)).to(device)
     config = {"in_features": 100_352, "num_classes": 2, "dropout": 0.5, "unfreeze_stages": 0, "embedding": 256}
@@ -714,21 +714,21 @@ def train_loop_epochs(
     return seconds
 
 
-def train_ray_epochs(maps_ds, epochs: int, batch_size: int, tmp: str, on_gpu: bool) -> tuple[list[float], float]:
-    """`leukray`'s path: `training.split_maps` + `training.train_head` (Ray Train, one CPU
-    worker, as `leukray run` on this machine) on the materialised maps.
+def train_ray_epochs(maps, epochs: int, batch_size: int, tmp: str, on_gpu: bool) -> tuple[list[float], float]:
+    """`leukray`'s path: `training.split_maps` + `training.train_head` (Ray Train, one
+    worker, as `leukray run` on this machine) on the maps' shards.
 
     Returns:
         (each epoch's training seconds as the worker measured them, whole fit seconds).
     """
     from leukray.distributed.training import split_maps, train_head
 
-    train_ds, val_ds = split_maps(maps_ds, ["hem", "all"])
+    train, val = split_maps(maps, ["hem", "all"])
     storage_path = tempfile.mkdtemp(prefix="train-", dir=tmp)
     start = time.perf_counter()
     result = train_head(
-        train_ds,
-        val_ds,
+        train,
+        val,
         _train_config(epochs, batch_size, on_gpu),
         in_features=100_352,
         num_classes=2,
@@ -749,7 +749,7 @@ def measure_train(n: int, epochs: int, batch_size: int, repeats: int, cpus: int,
     import ray
 
     maps, labels = synthetic_maps(n)
-    maps_ds, train_rows = maps_dataset(maps, labels, tmp)
+    shards, train_rows = maps_shards(maps, labels, tmp)
     # The loop runs in a Ray worker process too (all CPUs, the same niceness and torch
     # threads as the Ray Train worker), so the two sides differ only in the input path.
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -763,7 +763,7 @@ def measure_train(n: int, epochs: int, batch_size: int, repeats: int, cpus: int,
             if side == "loop":
                 loop_runs.append(ray.get(loop_task.remote(maps_ref, labels, epochs, batch_size, cpus, on_gpu)))
             else:
-                got, wall = train_ray_epochs(maps_ds, epochs, batch_size, tmp, on_gpu)
+                got, wall = train_ray_epochs(shards, epochs, batch_size, tmp, on_gpu)
                 ray_runs.append(got)
                 walls.append(wall)
         log(
@@ -791,7 +791,7 @@ def measure_train(n: int, epochs: int, batch_size: int, repeats: int, cpus: int,
             "maps": "2048x7x7 float16 (the Table II head on 224x224 crops, 100,352 inputs)",
             "epochs_per_run": epochs,
             "counted": "fastest epoch after each run's first" if warm else "the only epoch",
-            "ray": "split_maps + train_head: one Ray Train worker, Ray Data shard, epoch timed in the worker",
+            "ray": "split_maps + train_head: one Ray Train worker reading the maps' shards, epoch timed in the worker",
             "loop": (
                 "same model, optimizer and batch size; maps held in memory as float16; "
                 "in a Ray task (a worker process like the trainer's)"
