@@ -13,6 +13,8 @@ import torch
 
 from leukray.config import TrainConfig
 from leukray.distributed.headsearch import HEAD_SPACE, SEARCH_COLUMNS, run_head_search, search_record
+from leukray.distributed.maps import write_maps
+from leukray.distributed.training import split_maps
 from leukray.errors import ConfigError
 from leukray.models.custom import build_custom_model, head_config_of
 from leukray.testing import KillWorkerOnce
@@ -30,14 +32,25 @@ def maps_and_labels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return maps, labels
 
 
-def dataset(ray, n: int, seed: int):
-    maps, labels = maps_and_labels(n, seed)
-    return ray.data.from_items([{"maps": m, "label_code": int(y)} for m, y in zip(maps, labels)], override_num_blocks=4)
+def maps_rows(storage, n_train: int, n_val: int):
+    """(train, val) rows for the workers: the maps written as 24-row shards under `storage`."""
+    train_maps, train_labels = maps_and_labels(n_train, 0)
+    val_maps, val_labels = maps_and_labels(n_val, 1)
+    n = n_train + n_val
+    rows = {
+        "path": np.asarray([f"cell{i}.bmp" for i in range(n)], dtype=object),
+        "label": np.asarray(["hem", "all"], dtype=object)[np.concatenate([train_labels, val_labels])],
+        "subject": np.asarray(["s1"] * n, dtype=object),
+        "split": np.asarray(["train"] * n_train + ["val"] * n_val, dtype=object),
+        "aug_index": np.zeros(n, np.int64), "error": np.asarray([""] * n, dtype=object),
+        "maps": np.concatenate([train_maps, val_maps]),
+    }  # fmt: skip
+    return split_maps(write_maps(str(storage / "run"), "test", rows, rows_per_shard=24), ["hem", "all"])
 
 
 def search(ray, storage, log, printed):
     return run_head_search(
-        dataset(ray, 96, 0), dataset(ray, 48, 1), CFG,
+        *maps_rows(storage, 96, 48), CFG,
         in_features=32, num_classes=2, weights="random", weights_seed=0,
         storage_path=str(storage), name="head_search-test", use_gpu=False,
         on_trial=printed.append, on_epoch_end=KillWorkerOnce(str(storage / "never"), at_epoch=-1, log=str(log)),

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from leukray.config import TrainConfig
-from leukray.distributed.maps import MapsShards, with_codes
+from leukray.distributed.maps import MapsShards, with_codes, write_maps
 from leukray.distributed.training import epoch_seed, split_maps, train_head
-from leukray.io import mapshards
 from leukray.models.head import CustomResNet50, PaperHead
 from leukray.testing import KillWorkerOnce
 
@@ -30,28 +29,22 @@ def separable_maps(n, seed):
     return maps, labels
 
 
-def maps_shards(folder, n_train=96, n_val=48, rows_per_shard=16) -> MapsShards:
+def maps_shards(folder, n_train=96, n_val=48) -> MapsShards:
     """`n_train` training and `n_val` validation maps written as the extractor writes them
-    (`leukray.io.mapshards`, 16-row shards, the two splits interleaved) under `folder`."""
+    (16-row shards, the two splits interleaved) under run folder `folder`."""
     train_maps, train_labels = separable_maps(n_train, 0)
     val_maps, val_labels = separable_maps(n_val, 1)
-    maps = np.concatenate([train_maps, val_maps])
-    labels = np.concatenate([train_labels, val_labels])
-    split = np.array(["train"] * n_train + ["val"] * n_val, dtype=object)
-    order = np.random.default_rng(7).permutation(len(maps))
-    shard_folder, shards = mapshards.maps_folder(str(folder), "test"), []
-    for start in range(0, len(order), rows_per_shard):
-        rows = order[start : start + rows_per_shard]
-        batch = {
-            "path": np.asarray([f"cell{i}.bmp" for i in rows], dtype=object),
-            "label": labels[rows].astype(object), "subject": np.asarray(["s1"] * len(rows), dtype=object),
-            "split": split[rows], "aug_index": np.zeros(len(rows), np.int64),
-            "error": np.asarray([""] * len(rows), dtype=object), "maps": maps[rows],
-        }  # fmt: skip
-        mapshards.storage.makedirs(shard_folder)
-        shards.append(mapshards.write_shard(shard_folder, batch))
-    mapshards.write_manifest(shard_folder, "test", maps.shape[1:], shards, len(maps))
-    return MapsShards(str(folder), mapshards.complete_manifest(str(folder), "test"))
+    order = np.random.default_rng(7).permutation(n_train + n_val)
+    n = len(order)
+    rows = {
+        "path": np.asarray([f"cell{i}.bmp" for i in order], dtype=object),
+        "label": np.concatenate([train_labels, val_labels])[order].astype(object),
+        "subject": np.asarray(["s1"] * n, dtype=object),
+        "split": np.asarray(["train"] * n_train + ["val"] * n_val, dtype=object)[order],
+        "aug_index": np.zeros(n, np.int64), "error": np.asarray([""] * n, dtype=object),
+        "maps": np.concatenate([train_maps, val_maps])[order],
+    }  # fmt: skip
+    return write_maps(str(folder), "test", rows, rows_per_shard=16)
 
 
 def train(ray, tmp_path, name, cfg=CFG, on_epoch_end=None):

@@ -158,6 +158,20 @@ def existing_maps(plan: MapsPlan) -> MapsShards | None:
     return MapsShards(plan.out, record) if record is not None else None
 
 
+def write_maps(out: str, identity: str, rows: dict[str, np.ndarray], rows_per_shard: int) -> MapsShards:
+    """Maps held in memory (`rows`: `mapshards.ROW_COLUMNS` + `maps`, N x C x H x W) written
+    as a complete set of shards of `rows_per_shard` rows under run folder `out`, in the
+    order given (the benchmark's and the tests' maps; `leukray run` writes its own as the
+    trunk computes them)."""
+    folder = mapshards.maps_folder(out, identity)
+    storage.makedirs(folder)
+    shards = []
+    for start in range(0, len(rows["maps"]), rows_per_shard):
+        shards.append(mapshards.write_shard(folder, {k: v[start : start + rows_per_shard] for k, v in rows.items()}))
+    mapshards.write_manifest(folder, identity, rows["maps"].shape[1:], shards, len(rows["maps"]))
+    return MapsShards(out, mapshards.complete_manifest(out, identity))
+
+
 def with_codes(
     batch: dict[str, np.ndarray], classes: list[str], split: str, originals_only: bool
 ) -> dict[str, np.ndarray]:

@@ -636,27 +636,23 @@ def synthetic_maps(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def maps_shards(maps: np.ndarray, labels: np.ndarray, tmp: str, val_every: int = 8):
     """The maps as `leukray run` hands them to Ray Train: written as 32-row shards under
-    `tmp` (`leukray.io.mapshards`) for the workers to read (`leukray.distributed.maps.MapsShards`),
-    with path, label, split (every `val_every`-th row "val"), aug_index and error."""
-    from leukray.distributed.maps import MapsShards
-    from leukray.distributed.streaming import ROWS_PER_BLOCK
-    from leukray.io import mapshards
+    `tmp` (`leukray.distributed.maps.write_maps`) for the workers to read, with path, label,
+    split (every `val_every`-th row "val"), aug_index and error.
 
-    split = np.where(np.arange(len(maps)) % val_every == 0, "val", "train")
-    folder, shards = mapshards.maps_folder(tmp, "bench"), []
-    os.makedirs(folder, exist_ok=True)
-    for start in range(0, len(maps), ROWS_PER_BLOCK):
-        rows = slice(start, start + ROWS_PER_BLOCK)
-        n = len(maps[rows])
-        batch = {
-            "path": np.asarray([f"m{i}" for i in range(start, start + n)], dtype=object),
-            "label": np.asarray(labels[rows], dtype=object), "subject": np.asarray(["s"] * n, dtype=object),
-            "split": np.asarray(split[rows], dtype=object), "aug_index": np.zeros(n, np.int64),
-            "error": np.asarray([""] * n, dtype=object), "maps": maps[rows],
-        }  # fmt: skip
-        shards.append(mapshards.write_shard(folder, batch))
-    mapshards.write_manifest(folder, "bench", maps.shape[1:], shards, len(maps))
-    return MapsShards(tmp, mapshards.complete_manifest(tmp, "bench")), int((split == "train").sum())
+    Returns:
+        (the shards, the number of training rows).
+    """
+    from leukray.distributed.maps import write_maps
+    from leukray.distributed.streaming import ROWS_PER_BLOCK
+
+    n = len(maps)
+    split = np.where(np.arange(n) % val_every == 0, "val", "train")
+    rows = {
+        "path": np.asarray([f"m{i}" for i in range(n)], dtype=object), "label": np.asarray(labels, dtype=object),
+        "subject": np.asarray(["s"] * n, dtype=object), "split": np.asarray(split, dtype=object),
+        "aug_index": np.zeros(n, np.int64), "error": np.asarray([""] * n, dtype=object), "maps": maps,
+    }  # fmt: skip
+    return write_maps(tmp, "bench", rows, ROWS_PER_BLOCK), int((split == "train").sum())
 
 
 def _train_config(epochs: int, batch_size: int, on_gpu: bool):
