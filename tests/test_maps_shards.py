@@ -17,8 +17,9 @@ import pytest
 from leukray.cli import main
 from leukray.config import build_config
 from leukray.data.splits import TRAIN, VAL
+from leukray.distributed import actors
 from leukray.distributed import maps as maps_module
-from leukray.distributed.maps import MAPS_STORE_BYTES, PREFETCH_SHARDS, plan_maps
+from leukray.distributed.maps import PREFETCH_SHARDS, plan_maps
 from leukray.distributed.streaming import extract_features
 from leukray.distributed.training import split_maps
 from leukray.io import mapshards
@@ -48,9 +49,11 @@ def extracted(ray_local, tiny_cells, tmp_path_factory):
     return extract_stage(_config(tiny_cells, out), keep_maps=True)
 
 
-def _rows(ds, columns) -> dict[str, np.ndarray]:
-    batches = list(ds.iter_batches(batch_format="numpy", batch_size=None))
-    return {c: np.concatenate([b[c] for b in batches]) for c in columns}
+def _rows(maps, columns) -> dict[str, np.ndarray]:
+    """Every row of the shards, read in a plain loop."""
+    shape = tuple(maps.record["shape"])
+    parts = [mapshards.read_shard(path, shape) for path in mapshards.shard_paths(maps.out, maps.record)]
+    return {c: np.concatenate([p[c] for p in parts]) for c in columns}
 
 
 def _source_rows(source, rank=0, world=1, order_seed=None) -> dict[str, np.ndarray]:
@@ -69,7 +72,7 @@ def test_maps_are_shards_with_every_row_once_and_the_rows_own_maps(extracted):
     assert folder.endswith(record["identity"]) and record["shape"] == [2048, 2, 2]
     files = sorted(n for n in mapshards.storage.file_signatures(folder) if n.endswith(".parquet"))
     assert files == sorted(record["shards"]) and len(files) > 1
-    rows = _rows(extracted.maps.dataset(), ["path", "aug_index", "error", "maps", "split"])
+    rows = _rows(extracted.maps, ["path", "aug_index", "error", "maps", "split"])
     meta = extracted.meta
     assert record["rows"] == len(rows["path"]) == len(meta)  # the synthetic cells all decode
     keys = list(zip(rows["path"].astype(str), rows["aug_index"].astype(int)))
@@ -138,15 +141,10 @@ def test_a_worker_on_another_node_reads_through_a_task_there(extracted, monkeypa
     # a local run folder is on the driver's disk: a worker elsewhere asks a task on that node
     train, _ = split_maps(extracted.maps, ["hem", "all"])
     local = _source_rows(train)
-    monkeypatch.setattr(maps_module, "_driver_ip", lambda: "10.255.255.1")  # "this worker is elsewhere"
+    monkeypatch.setattr(actors, "this_node_ip", lambda: "10.255.255.1")  # "this worker is elsewhere"
     remote = _source_rows(train)
     np.testing.assert_array_equal(remote["maps"], local["maps"])
     np.testing.assert_array_equal(remote["label_code"], local["label_code"])
-
-
-def test_the_embedding_stream_reads_at_most_its_cap_ahead(extracted):
-    # Ray Data's read-ahead for the maps is capped (it filled ~0.5 x the object store before)
-    assert extracted.maps.dataset().context.execution_options.resource_limits.object_store_memory == MAPS_STORE_BYTES
 
 
 def test_a_maps_pass_of_the_same_extraction_reads_the_shards_back(extracted):
@@ -157,7 +155,7 @@ def test_a_maps_pass_of_the_same_extraction_reads_the_shards_back(extracted):
     streamed = extract_features(usable, cfg, None, provenance, keep_maps=True)
     assert streamed.facts["maps_reused"] is True
     assert mapshards.storage.file_signatures(mapshards.maps_root(cfg.out)) == before  # nothing rewritten
-    assert streamed.maps.rows == streamed.maps.dataset().count() == len(extracted.meta)
+    assert streamed.maps.rows == len(_rows(streamed.maps, ["path"])["path"]) == len(extracted.meta)
 
 
 def test_other_settings_or_an_unfinished_folder_never_reuse_the_shards(extracted, tmp_path):
@@ -174,7 +172,7 @@ def test_other_settings_or_an_unfinished_folder_never_reuse_the_shards(extracted
     assert streamed.facts["maps_reused"] is False
     (folder,) = mapshards.storage.list_dirs(mapshards.maps_root(str(out)))
     assert not folder.endswith(old.identity)  # the other extraction's shards are gone, not mixed
-    assert streamed.maps.dataset().count() == int((1 + some["n_aug"]).sum())
+    assert streamed.maps.rows == len(_rows(streamed.maps, ["path"])["path"]) == int((1 + some["n_aug"]).sum())
     # a folder whose shards.json is missing (a pass that died) is unfinished: never read
     new_identity = folder.rsplit("/", 1)[1]
     (out / "maps" / new_identity / "shards.json").unlink()

@@ -9,7 +9,7 @@ May import: numpy, `leukray.distributed.resources`, `leukray.io.storage`, `leukr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -51,11 +51,24 @@ def write_maps_batch(batch: dict[str, np.ndarray], folder: str) -> dict[str, np.
     return out
 
 
-def read_maps_batch(batch: dict[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The shards named in `shard` (paths or URIs) read back (`leukray.io.mapshards.read_shard`)
-    as one batch: ROW_COLUMNS + `maps`, in the order given."""
-    parts = [mapshards.read_shard(str(path), shape) for path in batch["shard"]]
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+def this_node_ip() -> str:
+    import ray.util
+
+    return ray.util.get_node_ip_address()
+
+
+def on_node(node_ip: str | None, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` as called from this process on what lies on node `node_ip`'s disk: `fn` itself
+    when `node_ip` is None (a URI, readable anywhere) or this node; else a call of `fn` in a
+    task placed on that node (its result comes through the object store)."""
+    if node_ip is None or node_ip == this_node_ip():
+        return fn
+    import ray
+
+    # every Ray node offers one unit of its own `node:<ip>` resource: a sliver pins a task
+    # there; no CPU, so a busy node still serves its files
+    task = ray.remote(num_cpus=0)(fn).options(resources={f"node:{node_ip}": 0.001})
+    return lambda *args: ray.get(task.remote(*args))
 
 
 def detect_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
@@ -145,26 +158,41 @@ class FeatureExtractor(TrunkExtractor):
 
 
 class CustomEmbedder:
-    """Ray Data actor: trunk maps -> the custom model's penultimate activations (`features`)
-    and its own class probabilities (`head_prob`)."""
+    """Ray Data actor: shards of trunk maps (`shard`: their paths or URIs, on node `node_ip`'s
+    disk or a URI; `on_node`) -> their rows (`mapshards.ROW_COLUMNS`) with the custom
+    model's penultimate activations (`features`) and its own class probabilities
+    (`head_prob`). The actor reads the maps itself: they never enter the object store."""
 
-    def __init__(self, state_path: str, head_config: dict[str, Any], embedding: int, threads: int = 0):
+    def __init__(
+        self,
+        state_path: str,
+        head_config: dict[str, Any],
+        embedding: int,
+        shape: tuple[int, ...],
+        node_ip: str | None,
+        threads: int = 0,
+    ):
         import torch
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         set_cpu_threads(self.device, threads)
         self.model = build_custom_model(head_config, state=load_model_state(state_path)).to(self.device)
-        self.embedding = embedding
+        self.embedding, self.shape = embedding, tuple(shape)
+        self.read = on_node(node_ip, mapshards.read_shard)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = [self._embed(self.read(str(path), self.shape)) for path in batch["shard"]]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def _embed(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        maps = batch.pop("maps")
+        maps = rows.pop("maps")
         with torch.inference_mode():
             x = torch.from_numpy(np.array(maps, dtype=np.float32)).to(self.device)
-            batch["features"] = self.model.embed(x, self.embedding).float().cpu().numpy()
-            batch["head_prob"] = self.model.head.probabilities(self.model(x)).float().cpu().numpy()
-        return batch
+            rows["features"] = self.model.embed(x, self.embedding).float().cpu().numpy()
+            rows["head_prob"] = self.model.head.probabilities(self.model(x)).float().cpu().numpy()
+        return rows
 
 
 class BundlePredictor:

@@ -1,14 +1,17 @@
 """The custom head's trunk maps on the cluster: written as shards by the extraction pass
-(`MapsShards`; the files and their lifetime: `leukray.io.mapshards`), streamed back as a
-Ray dataset for the embedding pass and read by the Ray Train workers themselves for the
-head's training (`ShardSource`). No step materialises the maps:
+(`MapsShards`; the files and their lifetime: `leukray.io.mapshards`) and read back by
+whoever uses them, so that no step holds them all and the object store carries none:
 
-- the embedding pass's Ray Data stream may read at most `MAPS_STORE_BYTES` ahead;
-- a training worker reads its own shards, at most `PREFETCH_SHARDS` ahead, straight from
-  the run folder when it can see it (a URI, or a local folder on its own node), else
-  through a task on the folder's node. Ray Train's ingest is not used for the maps: its
-  split coordinator read ahead as far as the object store allowed (620 MiB at 2,000 maps,
-  growing with the data; docs/measurements.md).
+- a Ray Train worker reads its own share of the shards, at most `PREFETCH_SHARDS` ahead
+  (`ShardSource`);
+- the embedding pass streams the shards' paths to its actors, which read the shards
+  (`MapsShards.paths`, `actors.CustomEmbedder`).
+
+Either reads straight from the run folder when it can see it (a URI, or a local folder on
+its own node), else through a task on the folder's node (`actors.on_node`). Streaming the
+maps themselves through Ray Data let it read ahead as far as the object store allowed: a
+Ray Train epoch over 2,000 maps peaked at 620 MiB, and the peak grew with the data
+(docs/measurements.md).
 
 May import: Ray, numpy, pandas, `leukray.config`, `leukray.io`, `leukray.models`,
 `leukray.distributed.actors`.
@@ -27,29 +30,17 @@ import numpy as np
 import pandas as pd
 
 from leukray.config import RunConfig
-from leukray.distributed.actors import read_maps_batch, write_maps_batch
+from leukray.distributed.actors import on_node, this_node_ip, write_maps_batch
 from leukray.io import journal, mapshards, runfolder, storage
 from leukray.models.head import map_shape
 
 MAPS_ROW_COLUMNS = ["path", "label", "subject", "split", "aug_index"]
-# Shards read by one task: Ray's per-task cost amortised over ~25 MB (four 32-row shards of
-# 7 x 7 x 2,048 maps), blocks still small beside the object store.
+# Shards one embedding call reads (four 32-row shards of 7 x 7 x 2,048 maps: ~25 MB, as the
+# extraction's batches on a CPU; Ray's per-task cost amortised, the actor's memory small).
 SHARDS_PER_TASK = 4
-# The object store a maps stream may fill ahead of its consumer (Ray Data's soft limit for
-# the stream, `capped_store`). Without it Ray Data reads ahead as far as its share of the
-# object store allows (~0.5 x the store): a training epoch over 2,000 maps (400 MB) held
-# 620 MiB at its peak and a slow reader 334 MiB, growing with the data. Two or three 25 MB
-# blocks ahead of a consumer that spends seconds on each are enough to keep it fed.
-MAPS_STORE_BYTES = 64 * 2**20
 # Shards a training worker reads ahead of the one it trains on (threads of its own): one
 # shard is a batch of the extraction (32 rows, ~6 MB, on a CPU; 256, ~50 MB, on a GPU).
 PREFETCH_SHARDS = 4
-
-
-def capped_store(options: Any) -> Any:
-    """`options` (Ray Data ExecutionOptions) with the object store capped at MAPS_STORE_BYTES."""
-    options.resource_limits = options.resource_limits.copy(object_store_memory=MAPS_STORE_BYTES)
-    return options
 
 
 @dataclass(frozen=True)
@@ -97,10 +88,8 @@ def _placement(out: str) -> dict[str, Any]:
     run folder, the driver's node (the folder is on its disk, not on the other nodes')."""
     if storage.is_uri(out):
         return {}
-    import ray.util
-
     # every Ray node offers one unit of its own `node:<ip>` resource: a sliver pins a task there
-    return {"resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}}
+    return {"resources": {f"node:{this_node_ip()}": 0.001}}
 
 
 def add_shard_writer(ds: Any, plan: MapsPlan) -> Any:
@@ -129,21 +118,24 @@ class MapsShards:
     def rows(self) -> int:
         return int(self.record["rows"])
 
-    def dataset(self) -> Any:
-        """Every row as a lazy Ray dataset (`read_maps`): the embedding pass's input."""
-        return read_maps(self.out, self.record)
+    @property
+    def node_ip(self) -> str | None:
+        """The node whose disk holds the shards (None: a URI, readable anywhere)."""
+        return None if storage.is_uri(self.out) else this_node_ip()
+
+    def paths(self) -> Any:
+        """The shards' paths as a Ray dataset (`shard`), `SHARDS_PER_TASK` to a block: the
+        embedding pass's input, whose actors read the shards themselves."""
+        import ray
+
+        paths = mapshards.shard_paths(self.out, self.record) if self.record["shards"] else []
+        blocks = max(1, -(-len(paths) // SHARDS_PER_TASK))
+        return ray.data.from_items([{"shard": p} for p in paths], override_num_blocks=blocks)
 
     def source(self, classes: list[str], split: str, originals_only: bool) -> "ShardSource":
         """The rows of `split` (originals only if asked) for a training worker to read."""
         paths = tuple(mapshards.shard_paths(self.out, self.record)) if self.record["shards"] else ()
-        node_ip = None if storage.is_uri(self.out) else _driver_ip()
-        return ShardSource(paths, tuple(self.record["shape"]), tuple(classes), split, originals_only, node_ip)
-
-
-def _driver_ip() -> str:
-    import ray.util
-
-    return ray.util.get_node_ip_address()
+        return ShardSource(paths, tuple(self.record["shape"]), tuple(classes), split, originals_only, self.node_ip)
 
 
 def finish_shards(plan: MapsPlan, shards: list[str], rows: int) -> MapsShards:
@@ -228,14 +220,10 @@ class ShardSource:
         return paths[rank::world]
 
     def reader(self) -> Callable[[str], dict[str, np.ndarray]]:
-        """A function reading one shard's rows from where this process runs."""
+        """A function reading one shard's rows from where this process runs (`on_node`)."""
+        read = on_node(self.node_ip, read_source_shard)
         args = (self.shape, self.classes, self.split, self.originals_only)
-        if self.node_ip is None or self.node_ip == _driver_ip():
-            return lambda path: read_source_shard(path, *args)
-        import ray
-
-        task = ray.remote(num_cpus=0)(read_source_shard).options(resources={f"node:{self.node_ip}": 0.001})
-        return lambda path: ray.get(task.remote(path, *args))
+        return lambda path: read(path, *args)
 
     def stream(self, rank: int = 0, world: int = 1, order_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """This rank's shards' rows, shard by shard (`shards_of`), read up to
@@ -259,23 +247,3 @@ class ShardSource:
             finally:
                 for future in pending:
                     future.cancel()
-
-
-def read_maps(out: str, record: dict[str, Any]) -> Any:
-    """The shards of `record` as a lazy Ray dataset (read again by every consumer and every
-    epoch): ROW_COLUMNS + `maps` (N x C x H x W float16), in stream order. The shards are
-    read `SHARDS_PER_TASK` to a task (`actors.read_maps_batch`), not by
-    `read_parquet`, whose per-file planning cost ~0.2 s a shard (measured: 48 shards of 32
-    maps iterated in 9 s that way, 2.4 s this way, 0.3 s read in a plain loop)."""
-    import ray
-
-    paths = mapshards.shard_paths(out, record) if record["shards"] else []
-    if not paths:
-        return ray.data.from_items([])
-    blocks = max(1, -(-len(paths) // SHARDS_PER_TASK))
-    ds = ray.data.from_items([{"shard": p} for p in paths], override_num_blocks=blocks).map_batches(
-        read_maps_batch, batch_format="numpy", batch_size=None, fn_kwargs={"shape": tuple(record["shape"])},
-        **_placement(out),
-    )  # fmt: skip
-    capped_store(ds.context.execution_options)  # Ray Train sets its own options: see training._trainer
-    return ds

@@ -28,7 +28,14 @@ from leukray.distributed.actors import (
     preprocess_batch,
     slide_tiles,
 )
-from leukray.distributed.maps import MapsShards, add_shard_writer, existing_maps, finish_shards, plan_maps
+from leukray.distributed.maps import (
+    SHARDS_PER_TASK,
+    MapsShards,
+    add_shard_writer,
+    existing_maps,
+    finish_shards,
+    plan_maps,
+)
 from leukray.distributed.resources import extract_batch_size, plan_actor_pool
 from leukray.io import storage
 from leukray.io.features import FeatureFileWriter, error_mask
@@ -237,14 +244,17 @@ def embed_maps(
     on_gpu, pool, resources, threads = plan_actor_pool(
         cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource
     )
-    embedded = maps.dataset().map_batches(
+    # the actors read the shards themselves: only paths go in and embeddings come out
+    embedded = maps.paths().map_batches(
         CustomEmbedder,
         batch_format="numpy",
-        batch_size=max(extract_batch_size(cfg.extract.batch_size, on_gpu), 64),
+        batch_size=SHARDS_PER_TASK,
         fn_constructor_kwargs={
             "state_path": state_path,
             "head_config": head_config,
             "embedding": cfg.train.embedding,
+            "shape": tuple(maps.record["shape"]),
+            "node_ip": maps.node_ip,
             "threads": threads,
         },
         compute=pool,
