@@ -24,10 +24,10 @@ demo: setup
 
 # the suite in TEST_WORKERS processes (pytest-xdist), each test module whole in one of them
 # (its module-scoped local Ray runtime and fixtures stay as they are); TEST_WORKERS=0 runs
-# it in this process, one test after another
+# it in this process, one test after another; the 20 slowest tests are listed at the end
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # ruff, configured in pyproject.toml (line length 120; CI runs `make lint` before `make test`)
 lint: setup
