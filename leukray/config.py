@@ -344,7 +344,9 @@ class TrainConfig:
     dropout: float = 0.5
     """Dropout rate of the head's dense layers (the paper: 0.5)."""
     workers: int = 1
-    """Data-parallel Ray Train workers."""
+    """Data-parallel Ray Train workers (DistributedDataParallel). Each reads its own share of
+    the maps' shards; the ranks take the same number of steps per epoch, so each epoch drops
+    under a batch per worker plus what one worker holds beyond the others."""
     use_gpu: str = "auto"
     """auto (when the cluster has GPUs) | true | false."""
     unfreeze_stages: int = 0
