@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -32,6 +33,7 @@ import pandas as pd
 from leukray.config import RunConfig
 from leukray.distributed.actors import on_node, this_node_ip, write_maps_batch
 from leukray.io import journal, mapshards, runfolder, storage
+from leukray.models.classifiers import label_codes
 from leukray.models.head import map_shape
 
 MAPS_ROW_COLUMNS = ["path", "label", "subject", "split", "aug_index"]
@@ -176,14 +178,8 @@ def with_codes(
     keep = (batch["split"].astype(str) == split) & np.asarray([not e for e in batch["error"]], dtype=bool)
     if originals_only:
         keep &= batch["aug_index"] == 0
-    labels = batch["label"][keep].astype(str)
-    codes = np.full(len(labels), -1, dtype=np.int64)
-    for code, name in enumerate(classes):
-        codes[labels == name] = code
-    if (codes < 0).any():
-        raise ValueError(f"labels outside {classes}: {sorted(set(labels[codes < 0]))}")
     maps = batch["maps"] if keep.all() else batch["maps"][keep]
-    return {"maps": maps, "label_code": codes}
+    return {"maps": maps, "label_code": label_codes(batch["label"][keep], classes)}
 
 
 def read_source_shard(
@@ -230,18 +226,13 @@ class ShardSource:
         `PREFETCH_SHARDS` ahead in threads; empty shards are skipped."""
         read = self.reader()
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="maps-read") as pool:
-            pending: collections.deque = collections.deque()
             paths = iter(self.shards_of(rank, world, order_seed))
+            pending = collections.deque(pool.submit(read, p) for p in itertools.islice(paths, PREFETCH_SHARDS))
             try:
-                for path in paths:
-                    pending.append(pool.submit(read, path))
-                    if len(pending) >= PREFETCH_SHARDS:
-                        break
                 while pending:
                     part = pending.popleft().result()
-                    for path in paths:
+                    if (path := next(paths, None)) is not None:
                         pending.append(pool.submit(read, path))
-                        break
                     if len(part["label_code"]):
                         yield part
             finally:

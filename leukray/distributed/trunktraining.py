@@ -44,6 +44,7 @@ from leukray.distributed.training import (
     epoch_seed,
     fit_quietly,
 )
+from leukray.models.classifiers import label_codes
 from leukray.models.trained import build_trunk_classifier, normalised_images
 from leukray.models.trunk import resolve_weights
 from leukray.ops.augment import augment_epoch
@@ -60,15 +61,9 @@ def trunk_rows(batch: dict[str, np.ndarray], classes: list[str], split: str, ove
     repeats = (1 + batch["copies"][keep].astype(np.int64)) if oversample else np.ones(int(keep.sum()), np.int64)
     take = np.repeat(np.flatnonzero(keep), repeats)
     draws = np.concatenate([np.arange(r) for r in repeats]) if len(repeats) else np.zeros(0, np.int64)
-    labels = batch["label"][take].astype(str)
-    codes = np.full(len(labels), -1, dtype=np.int64)
-    for code, name in enumerate(classes):
-        codes[labels == name] = code
-    if (codes < 0).any():
-        raise ValueError(f"labels outside {classes}: {sorted(set(labels[codes < 0]))}")
     return {
         "image": batch["image"][take],
-        "label_code": codes,
+        "label_code": label_codes(batch["label"][take], classes),
         "sha256": batch["sha256"][take].astype(str).astype(object),
         "draw": draws.astype(np.int64),
     }

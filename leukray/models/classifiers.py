@@ -357,6 +357,21 @@ def class_order(labels: np.ndarray, positive: str) -> list[str]:
     return names
 
 
+def label_codes(labels: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Each label's index in `classes` (int64), vectorised.
+
+    Raises:
+        ValueError: a label outside `classes`.
+    """
+    labels = np.asarray(labels).astype(str)
+    codes = np.full(len(labels), -1, dtype=np.int64)
+    for code, name in enumerate(classes):
+        codes[labels == name] = code
+    if (codes < 0).any():
+        raise ValueError(f"labels outside {list(classes)}: {sorted(set(labels[codes < 0]))}")
+    return codes
+
+
 def positive_index(classes: list[str], positive: str) -> int:
     """The column of P(positive) in a probability matrix (the last class when it is absent)."""
     return classes.index(positive) if positive in classes else len(classes) - 1
