@@ -45,7 +45,7 @@ import pandas as pd
 
 from leukray.config import TrainConfig
 from leukray.distributed.maps import ShardSource
-from leukray.distributed.training import STATE_FILE, TrainResult, _trainer, fit_quietly, head_loop_config
+from leukray.distributed.training import STATE_FILE, TrainResult, fit_quietly, head_loop_config, make_trainer
 
 # What the search draws (plain data: the docs and the record show it). Ranges bracket the
 # paper's setting (Adam 1e-3, dropout 0.5, no weight decay) by two decades either way.
@@ -123,7 +123,7 @@ def _head_trial_class():
             self.max_t, self.controller, self.error = cfg.epochs, None, None
             self.epochs = Queue(actor_options={"num_cpus": 0})
             drawn = {key: float(config[key]) for key in HEAD_SPACE}
-            trainer = _trainer(
+            trainer = make_trainer(
                 {**loop_config, **drawn, "print_epochs": False}, cfg, storage_path=storage_path,
                 # named by the trial: a restored experiment resumes it from its checkpoint
                 name=f"{name}-{self.trial_id}", use_gpu=use_gpu, callbacks=[_epoch_forwarder(self.epochs)],

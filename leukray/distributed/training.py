@@ -146,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     rank = ray.train.get_context().get_world_rank()
-    _seed_everything(config["seed"] + rank)
+    seed_everything(config["seed"] + rank)
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config.get("cpu_threads"):
         # Ray gives the worker one CPU's worth of threads; the maps are already in memory and
@@ -154,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(min(int(config["cpu_threads"]), os.cpu_count() or 1))
     model = build_model(config).to(device)
     optimizer = build_optimizer(model, config, device)
-    start_epoch, history = _restore(model, optimizer, rank)
+    start_epoch, history = restore_checkpoint(model, optimizer, rank)
     model = ray.train.torch.prepare_model(model)
     world = ray.train.get_context().get_world_size()
     sources = config["maps"]
@@ -165,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(_validate(model, sources["val"], config, (rank, world), device))
         metrics.update(epoch=epoch + 1, resumed_from=start_epoch)
         history.append(metrics)
-        _report(model, optimizer, metrics, history, epoch, rank)
+        report_epoch(model, optimizer, metrics, history, epoch, rank)
         if rank == 0 and config.get("print_epochs", True):  # a head search prints one line per trial
             print(
                 f"[train] epoch {epoch + 1}/{config['epochs']}  "
@@ -178,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             config["on_epoch_end"](epoch + 1, rank)
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     import random
 
     import torch
@@ -188,7 +188,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _core(model):
+def unwrap(model):
     """The model inside DistributedDataParallel (or the model itself)."""
     return model.module if hasattr(model, "module") else model
 
@@ -226,7 +226,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
 
 
-def _restore(model, optimizer, rank: int) -> tuple[int, list[dict[str, float]]]:
+def restore_checkpoint(model, optimizer, rank: int) -> tuple[int, list[dict[str, float]]]:
     """Load the last reported checkpoint (a restarted worker or a rerun): weights, optimizer,
     this rank's RNG states; returns the epoch to start at and the history so far."""
     import ray.train
@@ -321,7 +321,7 @@ def _smallest_over_ranks(mine: int, device) -> int:
 
 
 def _train_epoch(model, optimizer, source, config: dict[str, Any], epoch: int, ranks, device) -> dict[str, float]:
-    head, batch_size = _core(model).head, config["batch_size"]
+    head, batch_size = unwrap(model).head, config["batch_size"]
     model.train()
     counts = EpochCounts(config["num_classes"], device)
     for maps, labels in _chunks(source, config, device, ranks, epoch):
@@ -343,7 +343,7 @@ def _validate(model, source, config: dict[str, Any], ranks, device) -> dict[str,
     collective per batch, so the ranks need not hold the same number of rows)."""
     import torch
 
-    core = _core(model)
+    core = unwrap(model)
     core.eval()
     counts = EpochCounts(config["num_classes"], device)
     with torch.no_grad():
@@ -353,7 +353,7 @@ def _validate(model, source, config: dict[str, Any], ranks, device) -> dict[str,
     return counts.metrics("val")
 
 
-def _report(
+def report_epoch(
     model, optimizer, metrics: dict[str, float], history: list[dict[str, float]], epoch: int, rank: int
 ) -> None:
     """The epoch's metrics to Ray Train, with rank 0's checkpoint: model, optimizer,
@@ -371,7 +371,7 @@ def _report(
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:
             state = {
-                "model": _core(model).state_dict(),
+                "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "history": history,
@@ -434,11 +434,11 @@ def train_head(
 
     loop_config = head_loop_config(cfg, in_features, num_classes, weights, weights_seed, on_epoch_end)
     loop_config["maps"] = {"train": train, "val": val}
-    trainer = _trainer(loop_config, cfg, storage_path=storage_path, name=name, use_gpu=use_gpu)
+    trainer = make_trainer(loop_config, cfg, storage_path=storage_path, name=name, use_gpu=use_gpu)
     result = fit_quietly(trainer)
     if result.error is not None:
         raise result.error
-    return _best_result(result, loop_config)
+    return best_result(result, loop_config)
 
 
 def head_loop_config(
@@ -472,7 +472,7 @@ def head_loop_config(
     }
 
 
-def _trainer(
+def make_trainer(
     loop_config: dict[str, Any],
     cfg: TrainConfig,
     *,
@@ -518,7 +518,7 @@ def _trainer(
     )
 
 
-def _best_result(result, loop_config: dict[str, Any]) -> TrainResult:
+def best_result(result, loop_config: dict[str, Any]) -> TrainResult:
     """The best epoch's model (by validation balanced accuracy) and the full history."""
     import torch
 

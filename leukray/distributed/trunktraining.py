@@ -11,8 +11,8 @@ differently. `TorchTrainer` runs the data-parallel workers (GPUs when the cluste
 bf16 autocast and channels_last there), Adam at `train.lr` on the linear classifier and at
 `train.lr` (random init) or `train.finetune_lr` (pretrained weights) on the trunk.
 
-Checkpoints, resumption and reproducibility are the head's (`training._report`,
-`training._restore`): every epoch reports its metrics with a checkpoint holding the model,
+Checkpoints, resumption and reproducibility are the head's (`training.report_epoch`,
+`training.restore_checkpoint`): every epoch reports its metrics with a checkpoint holding the model,
 the optimizer, the epoch, the history and every rank's RNG states; the shuffle is seeded by
 (train.seed, epoch, rank) and the augmentation by the epoch, so a resumed run draws what the
 uninterrupted one drew. The best epoch by validation balanced accuracy is the trained trunk.
@@ -35,14 +35,14 @@ from leukray.distributed.actors import preprocess_batch
 from leukray.distributed.training import (
     EpochCounts,
     TrainResult,
-    _best_result,
-    _core,
-    _report,
-    _restore,
-    _seed_everything,
-    _trainer,
+    best_result,
     epoch_seed,
     fit_quietly,
+    make_trainer,
+    report_epoch,
+    restore_checkpoint,
+    seed_everything,
+    unwrap,
 )
 from leukray.models.classifiers import label_codes
 from leukray.models.trained import build_trunk_classifier, normalised_images
@@ -137,11 +137,11 @@ def _step(model, images, labels, device):
     x = normalised_images(images, device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(x)
-    return logits, _core(model).loss(logits, labels.to(device))
+    return logits, unwrap(model).loss(logits, labels.to(device))
 
 
 def _train_epoch(model, optimizer, shard, config: dict[str, Any], epoch: int, rank: int, device) -> dict[str, float]:
-    core = _core(model)
+    core = unwrap(model)
     model.train()
     counts = EpochCounts(config["num_classes"], device)
     for images, labels in _batches(shard, config, epoch, rank):
@@ -159,7 +159,7 @@ def _train_epoch(model, optimizer, shard, config: dict[str, Any], epoch: int, ra
 def _validate(model, shard, config: dict[str, Any], device) -> dict[str, float]:
     import torch
 
-    core = _core(model)
+    core = unwrap(model)
     model.eval()
     counts = EpochCounts(config["num_classes"], device)
     with torch.no_grad():
@@ -196,12 +196,12 @@ def trunk_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     rank = ray.train.get_context().get_world_rank()
-    _seed_everything(config["seed"] + rank)
+    seed_everything(config["seed"] + rank)
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config.get("cpu_threads"):
         torch.set_num_threads(min(int(config["cpu_threads"]), os.cpu_count() or 1))
     model, optimizer = _build(config, device)
-    start_epoch, history = _restore(model, optimizer, rank)
+    start_epoch, history = restore_checkpoint(model, optimizer, rank)
     model = ray.train.torch.prepare_model(model)
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
     for epoch in range(start_epoch, config["epochs"]):
@@ -211,7 +211,7 @@ def trunk_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(_validate(model, shards["val"], config, device))
         metrics.update(epoch=epoch + 1, resumed_from=start_epoch)
         history.append(metrics)
-        _report(model, optimizer, metrics, history, epoch, rank)
+        report_epoch(model, optimizer, metrics, history, epoch, rank)
         if rank == 0:
             print(
                 f"[trunk] epoch {epoch + 1}/{config['epochs']}  "
@@ -264,11 +264,11 @@ def train_trunk(
         "on_epoch_end": on_epoch_end,
         "cpu_threads": max(1, int(cluster_cpus()) // max(cfg.workers, 1)),
     }
-    trainer = _trainer(
+    trainer = make_trainer(
         loop_config, cfg, storage_path=storage_path, name=name, use_gpu=use_gpu,
         datasets={"train": train_ds, "val": val_ds}, loop=trunk_loop_per_worker,
     )  # fmt: skip
     result = fit_quietly(trainer)
     if result.error is not None:
         raise result.error
-    return _best_result(result, loop_config)
+    return best_result(result, loop_config)
