@@ -164,3 +164,14 @@ def test_a_stage_on_a_folder_extract_never_wrote_is_one_line(stage, tmp_path, ca
     assert main([stage, "--out", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "leukray extract" in err
+
+
+def test_the_streaming_stage_cuts_a_few_tasks_per_cpu_of_bounded_size():
+    from leukray.distributed.streaming import row_blocks, stream_block_rows
+
+    assert stream_block_rows(100, 2) == 32  # small data: never below 32 rows a task
+    assert stream_block_rows(4000, 2) == 500  # 4 tasks per CPU
+    assert stream_block_rows(16000, 16) == 250
+    assert stream_block_rows(10_000_000, 16) == 512  # a block's crops in flight stay bounded
+    blocks = row_blocks(pd.DataFrame({"path": [f"{i}.bmp" for i in range(4000)]}), stream_block_rows(4000, 2))
+    assert [len(b) for b in blocks] == [500] * 8
