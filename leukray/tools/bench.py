@@ -64,7 +64,7 @@ import pandas as pd
 from leukray.config import AugmentConfig, PreprocessConfig
 from leukray.data.discovery import IMAGE_EXTENSIONS
 from leukray.distributed.actors import FeatureExtractor, preprocess_batch
-from leukray.distributed.streaming import row_blocks
+from leukray.distributed.streaming import row_blocks, stream_block_rows
 from leukray.distributed.tuning import run_sweep_tune
 from leukray.io import storage
 from leukray.models.classifiers import SweepData, class_order, select_classifiers
@@ -899,7 +899,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=int, default=3, help="interleaved extraction runs per side; the fastest counts"
     )
     parser.add_argument(
-        "--rows-per-block", type=int, default=0, help="preprocessing rows per input block (0: images / (4 x CPUs))"
+        "--rows-per-block",
+        type=int,
+        default=0,
+        help="preprocessing rows per input block (0: as `leukray run`, streaming.stream_block_rows)",
     )
     parser.add_argument(
         "--preprocess-batch-size", type=int, default=0, help="preprocessing map_batches batch size (0: rows per block)"
@@ -974,7 +977,7 @@ def _run_sections(args: argparse.Namespace, skip: set[str], cpus: int, tmp: str,
             f"synthetic: generate_dataset(cells={args.cells}, subjects=12, seed=0), 450x450 RGB BMP"
         )
         log(f"generated {len(frame)} synthetic images in {time.perf_counter() - tick:.1f}s")
-    rows_per_block = args.rows_per_block or max(1, math.ceil(len(frame) / (4 * cpus)))
+    rows_per_block = args.rows_per_block or stream_block_rows(len(frame), cpus)
     batch_size = args.preprocess_batch_size or rows_per_block
 
     # Later stages start from the crops (and their features), so a skipped stage still

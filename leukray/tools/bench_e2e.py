@@ -351,7 +351,14 @@ def _synth(root: str, cells: int) -> list[str]:
 
 
 def measure_e2e(
-    images: int, scale: int, weights: str, batch_size: int, cpus: int, tmp: str, maps: bool = True
+    images: int,
+    scale: int,
+    weights: str,
+    batch_size: int,
+    cpus: int,
+    tmp: str,
+    maps: bool = True,
+    warm_up: bool = True,
 ) -> dict[str, Any]:
     """The whole section on the running Ray (see the module docstring): `bench.json`'s `e2e`.
 
@@ -360,6 +367,8 @@ def measure_e2e(
         scale: the second command runs on scale x N images.
         batch_size: the trunk's batch (0: the stage's auto choice for this device).
         maps: also measure the custom head's maps path (`measure_maps`).
+        warm_up: run each command once untimed first (off only where the figures' consistency,
+            not their speed, is checked: it saves two commands' start-ups).
     """
     import torch
 
@@ -368,7 +377,7 @@ def measure_e2e(
     tick = time.perf_counter()
     small = _synth(os.path.join(tmp, "e2e-n"), images)
     _synth(os.path.join(tmp, "e2e-scaled"), images * scale)
-    warm = _synth(os.path.join(tmp, "e2e-warm"), 16)
+    warm = _synth(os.path.join(tmp, "e2e-warm"), 16) if warm_up else []
     log(f"synthesised {images} + {images * scale} + {len(warm)} images in {time.perf_counter() - tick:.1f}s")
     for path in small:  # both sides then read from the page cache
         storage.read_bytes(path)
@@ -380,7 +389,8 @@ def measure_e2e(
     del crops
     log(f"extractor ceiling: {extractor['images_per_s']:.1f} images/s on the {extractor['device']}, batch {batch}")
     # untimed: Ray Data's workers started and leukray imported in them, the weights resolved
-    run_extract(os.path.join(tmp, "e2e-warm"), os.path.join(tmp, "run-warm"), weights, batch_size, gpu)
+    if warm_up:
+        run_extract(os.path.join(tmp, "e2e-warm"), os.path.join(tmp, "run-warm"), weights, batch_size, gpu)
     runs = {}
     for name, root in (("n", "e2e-n"), ("scaled", "e2e-scaled")):
         runs[name] = run_extract(os.path.join(tmp, root), os.path.join(tmp, f"run-{name}"), weights, batch_size, gpu)
@@ -398,15 +408,16 @@ def measure_e2e(
             "extractor_ceiling": extractor,
             "extract_at_n": runs["n"],
             "extract_at_scale": runs["scaled"],
-            **(measure_maps(tmp, gpu) if maps else {}),
+            **(measure_maps(tmp, gpu, warm_up=warm_up) if maps else {}),
         }
     )
 
 
-def measure_maps(tmp: str, gpu: bool, epochs: int = 1) -> dict[str, Any]:
+def measure_maps(tmp: str, gpu: bool, epochs: int = 1, warm_up: bool = True) -> dict[str, Any]:
     """The maps path (`run_train`) on the run folders that `measure_e2e`'s commands wrote, at
-    N and scale x N images, after an untimed one on the warm-up folder."""
-    run_train(os.path.join(tmp, "run-warm"), epochs, gpu)  # Ray Train's imports and workers
+    N and scale x N images, after an untimed one on the warm-up folder (with `warm_up`)."""
+    if warm_up:
+        run_train(os.path.join(tmp, "run-warm"), epochs, gpu)  # Ray Train's imports and workers
     runs = {name: run_train(os.path.join(tmp, f"run-{name}"), epochs, gpu) for name in ("n", "scaled")}
     for run in runs.values():
         log(
