@@ -173,5 +173,6 @@ def test_the_streaming_stage_cuts_a_few_tasks_per_cpu_of_bounded_size():
     assert stream_block_rows(4000, 2) == 500  # 4 tasks per CPU
     assert stream_block_rows(16000, 16) == 250
     assert stream_block_rows(10_000_000, 16) == 512  # a block's crops in flight stay bounded
+    assert stream_block_rows(4000, 2, with_maps=True) == 32  # ~200 KB of maps more per row
     blocks = row_blocks(pd.DataFrame({"path": [f"{i}.bmp" for i in range(4000)]}), stream_block_rows(4000, 2))
     assert [len(b) for b in blocks] == [500] * 8

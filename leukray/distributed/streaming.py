@@ -53,7 +53,7 @@ TASKS_PER_CPU = 4
 STREAM_COLUMNS = ["path", "label", "subject", "split", "n_aug"]
 
 
-def stream_block_rows(n_rows: int, cpus: float) -> int:
+def stream_block_rows(n_rows: int, cpus: float, with_maps: bool = False) -> int:
     """Rows per block (one decode + Otsu-crop task each) of the streaming stage: about
     `TASKS_PER_CPU` tasks per CPU of the cluster, from `ROWS_PER_BLOCK` up to
     `MAX_ROWS_PER_BLOCK` rows.
@@ -64,9 +64,15 @@ def stream_block_rows(n_rows: int, cpus: float) -> int:
     miniature) the stage ran at 0.26-0.28 of a plain ``multiprocessing.Pool`` with blocks of
     32 rows and 0.49-0.57 with blocks of 512 (4,000 synthetic cells; issue 9). Several tasks
     per CPU keep the last wave short; the cap bounds a block's crops in flight (512 x 150 KB)
-    whatever the data's size. A pass that also computes the trunk maps keeps blocks of
-    `ROWS_PER_BLOCK` rows (see `_features_dataset`).
+    whatever the data's size.
+
+    A pass that also computes the trunk maps (`with_maps`) keeps blocks of `ROWS_PER_BLOCK`
+    rows: every row then carries ~200 KB more to the shard writer, and 250-row blocks took
+    the object store from 9 MiB (200 images) to 70 MiB (2,000) where 32-row ones kept it
+    at 24 MiB.
     """
+    if with_maps:
+        return ROWS_PER_BLOCK
     per_task = math.ceil(n_rows / max(1.0, cpus * TASKS_PER_CPU))
     return int(min(MAX_ROWS_PER_BLOCK, max(ROWS_PER_BLOCK, per_task)))
 
@@ -119,11 +125,7 @@ def _features_dataset(
     use_gpu, pool, actor_resources, threads = plan_actor_pool(
         cfg.extract.use_gpu, cfg.extract.actors, cfg.extract.accelerator_resource
     )
-    # With maps every row carries ~200 KB more to the shard writer: small blocks keep the
-    # object store at ~24 MiB for 2,000 images, where 250-row blocks took it to ~70 MiB
-    block_rows = (
-        ROWS_PER_BLOCK if maps_stage >= 0 else stream_block_rows(len(rows), ray.cluster_resources().get("CPU", 1))
-    )
+    block_rows = stream_block_rows(len(rows), ray.cluster_resources().get("CPU", 1), with_maps=maps_stage >= 0)
     ds = ray.data.from_pandas(row_blocks(rows[STREAM_COLUMNS], block_rows))
     ds = ds.map_batches(
         preprocess_batch,

@@ -902,7 +902,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rows-per-block",
         type=int,
         default=0,
-        help="preprocessing rows per input block (0: as `leukray run`, streaming.stream_block_rows)",
+        help="preprocessing rows per input block (0: as `leukray extract`, streaming.stream_block_rows)",
     )
     parser.add_argument(
         "--preprocess-batch-size", type=int, default=0, help="preprocessing map_batches batch size (0: rows per block)"
