@@ -47,3 +47,26 @@ def test_the_cluster_pass_and_the_local_one_hash_alike(ray_local, tiny_cells, tm
     pd.testing.assert_frame_equal(local[columns], spread.loc[paths, columns], check_index_type=False, check_dtype=False)
     assert local.loc[paths[0], "sha256"] == hashlib.sha256(open(paths[0], "rb").read()).hexdigest()
     assert local.loc[paths[-1], "read_error"] == "file not found"
+
+
+def test_a_whole_output_pass_runs_without_reservation_and_leaves_other_passes_alone(ray_local, monkeypatch):
+    """`whole_output_pass` switches Ray Data's per-operator reservation off for that pass
+    only (it ran such passes one task at a time on 2 CPUs); the cluster hashing pass is one."""
+    import pandas as pd
+    import ray
+
+    from leukray.distributed import streaming
+    from leukray.distributed.resources import whole_output_pass
+
+    whole = whole_output_pass(ray.data.range(8).map_batches(lambda b: {"id": b["id"] * 2}))
+    other = ray.data.range(8).map_batches(lambda b: b)
+    assert whole.context.op_resource_reservation_enabled is False
+    assert other.context.op_resource_reservation_enabled is True
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
+    assert sorted(whole.to_pandas()["id"]) == list(range(0, 16, 2))
+
+    passes = []
+    monkeypatch.setattr(streaming, "whole_output_pass", lambda ds: passes.append(ds) or whole_output_pass(ds))
+    hashed = streaming.hash_paths(pd.Series(["/nonexistent/a.bmp", "/nonexistent/b.bmp"]), local_max=0)
+    assert len(passes) == 1 and passes[0].context.op_resource_reservation_enabled is False
+    assert set(hashed["read_error"]) == {"file not found"}

@@ -1,6 +1,7 @@
 """What the Ray cluster offers and how a model pool asks for it: GPUs when there are any
 (one actor per GPU), else one multi-threaded actor per CPU node, or a custom accelerator
-resource.
+resource; and how a pass whose output is kept whole asks Ray Data for the CPUs
+(`whole_output_pass`).
 
 May import: Ray, `leukray.errors`.
 """
@@ -33,6 +34,23 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+def whole_output_pass(ds: Any) -> Any:
+    """`ds` (a pass of one CPU operator whose every output is kept: materialised, or
+    gathered in the driver) with Ray Data's per-operator resource reservation off.
+
+    Reservation (`DataContext.op_resource_reservation_enabled`) keeps one operator from
+    starving the next and bounds each one's object-store share; a pass whose output is held
+    whole has neither to protect, and with it on Ray Data 2.60 ran such a pass about one task
+    at a time on 2 CPUs: the benchmark's preprocessing pass (`python -m leukray.bench --skip
+    extract,sweep,train,e2e`) went from 0.87x to 1.41x the plain loop on 1,600 synthetic
+    cells and from 1.33x to 1.75x on 6,400, with Ray Data's tasks busy at once 0.97 -> 1.51
+    and 1.31 -> 1.81 (issue 9). Passes that stream into another operator (the streaming
+    stage, predict, screen) keep it.
+    """
+    ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
 def wants_gpu(use_gpu: str) -> bool:

@@ -37,7 +37,7 @@ from leukray.distributed.maps import (
     finish_shards,
     plan_maps,
 )
-from leukray.distributed.resources import extract_batch_size, plan_actor_pool
+from leukray.distributed.resources import extract_batch_size, plan_actor_pool, whole_output_pass
 from leukray.io import storage
 from leukray.io.features import FeatureFileWriter, error_mask
 from leukray.io.tables import ERROR_COLUMNS, log
@@ -96,11 +96,11 @@ def hash_paths(paths: pd.Series, local_max: int = LOCAL_HASH_MAX) -> pd.DataFram
     if len(paths) <= local_max:
         frame = pd.DataFrame(hash_files({"path": paths.astype(object).to_numpy()}, storage.read_bytes))
         return frame.drop_duplicates("path").set_index("path")
-    hashed = (
-        ray.data.from_pandas(row_blocks(pd.DataFrame({"path": paths}), 64))
-        .map_batches(hash_batch, batch_format="numpy", batch_size=64)
-        .to_pandas()
-    )
+    hashed = whole_output_pass(
+        ray.data.from_pandas(row_blocks(pd.DataFrame({"path": paths}), 64)).map_batches(
+            hash_batch, batch_format="numpy", batch_size=64
+        )
+    ).to_pandas()
     return hashed.drop_duplicates("path").set_index("path")
 
 

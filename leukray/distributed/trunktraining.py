@@ -32,6 +32,7 @@ import pandas as pd
 
 from leukray.config import AugmentConfig, PreprocessConfig, TrainConfig
 from leukray.distributed.actors import preprocess_batch
+from leukray.distributed.resources import cluster_cpus, whole_output_pass
 from leukray.distributed.training import (
     EpochCounts,
     TrainResult,
@@ -89,7 +90,7 @@ def crop_datasets(
         fn_kwargs={"cfg": preprocess, "augment": AugmentConfig(oversample=0.0), "seed": 0, "cell_families": ()},
     )
     crops.context.execution_options.preserve_order = True
-    crops = crops.materialize()
+    crops = whole_output_pass(crops).materialize()
     # Materialised: the workers' shards then need no CPU task while training, so as many
     # workers as the cluster has CPUs (or GPUs) can hold them all.
     train_ds = crops.map_batches(
@@ -247,9 +248,6 @@ def train_trunk(
     Returns:
         The history and the best epoch's `TrunkClassifier` state (`trunk_state` gives its trunk).
     """
-
-    from leukray.distributed.resources import cluster_cpus
-
     loop_config = {
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
