@@ -123,7 +123,4 @@ def test_preprocess_section_measures_the_machines_ceiling_beside_ray(ray_local, 
     table = bench.format_table(results)
     assert "ceiling: Pool(all CPUs) / loop" in table
     assert f"{results['preprocess_ray_vs_pool']:.2f}x of it" in table
-    # Ray Data's fixed cost of a pass (two images) is reported beside the throughput
-    assert 0 < results["preprocess_ray_small_pass_s"] < 60
-    assert results["preprocess_ray_setup"]["op_resource_reservation"] is False
-    assert f"{results['preprocess_ray_small_pass_s']:.2f}s" in table
+    assert results["preprocess_ray_setup"]["op_resource_reservation"] is False  # a whole_output_pass

@@ -9,9 +9,7 @@ move; ratios measured side by side move much less):
    ``from_pandas(row_blocks(...))``, 1-CPU tasks on every local CPU, every crop gathered:
    a `whole_output_pass`, as the trunk-training crops are cut) over a plain
    single-process loop of `decode_image` + `preprocess_image`. Target >= 1.6x on 2 cores.
-   Ray Data's fixed cost of starting a pass (seconds, whatever the images) is reported
-   beside it (``preprocess_ray_small_pass_s``); the streaming stage, with the extractor
-   behind preprocessing, is section 5's.
+   The streaming stage, with the extractor behind preprocessing, is section 5's.
 2. ``extract_ratio``: ResNet50 features through the `FeatureExtractor` actor in Ray Data
    over a plain torch loop (same trunk, batches of 32, `torch.inference_mode`, one torch
    thread per core), on the same crops. images/s ratio; target >= 0.8. Model loading and a
@@ -208,9 +206,7 @@ def measure_preprocess(
 
     Untimed first: every file is read once (both sides then find it in the page cache), a
     small Ray Data run starts the workers and imports leukray in them, and the loop
-    preprocesses a few images. Then a pass of two images (one per task) is timed on its
-    own: what a Ray Data pass costs whatever its size (planning, the autoscaling coordinator's
-    first answer, task launch), which the timed runs pay too.
+    preprocesses a few images.
 
     Returns:
         (results, crops, labels).
@@ -221,7 +217,6 @@ def measure_preprocess(
     for p in paths:
         storage.read_bytes(p)
     preprocess_ray_seconds(frame.iloc[: 2 * rows_per_block], cfg, rows_per_block, batch_size)
-    small_pass_s = preprocess_ray_seconds(frame.iloc[:2], cfg, 1, 1)[0]
     preprocess_loop_seconds(paths[:8], cfg)
     runs: dict[str, list[float]] = {"loop": [], "ray": [], "pool": []}
     busy: list[float] = []
@@ -259,8 +254,6 @@ def measure_preprocess(
         "preprocess_ray_vs_pool": round(pool_s / ray_s, 3),
         "preprocess_runs_s": {side: [round(s, 3) for s in values] for side, values in runs.items()},
         "preprocess_ray_tasks_busy_at_once": round(busy[int(np.argmin(runs["ray"]))], 2),
-        # seconds for a pass of two images: Ray Data's fixed cost per pass
-        "preprocess_ray_small_pass_s": round(small_pass_s, 3),
         "preprocess_ray_setup": {
             "rows_per_block": rows_per_block,
             "batch_size": batch_size,
@@ -888,11 +881,6 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{'':<15}Ray Data at {results['preprocess_ray_vs_pool']:.2f}x of it "
                 f"({results['preprocess_pool_images_per_s']:g} img/s)"
             )
-            if "preprocess_ray_small_pass_s" in results:
-                lines.append(
-                    f"{'':<20} {'a Ray Data pass of 2 images':<30} {results['preprocess_ray_small_pass_s']:>6.2f}s"
-                    f"{'':<15}its fixed cost, paid by every pass above"
-                )
     if "e2e" in results:
         lines += _e2e_lines(results["e2e"])
     return "\n".join(lines)
@@ -904,7 +892,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cells",
         type=int,
         default=6400,
-        help="synthetic images for preprocessing (default 6400: ~4 s on 2 cores; a Ray Data pass takes ~1 s to start)",
+        help="synthetic images for preprocessing (default 6400: a few seconds a side on 2 cores)",
     )
     parser.add_argument(
         "--data",
