@@ -285,7 +285,9 @@ def _ray_starter(args: argparse.Namespace, out: Output) -> Callable[[], None]:
 def cmd_synth(args: argparse.Namespace, out: Output) -> int:
     from leukray.tools.synth import generate_dataset
 
-    frame = generate_dataset(args.out, cells=args.cells, subjects=args.subjects, seed=args.seed, folds=args.folds)
+    frame = generate_dataset(
+        args.out, cells=args.cells, subjects=args.subjects, seed=args.seed, folds=args.folds, workers=args.workers
+    )
     counts = frame.groupby("label").size().to_dict()
     out.final(
         f"wrote {len(frame)} synthetic cells ({counts}) of {frame['subject'].nunique()} subjects to {args.out}",
@@ -409,7 +411,7 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     marker = os.path.join(data, f".synth-{args.cells}-{args.subjects}-{args.seed}")
     if not os.path.exists(marker):
         print(f"[leukray] generating {args.cells} synthetic cells of {args.subjects} subjects in {data}", flush=True)
-        generate_dataset(data, cells=args.cells, subjects=args.subjects, seed=args.seed)
+        generate_dataset(data, cells=args.cells, subjects=args.subjects, seed=args.seed, workers=os.cpu_count() or 1)
         open(marker, "w").close()
     args.data = data
     return cmd_run(args, out, base=DEMO_DEFAULTS)
@@ -641,6 +643,12 @@ def _add_synth_command(sub, auto: argparse.ArgumentParser) -> None:
     synth.add_argument("--subjects", type=int, default=24, help="subjects they come from (default: 24)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     synth.add_argument("--folds", type=int, default=1, help="fold_<k> folders, subjects dealt across them (default: 1)")
+    synth.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes writing subjects side by side; the files do not depend on it (default: this machine's CPUs)",
+    )
     synth.set_defaults(func=cmd_synth)
 
 

@@ -193,3 +193,25 @@ def test_subject_style_shifts_features():
     assert mean["bright"].sum() > 1.2 * mean["base"].sum()
     ratio = {k: mean[k][0] / mean[k][2] for k in ("base", "pink")}  # red / blue
     assert ratio["pink"] > 1.2 * ratio["base"]
+
+
+def test_workers_write_the_same_files_side_by_side(tmp_path, monkeypatch):
+    """`workers` writes subjects in parallel processes; every file and row is the same."""
+    import leukray.tools.synth as synth
+
+    pools = []
+
+    class CountingPool(synth.ProcessPoolExecutor):
+        def __init__(self, max_workers, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(synth, "ProcessPoolExecutor", CountingPool)
+    one = generate_dataset(tmp_path / "one", cells=240, subjects=5, seed=3)
+    two = generate_dataset(tmp_path / "two", cells=240, subjects=5, seed=3, workers=4)
+    assert pools == [2]  # one process per 100 cells at most
+    assert files_under(tmp_path / "one") == files_under(tmp_path / "two") and len(files_under(tmp_path / "two")) == 240
+    assert [Path(p).relative_to(tmp_path / "one") for p in one["path"]] == [
+        Path(p).relative_to(tmp_path / "two") for p in two["path"]
+    ]
+    assert one.drop(columns="path").equals(two.drop(columns="path"))

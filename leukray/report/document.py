@@ -190,7 +190,9 @@ def _figure(name: str, caption: str) -> _Block:
     return _Block("figure", caption, figure=name)
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def num(value: Any, digits: int = 4) -> str:
+    """`value` to `digits` decimals for a table cell: "-" for None, "" and NaN, other
+    non-numbers as they are (the report's and the screen review's one number format)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -495,8 +497,8 @@ def _leaderboard_table(board: pd.DataFrame | None, title: str, why: str) -> _Tab
         rows.append(
             [
                 str(values["Model"]),
-                *(_num(values[c]) for c in METRIC_COLUMNS),
-                _num(values["Time Taken"], 2),
+                *(num(values[c]) for c in METRIC_COLUMNS),
+                num(values["Time Taken"], 2),
                 "-" if pd.isna(values["status"]) else str(values["status"]),
             ]
         )
@@ -556,7 +558,7 @@ def _head_search_section(summary: dict[str, Any], folder: _RunFolder) -> _Sectio
         f"rate, dropout and weight decay; ASHA stopped {search['stopped_by_asha']} of them early on the validation "
         f"loss (first rung at epoch {asha['grace_epochs']}, reduction factor {asha['reduction_factor']}, at most "
         f"{asha['max_t']} epochs); {search['failed']} failed. The head is trial {best['trial']}'s epoch "
-        f"{best['best_epoch']} (the best validation balanced accuracy, {_num(search['best_val_balanced_accuracy'])}): "
+        f"{best['best_epoch']} (the best validation balanced accuracy, {num(search['best_val_balanced_accuracy'])}): "
         f"lr {best['lr']:.2e}, dropout {best['dropout']:.2f}, weight decay {best['weight_decay']:.1e}. "
         "The test split was not seen."
     )
@@ -608,9 +610,9 @@ def _history_section(history: pd.DataFrame | None, folder: _RunFolder, figures: 
     last = history.iloc[-1]
     section.blocks += [
         _p(
-            f"{len(history)} epochs. Last epoch: train accuracy {_num(last['train_accuracy'])}, validation accuracy "
-            f"{_num(last['val_accuracy'])}, validation balanced accuracy {_num(last['val_balanced_accuracy'])}, "
-            f"validation loss {_num(last['val_loss'])}."
+            f"{len(history)} epochs. Last epoch: train accuracy {num(last['train_accuracy'])}, validation accuracy "
+            f"{num(last['val_accuracy'])}, validation balanced accuracy {num(last['val_balanced_accuracy'])}, "
+            f"validation loss {num(last['val_loss'])}."
         ),
         _figure(
             "accuracy_per_epoch.png", "Figure 4: train and validation accuracy per epoch; dashed: balanced accuracy."
@@ -664,7 +666,7 @@ def _tuned_lines(tuned: Any) -> list[str]:
     return [
         f"Fine-tuned candidate: {tuned.get('name')} on {tuned.get('feature_source')} features, "
         f"{tuned.get('ok_trials')}/{tuned.get('trials')} Ray Tune trials (tuning.csv); validation balanced accuracy "
-        f"{_num(tuned.get('val_balanced_accuracy'))} vs {_num(tuned.get('untuned_val_balanced_accuracy'))} untuned; "
+        f"{num(tuned.get('val_balanced_accuracy'))} vs {num(tuned.get('untuned_val_balanced_accuracy'))} untuned; "
         f"settings {json.dumps(tuned.get('params'), sort_keys=True)}"
     ]
 
@@ -677,7 +679,7 @@ def _choice_lines(choice: Any, ci: Any) -> list[str]:
         kinds = {"ensemble": "soft voting", "stacking": "stacked"}
         parts = [
             f"{kinds.get(kind, kind.replace('_', ' '))} {c['name']} "
-            f"{_num(c['cv_balanced_accuracy'])} ± {_num(c['cv_sd'])}"
+            f"{num(c['cv_balanced_accuracy'])} ± {num(c['cv_sd'])}"
             for kind, c in choice.items()
             if isinstance(c, dict)
         ]
@@ -685,7 +687,7 @@ def _choice_lines(choice: Any, ci: Any) -> list[str]:
             lines.append("Subject-grouped CV balanced accuracy on train+val: " + "; ".join(parts))
     if isinstance(ci, dict):
         shown = [
-            f"{metric} [{_num(ci[metric][0])}, {_num(ci[metric][1])}]"
+            f"{metric} [{num(ci[metric][0])}, {num(ci[metric][1])}]"
             for metric in ("Balanced Accuracy", "ROC AUC")
             if ci.get(metric)
         ]
@@ -704,21 +706,21 @@ def _threshold_lines(threshold: Any, test: Any, test_argmax: Any) -> list[str]:
     if not isinstance(threshold, dict):
         return []
     line = (
-        f"Decision threshold on P(ALL): {_num(threshold.get('value'), 3)} "
+        f"Decision threshold on P(ALL): {num(threshold.get('value'), 3)} "
         f"({threshold.get('rule')}; {threshold.get('chosen_on')})"
     )
     oof, half = threshold.get("oof"), threshold.get("oof_at_0.5")
     if isinstance(oof, dict) and isinstance(half, dict):
         line += (
-            f"; out-of-fold balanced accuracy {_num(oof.get('balanced_accuracy'))} (sensitivity "
-            f"{_num(oof.get('sensitivity'))}, specificity {_num(oof.get('specificity'))}) vs "
-            f"{_num(half.get('balanced_accuracy'))} at 0.5, {_num(threshold.get('crossfit_cv_balanced_accuracy'))} "
+            f"; out-of-fold balanced accuracy {num(oof.get('balanced_accuracy'))} (sensitivity "
+            f"{num(oof.get('sensitivity'))}, specificity {num(oof.get('specificity'))}) vs "
+            f"{num(half.get('balanced_accuracy'))} at 0.5, {num(threshold.get('crossfit_cv_balanced_accuracy'))} "
             "with the threshold chosen on the other folds"
         )
     if isinstance(test, dict) and isinstance(test_argmax, dict):
         line += (
-            f"; test balanced accuracy {_num(test.get('Balanced Accuracy'))} at it, "
-            f"{_num(test_argmax.get('Balanced Accuracy'))} at the most probable class"
+            f"; test balanced accuracy {num(test.get('Balanced Accuracy'))} at it, "
+            f"{num(test_argmax.get('Balanced Accuracy'))} at the most probable class"
         )
     return [line]
 
@@ -737,7 +739,7 @@ def _chosen_section(
 
     cells = _Cells.of(predictions, str(summary.get("positive_label", "all")))
     computed, (point, low, high, used) = _test_metrics(cells, n_boot, seed)
-    rows = [[m, _num(recorded.get(m)) if recorded else NOT_AVAILABLE, _num(computed[m])] for m in METRIC_COLUMNS]
+    rows = [[m, num(recorded.get(m)) if recorded else NOT_AVAILABLE, num(computed[m])] for m in METRIC_COLUMNS]
     section.blocks += [
         _table(
             _Table(
@@ -752,7 +754,7 @@ def _chosen_section(
     return (
         section,
         conclusion
-        + f" Test balanced accuracy {_num(point)} ({_ci_text(low, high, used)}, subject bootstrap, {used} resamples).",
+        + f" Test balanced accuracy {num(point)} ({_ci_text(low, high, used)}, subject bootstrap, {used} resamples).",
     )
 
 
@@ -792,7 +794,7 @@ def _without_predictions(
         if predictions is None
         else f"{NOT_AVAILABLE} (predictions.parquet is empty or lacks label/predicted_label)"
     )
-    rows = [[m, _num(recorded.get(m)), NOT_AVAILABLE] for m in METRIC_COLUMNS]
+    rows = [[m, num(recorded.get(m)), NOT_AVAILABLE] for m in METRIC_COLUMNS]
     section.blocks.append(
         _table(_Table(["metric", "recorded in summary.json", "from predictions.parquet"], rows, "Test metrics"))
     )
@@ -800,7 +802,7 @@ def _without_predictions(
     if not recorded:
         return ""
     return (
-        f" Test balanced accuracy {_num(recorded.get('Balanced Accuracy'))} "
+        f" Test balanced accuracy {num(recorded.get('Balanced Accuracy'))} "
         "(no confidence interval: predictions not available)."
     )
 
@@ -859,16 +861,14 @@ def _test_metrics(cells: _Cells, n_boot: int, seed: int) -> tuple[dict[str, floa
 
 
 def _ci_text(low: float, high: float, used: int) -> str:
-    return (
-        f"95% confidence interval {_num(low)} to {_num(high)}" if used else f"95% confidence interval {NOT_AVAILABLE}"
-    )
+    return f"95% confidence interval {num(low)} to {num(high)}" if used else f"95% confidence interval {NOT_AVAILABLE}"
 
 
 def _bootstrap_paragraph(
     point: float, low: float, high: float, used: int, n_subjects: int, n_boot: int, seed: int
 ) -> _Block:
     return _p(
-        f"Balanced accuracy {_num(point)}, {_ci_text(low, high, used)}, "
+        f"Balanced accuracy {num(point)}, {_ci_text(low, high, used)}, "
         f"from a bootstrap that resamples the {n_subjects} test "
         f"subject(s) with replacement and takes all their cells ({used} of {n_boot} resamples used; resamples "
         f"missing a class are skipped; seed {seed}). Resampling subjects rather than cells reflects that cells of "
@@ -1125,7 +1125,7 @@ def _html_escape(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=1)
-def _templates() -> Any:
+def templates() -> Any:
     """The Jinja2 environment over leukray/report/templates (works for an installed package too)."""
     import jinja2
 
@@ -1170,7 +1170,7 @@ def _block_data(block: _Block, figures: dict[str, bytes]) -> dict[str, Any]:
 
 def _to_html(sections: list[_Section], figures: dict[str, bytes], title: str) -> str:
     return (
-        _templates()
+        templates()
         .get_template(HTML_TEMPLATE)
         .render(
             title=title,

@@ -26,7 +26,7 @@ import pandas as pd
 
 from leukray.io import screenparts, storage
 from leukray.ops.review import prob_colour
-from leukray.report.document import _num, _templates
+from leukray.report.document import num, templates
 
 REVIEW_TEMPLATE = "review.html.j2"
 REVIEW_FILE = "report.html"
@@ -71,7 +71,7 @@ def _thumbnail(anchor: str, jpeg: bytes, scale: float, cells: pd.DataFrame) -> d
                 "h": round(max(cell.y1 - cell.y0, 1) * scale, 1),
                 "colour": prob_colour(cell.prob_all),
                 "flagged": bool(cell.flagged),
-                "title": f"cell {int(cell.cell_index)}: prob_all {_num(cell.prob_all, 3)}, "
+                "title": f"cell {int(cell.cell_index)}: prob_all {num(cell.prob_all, 3)}, "
                 f"x {int(cell.x0)}-{int(cell.x1)}, y {int(cell.y0)}-{int(cell.y1)}",
             }
         )
@@ -91,7 +91,7 @@ def _contact_sheet(anchor: str, cells: pd.DataFrame, crops: dict[int, bytes], sh
                 "uri": _data_uri(crops[index]),
                 "target": f"{anchor}-c{index}",
                 "index": index,
-                "prob": _num(cell.prob_all, 3),
+                "prob": num(cell.prob_all, 3),
                 "colour": prob_colour(cell.prob_all),
                 "flagged": bool(cell.flagged),
                 "where": f"x {int(cell.x0)}-{int(cell.x1)}, y {int(cell.y0)}-{int(cell.y1)}",
@@ -107,8 +107,8 @@ def _slide_row(rank: int, slide: Any) -> list[str]:
         str(slide.status),
         str(int(slide.cells)),
         str(int(slide.flagged_cells)),
-        _num(slide.blast_fraction, 3),
-        _num(slide.mean_prob_all, 3),
+        num(slide.blast_fraction, 3),
+        num(slide.mean_prob_all, 3),
         str(slide.error or ""),
     ]
 
@@ -169,6 +169,6 @@ def write_review(
     }
     path = storage.join(out, REVIEW_FILE)
     with storage.AtomicLocalFile(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for chunk in _templates().get_template(REVIEW_TEMPLATE).generate(**context):
+        for chunk in templates().get_template(REVIEW_TEMPLATE).generate(**context):
             handle.write(chunk)
     return path

@@ -110,7 +110,7 @@ def synthetic_images(out_dir: str, cells: int, seed: int = 0) -> pd.DataFrame:
     """
     from leukray.tools.synth import generate_dataset
 
-    frame = generate_dataset(out_dir, cells=cells, subjects=min(12, cells), seed=seed)
+    frame = generate_dataset(out_dir, cells=cells, subjects=min(12, cells), seed=seed, workers=machine_cpus())
     return frame[["path", "label"]].reset_index(drop=True)
 
 

@@ -347,7 +347,9 @@ def e2e_ratios(cpu: dict[str, Any], extractor: dict[str, Any], at_n: dict[str, A
 def _synth(root: str, cells: int) -> list[str]:
     from leukray.tools.synth import generate_dataset
 
-    return generate_dataset(root, cells=cells, subjects=min(12, cells), seed=0)["path"].tolist()
+    return generate_dataset(root, cells=cells, subjects=min(12, cells), seed=0, workers=os.cpu_count() or 1)[
+        "path"
+    ].tolist()
 
 
 def measure_e2e(
