@@ -9,7 +9,15 @@ import pytest
 
 from leukray.distributed.resources import AUTO_BATCH_SIZE, extract_batch_size
 from leukray.tools import bench
-from leukray.tools.bench_e2e import STORE_FLOOR_BYTES, e2e_ratios, extract_argv, maps_ratios, measure_e2e, train_argv
+from leukray.tools.bench_e2e import (
+    STORE_FLOOR_BYTES,
+    e2e_ratios,
+    extract_argv,
+    maps_ratios,
+    measure_e2e,
+    ready_out,
+    train_argv,
+)
 
 
 def _run(rss: int, store: int | None, stage: float, command: float) -> dict:
@@ -68,6 +76,18 @@ def test_the_command_is_the_stage_without_augmentation_or_cell_features():
 
 
 @pytest.mark.slow
+def test_the_out_folder_is_made_up_front_and_a_bad_out_stops_before_any_measuring(tmp_path, capsys):
+    ready_out(str(tmp_path / "new" / "deeper" / "bench.json"))
+    assert (tmp_path / "new" / "deeper").is_dir()
+    with pytest.raises(SystemExit, match="is not a file this user can write"):
+        ready_out(str(tmp_path / "new"))
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(SystemExit, match="cannot make the folder of --out"):
+        ready_out(str(tmp_path / "plain" / "bench.json"))  # a file where the folder would go
+    with pytest.raises(SystemExit, match="cannot make the folder"):  # before Ray starts or anything runs
+        bench.main(["--out", str(tmp_path / "plain" / "x" / "bench.json")])
+
+
 def test_e2e_section_figures_are_consistent(ray_local, tmp_path):
     e2e = measure_e2e(images=12, scale=2, weights="random", batch_size=0, cpus=2, tmp=str(tmp_path), warm_up=False)
     assert {"stage_ratio", "command_ratio", "memory_growth", "gpu_busy", "hash_fraction"} <= set(e2e)

@@ -20,6 +20,7 @@ from leukray.io.features import error_mask
 from leukray.models.bundle import load_bundle
 from leukray.models.custom import build_custom_model, load_model_state
 from leukray.models.trunk import TrunkExtractor, set_cpu_threads
+from leukray.ops import allocator
 from leukray.ops.preprocess import READ_ERRORS, load_and_preprocess, read_error_reason, to_rgb_uint8
 from leukray.ops.review import add_review_media, field_thumbnail, thumbnailing_reader
 from leukray.ops.smear import detect_and_crop, field_row, slide_tile_rows
@@ -150,7 +151,12 @@ def detect_review_batch(batch: dict[str, np.ndarray], thumbnail_px: int, **kwarg
 
 class FeatureExtractor(TrunkExtractor):
     """Ray Data actor: the trunk loaded once per actor; crops -> `features` (and `maps`)
-    + node_id. GPU actors run bf16 channels_last (see `TrunkExtractor`)."""
+    + node_id. GPU actors run bf16 channels_last (see `TrunkExtractor`); the actor's process
+    keeps freed batch memory for the next batch (`allocator.TENSOR`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        allocator.keep_freed_memory(*allocator.TENSOR)
+        super().__init__(*args, **kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = super().__call__(batch)
@@ -174,6 +180,7 @@ class CustomEmbedder:
     ):
         import torch
 
+        allocator.keep_freed_memory(*allocator.TENSOR)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         set_cpu_threads(self.device, threads)
         self.model = build_custom_model(head_config, state=load_model_state(state_path)).to(self.device)

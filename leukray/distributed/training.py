@@ -27,7 +27,8 @@ checkpoint holds the weights, the optimizer, the epoch and every rank's
 torch/CUDA/numpy/python RNG states, so a resumed run ends with the weights and history of an
 uninterrupted one (tests/test_training.py).
 
-May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`, `leukray.distributed.maps`.
+May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`, `leukray.ops.allocator`,
+`leukray.distributed.maps`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from leukray.config import TrainConfig
 from leukray.distributed.maps import MapsShards, ShardSource
 from leukray.models.custom import build_custom_model
 from leukray.models.trunk import resolve_weights
+from leukray.ops import allocator
 
 STATE_FILE = "state.pt"
 
@@ -145,6 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    allocator.keep_freed_memory(*allocator.TENSOR)  # the batches' activations and gradients
     rank = ray.train.get_context().get_world_rank()
     seed_everything(config["seed"] + rank)
     device = ray.train.torch.get_device()

@@ -17,7 +17,7 @@ the optimizer, the epoch, the history and every rank's RNG states; the shuffle i
 (train.seed, epoch, rank) and the augmentation by the epoch, so a resumed run draws what the
 uninterrupted one drew. The best epoch by validation balanced accuracy is the trained trunk.
 
-May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`, `leukray.ops.augment`,
+May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`, `leukray.ops.allocator`, `leukray.ops.augment`,
 `leukray.distributed.actors`, `leukray.distributed.resources`, `leukray.distributed.training`.
 """
 
@@ -48,6 +48,7 @@ from leukray.distributed.training import (
 from leukray.models.classifiers import label_codes
 from leukray.models.trained import build_trunk_classifier, normalised_images
 from leukray.models.trunk import resolve_weights
+from leukray.ops import allocator
 from leukray.ops.augment import augment_epoch
 
 SHUFFLE_BUFFER_ROWS = 512
@@ -196,6 +197,7 @@ def trunk_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    allocator.keep_freed_memory(*allocator.TENSOR)  # the batches' activations and gradients
     rank = ray.train.get_context().get_world_rank()
     seed_everything(config["seed"] + rank)
     device = ray.train.torch.get_device()

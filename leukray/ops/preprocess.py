@@ -22,11 +22,9 @@ May import: numpy, cv2, `leukray.config`, `leukray.ops.augment`, `leukray.ops.st
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import math
-import os
 import struct
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
@@ -35,21 +33,17 @@ import cv2
 import numpy as np
 
 from leukray.config import AugmentConfig, PreprocessConfig
-from leukray.ops import cellfeatures, stain
+from leukray.ops import allocator, cellfeatures, stain
 from leukray.ops.augment import augment_image, augmentation_rng
 
 # Decoding and resizing run one image per Ray worker; cv2's own thread pool would only
 # oversubscribe the CPUs that Ray already hands out one per worker.
 cv2.setNumThreads(1)
 
-MALLOC_MMAP_THRESHOLD = 16 << 20
-"""Allocations below this come from the heap (glibc's default starts at 128 KiB)."""
-MALLOC_TRIM_THRESHOLD = 64 << 20
-"""Freed heap above this is handed back to the kernel (glibc's default starts at 128 KiB)."""
-
 
 def keep_freed_image_memory() -> bool:
-    """Let this process reuse the memory of the image it just freed for the next one.
+    """Let this process reuse the memory of the image it just freed for the next one
+    (`allocator.IMAGE`).
 
     A 450x450 image and its temporaries are a few 100-600 KB buffers. Under glibc's default
     thresholds such buffers are mapped and unmapped around every image, so each image costs
@@ -57,22 +51,13 @@ def keep_freed_image_memory() -> bool:
     decode + Otsu-crop, and page faults scale badly across processes (measured on 2 cores:
     two processes preprocessed synthetic C-NMC BMPs 0.8-1.1x as fast as one; with these
     thresholds 2.1x, and one process 1.4x faster). Called when this module is imported,
-    which every preprocessing process (Ray worker, pool, CLI) does. Leaves the allocator
-    alone where the user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``, and
-    where the C library has no ``mallopt`` (not glibc).
+    which every preprocessing process (Ray worker, pool, CLI) does.
 
     Returns:
-        True when both thresholds were set.
+        True when the thresholds are in force (False where the user's own
+        ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` or the C library decide).
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    trim_set = bool(mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
-    return trim_set and bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD))
+    return allocator.keep_freed_memory(*allocator.IMAGE)
 
 
 keep_freed_image_memory()

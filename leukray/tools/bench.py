@@ -72,7 +72,9 @@ from leukray.distributed.tuning import run_sweep_tune
 from leukray.io import storage
 from leukray.models.classifiers import SweepData, class_order, select_classifiers
 from leukray.models.trunk import build_trunk, images_to_tensor, resolve_weights
+from leukray.ops import allocator
 from leukray.ops.preprocess import decode_image, preprocess_image
+from leukray.tools.bench_e2e import ready_out
 
 TARGETS = {
     "preprocess_speedup": (">=", 1.6),
@@ -280,7 +282,9 @@ def extract_loop_seconds(
     crops: np.ndarray, weights: str, seed: int, batch_size: int, threads: int
 ) -> tuple[float, float, np.ndarray]:
     """The baseline: `build_trunk` + `images_to_tensor` in a plain torch loop, batches of
-    `batch_size`, `torch.inference_mode`, `threads` torch threads.
+    `batch_size`, `torch.inference_mode`, `threads` torch threads, under the allocator
+    setting the extraction actors run with (`allocator.TENSOR`, for this call only), so the
+    ratio is Ray's cost alone.
 
     Returns:
         (seconds for the crops, seconds to load the model and warm it up, N x 2048 features).
@@ -296,11 +300,12 @@ def extract_loop_seconds(
         with torch.inference_mode():
             return model(images_to_tensor(images, torch.device("cpu"), channels_last=False)).numpy()
 
-    warm_up(extract, crops.shape[1])
-    load_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = [extract(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
-    return time.perf_counter() - start, load_s, np.concatenate(out)
+    with allocator.kept_freed_memory(*allocator.TENSOR):
+        warm_up(extract, crops.shape[1])
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = [extract(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
+        return time.perf_counter() - start, load_s, np.concatenate(out)
 
 
 class TimedFeatureExtractor(FeatureExtractor):
@@ -674,8 +679,9 @@ def train_loop_epochs(
     """The baseline: the same model (`training.build_model`), optimizer
     (`training.build_optimizer`) and batch size in a plain torch loop over the training
     rows held in memory as float16, shuffled with `torch.randperm`, converted to float32 per
-    batch, with the same per-batch bookkeeping (`EpochCounts`). With `on_gpu` the maps are
-    held on the GPU (the fastest a plain loop can be fed).
+    batch, with the same per-batch bookkeeping (`EpochCounts`), under the allocator setting
+    of the Ray Train workers (`allocator.TENSOR`, for this call only). With `on_gpu` the
+    maps are held on the GPU (the fastest a plain loop can be fed).
 
     Returns:
         seconds of each epoch.
@@ -695,26 +701,27 @@ def train_loop_epochs(
     model = build_model(config).to(device)
     optimizer = build_optimizer(model, config, device)
     generator = torch.Generator().manual_seed(0)
-    seconds = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        model.train()
-        counts = EpochCounts(2, device)
-        order = torch.randperm(len(y_all), generator=generator).to(device)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            if len(idx) < 2:
-                continue
-            x, target = x_all[idx].float(), y_all[idx]
-            logits = model(x)
-            loss = model.head.loss(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            counts.add(loss, target, model.head.probabilities(logits.detach()).argmax(dim=1))
-        counts.metrics("train")
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    with allocator.kept_freed_memory(*allocator.TENSOR):
+        seconds = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            model.train()
+            counts = EpochCounts(2, device)
+            order = torch.randperm(len(y_all), generator=generator).to(device)
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                if len(idx) < 2:
+                    continue
+                x, target = x_all[idx].float(), y_all[idx]
+                logits = model(x)
+                loss = model.head.loss(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                counts.add(loss, target, model.head.probabilities(logits.detach()).argmax(dim=1))
+            counts.metrics("train")
+            seconds.append(time.perf_counter() - start)
+        return seconds
 
 
 def train_ray_epochs(maps, epochs: int, batch_size: int, tmp: str, on_gpu: bool) -> tuple[list[float], float]:
@@ -1032,6 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return screen_main([a for a in argv if a != "--screen"])
     args = parse_args(argv)
+    ready_out(args.out)
     import ray
     import torch
 

@@ -47,6 +47,7 @@ import numpy as np
 from leukray.config import PreprocessConfig
 from leukray.distributed.resources import extract_batch_size
 from leukray.io import storage
+from leukray.ops import allocator
 from leukray.ops.preprocess import decode_image, preprocess_image
 
 E2E_KEYS = ("stage_ratio", "command_ratio", "memory_growth", "gpu_busy", "hash_fraction", "maps_memory_growth")
@@ -91,16 +92,19 @@ def extractor_ceiling(crops: np.ndarray, weights: str, batch_size: int) -> dict[
 
     from leukray.distributed.actors import FeatureExtractor
 
-    extractor = FeatureExtractor(weights, seed=0)
-    on_gpu = extractor.on_gpu
-    extractor.extract(crops[:batch_size])
-    if on_gpu:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(0, len(crops), batch_size):
-        extractor.extract(crops[i : i + batch_size])  # returns host arrays: synchronised
-    seconds = time.perf_counter() - start
-    del extractor
+    # the actor's allocator setting while the extractor runs here, then this process's own
+    # again: the commands measured next sample this process's memory
+    with allocator.kept_freed_memory(*allocator.TENSOR):
+        extractor = FeatureExtractor(weights, seed=0)
+        on_gpu = extractor.on_gpu
+        extractor.extract(crops[:batch_size])
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(0, len(crops), batch_size):
+            extractor.extract(crops[i : i + batch_size])  # returns host arrays: synchronised
+        seconds = time.perf_counter() - start
+        del extractor
     if on_gpu:
         torch.cuda.empty_cache()  # the stage's actor, not this process, needs the GPU next
     return {
@@ -428,6 +432,22 @@ def measure_maps(tmp: str, gpu: bool, epochs: int = 1, warm_up: bool = True) -> 
             f"object store {(run['peak_object_store_bytes'] or 0) / 2**20:.0f} MiB"
         )
     return {**maps_ratios(runs["n"], runs["scaled"]), "maps_at_n": runs["n"], "maps_at_scale": runs["scaled"]}
+
+
+def ready_out(path: str) -> None:
+    """Makes the folder of bench.json (`--out`) before anything is measured, so that a path
+    that cannot be written fails in a second, not after the benchmark's minutes.
+
+    Raises:
+        SystemExit: the folder cannot be made or written to (one line).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"bench: cannot make the folder of --out {path}: {exc.strerror}") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise SystemExit(f"bench: --out {path} is not a file this user can write")
 
 
 def _rounded(value: Any) -> Any:

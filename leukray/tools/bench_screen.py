@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from leukray.config import PreprocessConfig, ScreenConfig
-from leukray.tools.bench_e2e import Sampler
+from leukray.tools.bench_e2e import Sampler, ready_out
 
 TARGETS = {"memory_growth": ("<=", 1.3)}
 # Object-store peaks below this count as this much: Ray keeps objects under 100 KiB inline,
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     args = parse_args(argv)
+    ready_out(args.out)
     os.environ.setdefault("RAY_worker_niceness", "0")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)

@@ -1,0 +1,120 @@
+"""The allocator setting (`leukray.ops.allocator`): raised only, restored by the block form,
+yielding to the user's own variables, set by the torch actors, and what it is for: torch on a
+CPU reusing freed batch memory instead of faulting in fresh pages. Each case runs in a fresh
+process, so that this one's thresholds and glibc's start-up reading stay out of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and page faults are glibc's")
+
+
+def run_fresh(code: str, **env: str) -> dict:
+    """`code` in a fresh Python (no MALLOC_* variables but `env`); the JSON it prints last."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_thresholds_are_only_raised_and_the_block_form_restores_them():
+    got = run_fresh(
+        """
+import json
+from leukray.ops import allocator
+from leukray.ops.preprocess import keep_freed_image_memory  # sets IMAGE on import
+steps = {"after_preprocess_import": allocator.thresholds()}
+with allocator.kept_freed_memory(*allocator.TENSOR) as kept:
+    steps["in_block"] = allocator.thresholds()
+    steps["kept"] = kept
+steps["after_block"] = allocator.thresholds()
+steps["raised"] = allocator.keep_freed_memory(*allocator.TENSOR)
+steps["lower_asked"] = allocator.keep_freed_memory(*allocator.IMAGE)
+steps["after_lower"] = allocator.thresholds()
+steps["mixed"] = allocator.keep_freed_memory(2 << 30, 1 << 20)
+steps["after_mixed"] = allocator.thresholds()
+print(json.dumps(steps))
+"""
+    )
+    image, tensor = [16 << 20, 64 << 20], [1 << 30, 1 << 30]
+    assert got["after_preprocess_import"] == image
+    assert got["kept"] is True and got["in_block"] == tensor
+    assert got["after_block"] == image  # what the process had before the block
+    assert got["raised"] is True and got["lower_asked"] is True and got["after_lower"] == tensor
+    assert got["mixed"] is True and got["after_mixed"] == [2 << 30, 1 << 30]  # each the larger
+
+
+def test_the_users_own_variables_win():
+    got = run_fresh(
+        """
+import json
+from leukray.ops import allocator
+print(json.dumps({"set": allocator.keep_freed_memory(*allocator.TENSOR), "thresholds": allocator.thresholds()}))
+""",
+        MALLOC_MMAP_THRESHOLD_="131072",
+    )
+    assert got == {"set": False, "thresholds": None}
+
+
+def test_the_extraction_actor_keeps_freed_batch_memory():
+    """`FeatureExtractor` (extraction, predict, screen) sets TENSOR in the process that builds
+    it; the trunk alone (`TrunkExtractor`, a library class) leaves the process as it is."""
+    got = run_fresh(
+        """
+import json
+from leukray.ops import allocator
+from leukray.models.trunk import TrunkExtractor
+steps = {}
+TrunkExtractor("random", seed=0, device="cpu")
+steps["trunk"] = allocator.thresholds()
+from leukray.distributed.actors import FeatureExtractor
+FeatureExtractor("random", seed=0, device="cpu")
+steps["feature_extractor"] = allocator.thresholds()
+print(json.dumps(steps))
+"""
+    )
+    assert got == {"trunk": None, "feature_extractor": [1 << 30, 1 << 30]}
+
+
+# Minor page faults of one training step of a big linear layer (a 100,352 x 512 weight, as the
+# Table II head's first Dense: a 205 MB gradient each step), after two warm-up steps.
+_STEP_FAULTS = """
+import json, resource, sys, torch
+from leukray.ops import allocator
+if sys.argv[1] == "tensor":
+    allocator.keep_freed_memory(*allocator.TENSOR)
+torch.manual_seed(0)
+torch.set_num_threads(1)
+layer = torch.nn.Linear(100_352, 512)
+x = torch.randn(8, 100_352)
+def step():
+    layer.zero_grad(set_to_none=True)
+    layer(x).square().mean().backward()
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3))
+"""
+
+
+def test_torch_on_a_cpu_reuses_freed_gradients_instead_of_faulting_in_fresh_pages():
+    def faults(setting: str) -> float:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        done = subprocess.run(
+            [sys.executable, "-c", _STEP_FAULTS, setting], env=clean, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return float(done.stdout.strip().splitlines()[-1])
+
+    # glibc's defaults map a fresh 205 MB gradient each step: ~50,000 faults of 4 KiB
+    assert faults("glibc-default") > 20_000
+    assert faults("tensor") < 2_000
