@@ -3,7 +3,7 @@
 resource; and how a pass whose output is kept whole asks Ray Data for the CPUs
 (`whole_output_pass`).
 
-May import: Ray, `leukray.errors`.
+May import: Ray, `leukray.errors`, `leukray.ops.allocator`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from leukray.errors import ClusterError, ConfigError
+from leukray.ops import allocator
 
 
 def ray_node_id() -> str:
@@ -148,7 +149,15 @@ def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -
         pool = ray.data.ActorPoolStrategy(size=plan.min_size)
     else:
         pool = ray.data.ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size)
-    return plan.on_gpu, pool, dict(plan.resources), plan.threads
+    return plan.on_gpu, pool, {**plan.resources, **torch_actor_env()}, plan.threads
+
+
+def torch_actor_env() -> dict[str, Any]:
+    """Ray remote options that start a torch actor's process with `allocator.worker_env`
+    (merged into the job's own runtime environment, whose other fields it inherits); empty
+    where the user set the allocator themselves."""
+    env = allocator.worker_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:

@@ -28,7 +28,7 @@ torch/CUDA/numpy/python RNG states, so a resumed run ends with the weights and h
 uninterrupted one (tests/test_training.py).
 
 May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`, `leukray.ops.allocator`,
-`leukray.distributed.maps`.
+`leukray.distributed.maps`, `leukray.distributed.resources`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import numpy as np
 
 from leukray.config import TrainConfig
 from leukray.distributed.maps import MapsShards, ShardSource
+from leukray.distributed.resources import torch_actor_env
 from leukray.models.custom import build_custom_model
 from leukray.models.trunk import resolve_weights
 from leukray.ops import allocator
@@ -510,6 +511,8 @@ def make_trainer(
             storage_path=storage_path,
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # the loop runs in Ray Train's training thread: one malloc arena (allocator.worker_env)
+            worker_runtime_env=torch_actor_env().get("runtime_env"),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=keep_checkpoints,
                 checkpoint_score_attribute="val_balanced_accuracy",

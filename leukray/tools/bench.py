@@ -66,7 +66,7 @@ import pandas as pd
 from leukray.config import AugmentConfig, PreprocessConfig
 from leukray.data.discovery import IMAGE_EXTENSIONS
 from leukray.distributed.actors import FeatureExtractor, preprocess_batch
-from leukray.distributed.resources import whole_output_pass
+from leukray.distributed.resources import torch_actor_env, whole_output_pass
 from leukray.distributed.streaming import row_blocks, stream_block_rows
 from leukray.distributed.tuning import run_sweep_tune
 from leukray.io import storage
@@ -375,6 +375,7 @@ def extract_ray_seconds(crops_ds, weights: str, seed: int, batch_size: int, setu
         fn_constructor_kwargs={"weights": weights, "seed": seed, "threads": threads},
         compute=pool,
         num_cpus=num_cpus,
+        **torch_actor_env(),  # as `leukray run` starts its extraction actors
     )
     start = time.perf_counter()
     parts: dict[str, list[np.ndarray]] = {
