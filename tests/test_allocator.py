@@ -118,3 +118,61 @@ def test_torch_on_a_cpu_reuses_freed_gradients_instead_of_faulting_in_fresh_page
     # glibc's defaults map a fresh 205 MB gradient each step: ~50,000 faults of 4 KiB
     assert faults("glibc-default") > 20_000
     assert faults("tensor") < 2_000
+
+
+def test_worker_env_is_one_arena_unless_the_user_chose(monkeypatch):
+    from leukray.ops import allocator
+
+    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    assert allocator.worker_env() == {"MALLOC_ARENA_MAX": "1"}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert allocator.worker_env() == {}
+
+
+def test_torch_actors_and_train_workers_start_with_one_arena(ray_local, tmp_path, monkeypatch):
+    """The options `plan_actor_pool` hands every torch actor pool (extraction, embedding,
+    predict, screen) and `make_trainer` hands Ray Train's workers reach their processes."""
+    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    import ray
+
+    from leukray.config import TrainConfig
+    from leukray.distributed.resources import plan_actor_pool
+    from leukray.distributed.training import make_trainer
+
+    class ReportingExtractor:  # defined here, so that Ray ships it by value
+        """Sets TENSOR as FeatureExtractor's constructor does; reports, from the actor's
+        call thread, what its process was started with and runs with."""
+
+        def __init__(self):
+            from leukray.ops import allocator
+
+            allocator.keep_freed_memory(*allocator.TENSOR)
+
+        def __call__(self, batch):
+            from leukray.ops import allocator
+
+            batch["arena_max"] = [os.environ.get("MALLOC_ARENA_MAX", "")] * len(batch["id"])
+            batch["thresholds"] = [str(allocator.thresholds())] * len(batch["id"])
+            return batch
+
+    _, pool, resources, _ = plan_actor_pool("false", 1)
+    assert resources["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+    rows = (
+        ray.data.range(4)
+        .map_batches(ReportingExtractor, compute=pool, batch_size=2, batch_format="pandas", **resources)
+        .take_all()
+    )
+    assert {(r["arena_max"], r["thresholds"]) for r in rows} == {("1", str((1 << 30, 1 << 30)))}
+
+    def loop(config):
+        with open(config["out"], "w", encoding="utf-8") as handle:
+            handle.write(os.environ.get("MALLOC_ARENA_MAX", "unset"))
+
+    out = tmp_path / "arena.txt"
+    trainer = make_trainer(
+        {"out": str(out)}, TrainConfig(workers=1), storage_path=str(tmp_path), name="arena", use_gpu=False, loop=loop
+    )
+    trainer.fit()
+    assert out.read_text() == "1"
