@@ -4,6 +4,8 @@ consistent with each other (ratios are the figures divided), never timing thresh
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
@@ -11,6 +13,7 @@ from leukray.distributed.resources import AUTO_BATCH_SIZE, extract_batch_size
 from leukray.tools import bench
 from leukray.tools.bench_e2e import (
     STORE_FLOOR_BYTES,
+    Sampler,
     e2e_ratios,
     extract_argv,
     maps_ratios,
@@ -86,6 +89,21 @@ def test_the_out_folder_is_made_up_front_and_a_bad_out_stops_before_any_measurin
         ready_out(str(tmp_path / "plain" / "bench.json"))  # a file where the folder would go
     with pytest.raises(SystemExit, match="cannot make the folder"):  # before Ray starts or anything runs
         bench.main(["--out", str(tmp_path / "plain" / "x" / "bench.json")])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="VmHWM and its reset are Linux's")
+def test_the_driver_peak_is_the_kernels_exact_one_not_a_sampled_one():
+    import numpy as np
+
+    with Sampler(interval=60) as sampler:  # one sample, at the start
+        while not sampler.rss:
+            time.sleep(0.01)
+        buffer = np.ones(300_000_000 // 8)  # 300 MB touched, then freed between samples
+        del buffer
+    summary = sampler.summary()
+    assert summary["peak_driver_rss_source"] == "VmHWM"
+    assert summary["peak_driver_rss_bytes"] >= summary["sampled_peak_driver_rss_bytes"] + 250_000_000
+    assert summary["peak_object_store_bytes"] is None  # no Ray here, and none started
 
 
 def test_e2e_section_figures_are_consistent(ray_local, tmp_path):

@@ -141,17 +141,35 @@ def hashing_share(paths: list[str]) -> dict[str, Any]:
 # -- sampling while a command runs ------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory (VmRSS) or its peak since the last `_reset_peak_rss`
+    (VmHWM), from /proc; 0 where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's record of this process's peak RSS (VmHWM) from its current RSS
+    (Linux >= 4.0, ``echo 5 > /proc/self/clear_refs``); False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class Sampler:
     """A background thread that records this process's RSS, Ray's object-store bytes in use
-    and (with a GPU) its utilisation every `interval` seconds while the block runs."""
+    and (with a GPU) its utilisation every `interval` seconds while the block runs. The
+    driver's peak is the kernel's exact one for the block (VmHWM, reset on entry) where
+    Linux allows, so a peak between two samples is not missed; else the sampled one."""
 
     def __init__(self, interval: float = 0.5, gpu: bool = False):
         self.interval, self.gpu = interval, gpu
@@ -159,14 +177,18 @@ class Sampler:
         self.store: list[int] = []
         self.spilled: list[int] = []
         self.gpu_util: list[float] = []
+        self.exact_peak_rss: int | None = None  # VmHWM over the block, where it could be reset
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._peak_reset = False
         self._smi: subprocess.Popen | None = None
 
     def _store_reader(self):
         import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
+        if not ray.is_initialized():  # no Ray here: no store figure (and none started for one)
+            return None
         state = get_state_from_address(ray.get_runtime_context().gcs_address)
         return lambda: get_memory_info_reply(state).store_stats
 
@@ -200,12 +222,15 @@ class Sampler:
                 stderr=subprocess.DEVNULL,
                 text=True,
             )
+        self._peak_reset = _reset_peak_rss()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._peak_reset:
+            self.exact_peak_rss = _rss_bytes("VmHWM") or None
         if self._smi is not None:
             self._smi.terminate()
             out, _ = self._smi.communicate(timeout=10)
@@ -214,7 +239,9 @@ class Sampler:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "peak_driver_rss_bytes": max(self.rss, default=0),
+            "peak_driver_rss_bytes": max([*self.rss, self.exact_peak_rss or 0]),
+            "peak_driver_rss_source": "VmHWM" if self.exact_peak_rss else "sampled",
+            "sampled_peak_driver_rss_bytes": max(self.rss, default=0),
             "peak_object_store_bytes": max(self.store) if self.store else None,
             "spilled_bytes": (max(self.spilled) - min(self.spilled)) if self.spilled else None,
             "gpu_busy": round(float(np.mean(self.gpu_util)) / 100.0, 4) if self.gpu_util else None,
