@@ -176,3 +176,23 @@ def test_torch_actors_and_train_workers_start_with_one_arena(ray_local, tmp_path
     )
     trainer.fit()
     assert out.read_text() == "1"
+
+
+def test_the_crop_map_and_the_extractor_stay_fusable(ray_local, monkeypatch):
+    """The decode/crop map carries the extractor's runtime environment, so Ray Data's own
+    fusion rule still lets it run inside the extraction actor (with different options the
+    crops would queue in the object store: 8 -> 150 MB for 1,000 images, measured)."""
+    import pandas as pd
+    from ray.data._internal.logical.rules.operator_fusion import are_remote_args_compatible
+
+    from leukray.config import RunConfig
+    from leukray.distributed.streaming import _features_dataset
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    rows = pd.DataFrame({"path": ["a.bmp"], "label": ["all"], "subject": ["s"], "split": ["train"], "n_aug": [0]})
+    ds, _ = _features_dataset(rows, RunConfig(), -1, ())
+    extractor = ds._logical_plan.dag
+    crop = extractor.input_dependencies[0]
+    assert "FeatureExtractor" in extractor.name and "preprocess_batch" in crop.name
+    assert extractor.ray_remote_args["runtime_env"] == crop.ray_remote_args["runtime_env"]
+    assert are_remote_args_compatible(crop.ray_remote_args, extractor.ray_remote_args)

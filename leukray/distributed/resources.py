@@ -155,7 +155,10 @@ def plan_actor_pool(use_gpu: str, actors: int, accelerator_resource: str = "") -
 def torch_actor_env() -> dict[str, Any]:
     """Ray remote options that start a torch actor's process with `allocator.worker_env`
     (merged into the job's own runtime environment, whose other fields it inherits); empty
-    where the user set the allocator themselves."""
+    where the user set the allocator themselves. The map just before a torch actor pool gets
+    the same options: Ray Data fuses a map into the actor after it only when their options
+    are equal (on a CPU machine the decode/crop then runs inside the actor, and the crops
+    never wait in the object store)."""
     env = allocator.worker_env()
     return {"runtime_env": {"env_vars": env}} if env else {}
 

@@ -37,7 +37,7 @@ from leukray.distributed.maps import (
     finish_shards,
     plan_maps,
 )
-from leukray.distributed.resources import extract_batch_size, plan_actor_pool, whole_output_pass
+from leukray.distributed.resources import extract_batch_size, plan_actor_pool, torch_actor_env, whole_output_pass
 from leukray.io import storage
 from leukray.io.features import FeatureFileWriter, error_mask
 from leukray.io.tables import ERROR_COLUMNS, log
@@ -137,6 +137,7 @@ def _features_dataset(
             "seed": cfg.split.seed,
             "cell_families": cell_families,
         },
+        **torch_actor_env(),  # the extractor's: with equal options Ray Data may fuse the two
     )
     ds = ds.map_batches(
         FeatureExtractor,
@@ -333,6 +334,7 @@ def predict_stream(images: pd.DataFrame, bundle: Bundle, model_dir: str, columns
             "seed": 0,
             "cell_families": bundle.cell_families,
         },
+        **torch_actor_env(),  # the classifier's: with equal options Ray Data may fuse the two
     )
     ds, _ = _bundle_stream(ds, bundle, model_dir)
     parts = [
@@ -374,6 +376,7 @@ def screen_stream(
             "cell_families": bundle.cell_families,
             "thumbnail_px": thumbnail_px,
         },
+        **torch_actor_env(),  # the classifier's: with equal options Ray Data may fuse the two
     )
     ds, use_gpu = _bundle_stream(ds, bundle, model_dir)
     # block by block as the classifier finishes them (no re-batching): a slide's rows reach
