@@ -285,9 +285,12 @@ def _ray_starter(args: argparse.Namespace, out: Output) -> Callable[[], None]:
 def cmd_synth(args: argparse.Namespace, out: Output) -> int:
     from leukray.tools.synth import generate_dataset
 
-    frame = generate_dataset(
-        args.out, cells=args.cells, subjects=args.subjects, seed=args.seed, folds=args.folds, workers=args.workers
-    )
+    try:
+        frame = generate_dataset(
+            args.out, cells=args.cells, subjects=args.subjects, seed=args.seed, folds=args.folds, workers=args.workers
+        )
+    except ValueError as exc:  # a count that cannot make a data set: the user's to fix
+        raise ConfigError(f"synth: {exc}") from None
     counts = frame.groupby("label").size().to_dict()
     out.final(
         f"wrote {len(frame)} synthetic cells ({counts}) of {frame['subject'].nunique()} subjects to {args.out}",

@@ -294,3 +294,13 @@ def test_later_stages_take_the_run_folder_from_the_yaml(stage, tmp_path, capsys)
     assert f"{tmp_path / 'yaml-run' / 'config.yaml'} not found" in err and "leukray extract" in err
     assert main([stage]) == 2
     assert "no output folder: pass --out RUN or set `out:`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--cells", "0"], "cells must be at least 4, got 0"), (["--workers", "0"], "workers must be at least 1, got 0")],
+)
+def test_synth_counts_that_cannot_make_a_data_set_are_one_line_exit_2(tmp_path, capsys, flags, message):
+    assert main(["synth", "--out", str(tmp_path / "cells"), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"leukray: error: synth: {message}"
+    assert not (tmp_path / "cells").exists()

@@ -440,7 +440,7 @@ def generate_dataset(
         ValueError: On invalid ``cells``, ``subjects`` or ``folds``.
     """
     cells, subjects, folds = int(cells), int(subjects), int(folds)
-    _check_sizes(cells, subjects, folds)
+    _check_sizes(cells, subjects, folds, workers)
     root = Path(out_dir).resolve()
     layout_seq, *subject_seqs = np.random.SeedSequence(int(seed)).spawn(subjects + 1)
     plan = _plan_subjects(np.random.default_rng(layout_seq), cells, subjects)
@@ -463,9 +463,11 @@ def generate_dataset(
     return df.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def _check_sizes(cells: int, subjects: int, folds: int) -> None:
+def _check_sizes(cells: int, subjects: int, folds: int, workers: int) -> None:
     if cells < 4:
         raise ValueError(f"cells must be at least 4, got {cells}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if subjects < 2:
         raise ValueError(f"subjects must be at least 2 (one ALL and one normal subject), got {subjects}")
     if cells < subjects:
