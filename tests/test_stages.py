@@ -176,3 +176,10 @@ def test_the_streaming_stage_cuts_a_few_tasks_per_cpu_of_bounded_size():
     assert stream_block_rows(4000, 2, with_maps=True) == 32  # ~200 KB of maps more per row
     blocks = row_blocks(pd.DataFrame({"path": [f"{i}.bmp" for i in range(4000)]}), stream_block_rows(4000, 2))
     assert [len(b) for b in blocks] == [500] * 8
+    # past the cap, whole waves: 6,400 rows on 2 CPUs are 14 blocks of <= 458 rows, not
+    # 12 of 512 and a last one of 256 that runs alone
+    blocks = row_blocks(pd.DataFrame({"path": [f"{i}.bmp" for i in range(6400)]}), stream_block_rows(6400, 2))
+    assert len(blocks) == 14 and max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 12
+    for rows, cpus in ((100_000, 16), (13_000, 2), (5_000, 3)):
+        assert -(-rows // stream_block_rows(rows, cpus)) % cpus == 0
+    assert stream_block_rows(0, 2) == 32  # nothing to cut: no division by zero

