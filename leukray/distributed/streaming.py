@@ -56,7 +56,7 @@ STREAM_COLUMNS = ["path", "label", "subject", "split", "n_aug"]
 def stream_block_rows(n_rows: int, cpus: float, with_maps: bool = False) -> int:
     """Rows per block (one decode + Otsu-crop task each) of the streaming stage: about
     `TASKS_PER_CPU` tasks per CPU of the cluster, from `ROWS_PER_BLOCK` up to
-    `MAX_ROWS_PER_BLOCK` rows, in a multiple of the CPUs' count of blocks.
+    `MAX_ROWS_PER_BLOCK` rows, cut into a multiple of the CPU count of blocks.
 
     Ray Data spends tens of milliseconds of its driver loop on every task; a task of 32
     images does ~40 ms of work, so small blocks made the scheduling, not the CPUs, the limit:
@@ -80,7 +80,7 @@ def stream_block_rows(n_rows: int, cpus: float, with_maps: bool = False) -> int:
     # rows, not 12 of 512 and one of 256)
     slots = max(1, int(cpus))
     blocks = max(1, math.ceil(math.ceil(n_rows / rows) / slots)) * slots
-    return max(ROWS_PER_BLOCK, min(rows, math.ceil(n_rows / blocks)))
+    return max(ROWS_PER_BLOCK, math.ceil(n_rows / blocks))  # never above `rows`: blocks >= n_rows / rows
 
 
 def row_blocks(frame: pd.DataFrame, rows: int) -> list[pd.DataFrame]:

@@ -171,7 +171,8 @@ def preprocess_ray_seconds(
     all in memory, as the loop's are when it stops. Reading them back into this process
     (for the check against the loop's, and the busy figure) is not timed; gathered into one
     array here instead, they cost the driver 0.7-1.8 s more on 2 cores, with every worker
-    already done (docs/measurements.md, "The preprocessing pass's gather").
+    already done (docs/measurements.md, "A full `make bench` on this machine, and the
+    preprocessing pass's gather").
 
     Returns:
         (seconds, mean number of batches being preprocessed at once, crops, labels), rows
