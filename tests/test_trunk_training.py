@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from leukray.cli import main
-from leukray.config import ALL_STAGES, AugmentConfig, build_config
-from leukray.distributed.trunktraining import EpochAugment, trunk_rows
+from leukray.config import ALL_STAGES, AugmentConfig, PreprocessConfig, build_config
+from leukray.distributed import trunktraining
+from leukray.distributed.streaming import stream_block_rows
+from leukray.distributed.trunktraining import EpochAugment, crop_datasets, trunk_rows
 from leukray.errors import ConfigError
 from leukray.io.features import load_features
 from leukray.models.trained import build_trunk_classifier, normalised_images, trunk_state
 from leukray.models.trunk import build_trunk
 from leukray.ops.augment import augment_epoch
+from leukray.ops.preprocess import decode_image, preprocess_image
 
 
 def test_unfreeze_all_parses_and_adds_the_trained_family():
@@ -61,6 +64,48 @@ def test_training_rows_follow_the_oversampling_plan_and_drop_errors():
     assert rows["sha256"].tolist() == ["h0", "h0", "h0", "h1"] and rows["draw"].tolist() == [0, 1, 2, 0]
     assert rows["label_code"].tolist() == [0, 0, 0, 1] and rows["image"][:, 0, 0, 0].tolist() == [0, 0, 0, 1]
     assert trunk_rows(batch, ["hem", "all"], "val", oversample=False)["sha256"].tolist() == ["h2"]
+
+
+def test_the_crop_pass_runs_in_stream_sized_tasks_and_keeps_every_row_in_order(ray_local, tiny_cells, monkeypatch):
+    """300 manifest rows (the 72 synthetic files, each listed several times) on 2 CPUs: the
+    decode/crop pass is cut as the streaming stage's (8 tasks of 38 rows, not 32-row ones),
+    the validation crops come back in the seeded order, equal to the loop's, and the
+    training rows follow the oversampling plan."""
+    files = sorted(str(p) for p in tiny_cells.rglob("*.bmp"))
+    n = 300
+    paths = [files[i % len(files)] for i in range(n)]
+    rows = pd.DataFrame(
+        {
+            "path": paths,
+            "label": ["all" if "/all/" in p else "hem" for p in paths],
+            "subject": "s",
+            "split": np.where(np.arange(n) % 4 == 0, "val", "train"),
+            "sha256": [f"h{i}" for i in range(n)],
+            "n_aug": np.arange(n) % 3 == 1,  # one extra draw for every third row
+        }
+    ).astype({"n_aug": np.int64})
+    blocks: list[int] = []
+    real_row_blocks = trunktraining.row_blocks
+
+    def spy(frame, rows_per_block):
+        out = real_row_blocks(frame, rows_per_block)
+        blocks.extend(len(b) for b in out)
+        return out
+
+    monkeypatch.setattr(trunktraining, "row_blocks", spy)
+    cfg = PreprocessConfig(size=32)
+    train_ds, val_ds = crop_datasets(rows, cfg, ["hem", "all"], "train", "val")
+    assert stream_block_rows(n, 2) == 38 and blocks == [38] * 7 + [34]
+    order = rows.sample(frac=1.0, random_state=0)
+    val = order[order["split"] == "val"]
+    got = val_ds.take_all()
+    assert len(got) == len(val)
+    want = [preprocess_image(decode_image(open(p, "rb").read()), cfg) for p in val["path"]]
+    for row, crop, label in zip(got, want, val["label"]):
+        np.testing.assert_array_equal(row["image"], crop)
+        assert row["label_code"] == ["hem", "all"].index(label)
+    train = rows[rows["split"] == "train"]
+    assert train_ds.count() == len(train) + int(train["n_aug"].sum())
 
 
 def test_the_trained_layers_learn_and_the_frozen_ones_stay():

@@ -18,7 +18,8 @@ the optimizer, the epoch, the history and every rank's RNG states; the shuffle i
 uninterrupted one drew. The best epoch by validation balanced accuracy is the trained trunk.
 
 May import: Ray, torch, numpy, `leukray.config`, `leukray.models.*`, `leukray.ops.allocator`, `leukray.ops.augment`,
-`leukray.distributed.actors`, `leukray.distributed.resources`, `leukray.distributed.training`.
+`leukray.distributed.actors`, `leukray.distributed.resources`, `leukray.distributed.streaming`,
+`leukray.distributed.training`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pandas as pd
 from leukray.config import AugmentConfig, PreprocessConfig, TrainConfig
 from leukray.distributed.actors import preprocess_batch
 from leukray.distributed.resources import cluster_cpus, whole_output_pass
+from leukray.distributed.streaming import row_blocks, stream_block_rows
 from leukray.distributed.training import (
     EpochCounts,
     TrainResult,
@@ -52,7 +54,6 @@ from leukray.ops import allocator
 from leukray.ops.augment import augment_epoch
 
 SHUFFLE_BUFFER_ROWS = 512
-ROWS_PER_BLOCK = 32
 
 
 def trunk_rows(batch: dict[str, np.ndarray], classes: list[str], split: str, oversample: bool) -> dict[str, np.ndarray]:
@@ -78,16 +79,22 @@ def crop_datasets(
     training and validation rows: path, label, subject, split, sha256, n_aug) decoded and
     cropped once, kept in the object store; the training split with its oversampling draws.
     The rows are put in a seeded order first (the workers shuffle them further), so that
-    neighbouring rows are not all one class."""
+    neighbouring rows are not all one class. The pass is cut as the streaming stage's
+    (`streaming.stream_block_rows`: about four tasks per CPU, in whole waves); in 32-row
+    tasks Ray Data's dispatch between tasks, not the CPUs, set its pace: 6,400 synthetic
+    cells on 2 cores took 6.5-9.1 s, and 3.0-4.3 s in these blocks (docs/measurements.md,
+    "The trunk-training crop pass"). The blocks depend on the row count and the cluster's
+    CPUs, as the number of training workers does: the same run on the same cluster draws the
+    same batches."""
     import ray
 
     table = rows[rows["split"].isin([train, val])][["path", "label", "subject", "split", "sha256", "n_aug"]]
     table = table.sample(frac=1.0, random_state=0).rename(columns={"n_aug": "copies"}).assign(n_aug=0)
-    blocks = [table.iloc[i : i + ROWS_PER_BLOCK] for i in range(0, len(table), ROWS_PER_BLOCK)] or [table]
-    crops = ray.data.from_pandas([b.reset_index(drop=True) for b in blocks]).map_batches(
+    rows_per_block = stream_block_rows(len(table), cluster_cpus())
+    crops = ray.data.from_pandas(row_blocks(table, rows_per_block)).map_batches(
         preprocess_batch,
         batch_format="numpy",
-        batch_size=16,
+        batch_size=rows_per_block,
         fn_kwargs={"cfg": preprocess, "augment": AugmentConfig(oversample=0.0), "seed": 0, "cell_families": ()},
     )
     crops.context.execution_options.preserve_order = True
