@@ -120,11 +120,11 @@ class TestSweep:
         assert xgb["status"] == "ok", xgb["detail"]
         failed = run_one("StackingClassifier", data, seed=0, timeout_s=60)
         assert failed["status"] == "failed" and "estimators" in failed["detail"]
-        # SVC on 4,000 noise rows of 300 features takes many CPU seconds: far past 0.3 s (whole
-        # seconds: 1 s of CPU time)
+        # SVC on 12,000 noise rows of 300 features takes ~40 s (2026-12-02): far past 0.3 s (whole
+        # seconds: 1 s of CPU time). 4,000 rows fitted in ~1 s on a faster CPU and passed as "ok".
         rng = np.random.default_rng(1)
-        noise = rng.normal(size=(4000, 300)).astype(np.float32)
-        labels = np.where(rng.random(4000) < 0.5, "all", "hem")
+        noise = rng.normal(size=(12000, 300)).astype(np.float32)
+        labels = np.where(rng.random(12000) < 0.5, "all", "hem")
         slow_data = SweepData(noise, labels, noise[:10], labels[:10], noise[:10], labels[:10])
         slow = run_one("SVC", slow_data, seed=0, timeout_s=0.3)
         assert slow["status"] == "timeout" and "timeout_s=0.3 CPU s" in slow["detail"], slow["detail"]
