@@ -69,8 +69,9 @@ class TestCpuTimeLimit:
 
     def test_grouped_cv_past_its_limit_is_a_timeout_row(self):
         rng = np.random.default_rng(1)
-        # 3,000 rows fitted within the 1 s on a faster CPU (2026-12-01); 9,000 took ~4 CPU s a fold
-        # (2026-12-02), too close for a test that must not pass on a fast machine: 9,000 a fold ~16 s
+        # 3,000 rows fitted within the 1 s on a faster CPU (2026-12-01); 9,000 took 8 s for both folds
+        # uncapped (2026-12-02), too close for a test that must not pass on a fast machine. SVC's fit
+        # grows ~n^2: 9,000 a fold, ~4x that.
         n = 18000
         noise = GroupedData(
             rng.normal(size=(n, 200)).astype(np.float32), rng.integers(0, 2, n),
